@@ -1,0 +1,1221 @@
+"""picograd compiler: pending UOps -> a schedule of fused kernels -> loops and index expressions -> programs.
+
+Read top to bottom:
+  1. scheduling: which nodes become kernel outputs (fusion), one AST per kernel, the order kernels run in;
+  2. index arithmetic: simplifying constructors for the integer expressions views turn into;
+  3. lowering: an AST becomes loops (RANGE), loads, reductions (ACC) and one store, the form renderers print;
+  4. programs: the compiled-kernel cache (in memory and on disk, checksummed, written atomically) and running;
+  5. graph capture: @pg.compile records the kernels of a step once and replays them, with memory planning.
+
+The backends (ops_cpu.py, ops_cuda.py) only render a lowered Kernel and run programs; everything about what a
+kernel computes is decided here.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import math
+import os
+import sys
+import tempfile
+import time
+import warnings
+import weakref
+
+import numpy as np
+
+import picograd as pg
+from picograd import UOp, Ops, Buffer, Device, Variable, ALU, MOVEMENT, prod, float32, int32, bool_
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 1. Scheduling
+
+
+def _is_source(node: UOp) -> bool:
+    """Nodes a kernel reads rather than computes."""
+    return (node.op in (Ops.BUFFER, Ops.CONST, Ops.IOTA, Ops.DEFINE_VAR, Ops.BIND) or node.realized is not None
+            or (node.op is Ops.ASSIGN and node.assigned is not None))
+
+
+class ScheduleItem:
+    """One kernel (ast over PARAMs, bufs[i] bound to PARAM i, var values) or one device-to-device copy (ast None,
+    bufs = [dst, src]). `reads` are the scheduled nodes whose kernels must run first; `reads_old` the buffers read
+    at their current version, which an ASSIGN in the same schedule may only overwrite afterwards."""
+    __slots__ = ("ast", "bufs", "var_vals", "root", "device", "assign_target", "reads", "reads_old")
+
+    def __init__(self, ast, bufs, var_vals, root, device, assign_target=None, reads=(), reads_old=()):
+        self.ast, self.bufs, self.var_vals, self.root, self.device = ast, bufs, var_vals, root, device
+        self.assign_target, self.reads, self.reads_old = assign_target, set(reads), set(reads_old)
+
+
+def _expands(node: UOp) -> bool:
+    return node.op is Ops.EXPAND and prod(node.shape) > prod(node.src[0].shape)
+
+
+def _compute_of(node: UOp) -> UOp:
+    """The node a kernel should produce for node: movement ops on top of a computation are free views of it."""
+    return node.base() if node.op in MOVEMENT and not _is_source(node.base()) else node
+
+
+def _find_realize_points(roots, order, consumers):
+    """The fusion policy. A node becomes a kernel output if it is a target, an effect (CONTIGUOUS, COPY, ASSIGN),
+    the source of a COPY, the top of a reduction chain that several nodes use or that gets broadcast, or costly
+    work (a reduction, or arithmetic on loaded memory) that a broadcast would recompute for every copy."""
+    points = set(roots)
+    costly = {}
+    for node in order:
+        if _is_source(node) and node not in roots:
+            costly[node] = node.op not in (Ops.CONST, Ops.IOTA, Ops.DEFINE_VAR, Ops.BIND)
+            continue
+        if node.op in (Ops.CONTIGUOUS, Ops.COPY, Ops.ASSIGN):
+            points.add(node)
+        if node.op is Ops.COPY and not _is_source(node.src[0]):
+            points.add(node.src[0])
+        costly[node] = node.op is Ops.REDUCE or any(costly.get(s, False) for s in node.src)
+    for node in order:
+        if _is_source(node) and node not in roots:
+            continue
+        if _expands(node):
+            base = node.src[0].base()
+            if not _is_source(base) and costly.get(base) and any(costly.get(s, False) for s in base.src):
+                points.add(base)
+        if node.op is Ops.REDUCE:
+            top = node
+            while top not in points:
+                users = consumers.get(top, ())
+                if len(users) != 1 or _expands(users[0]):
+                    points.add(_compute_of(top))
+                    break
+                top = users[0]
+    return points
+
+
+def create_schedule(targets: list, devices: list) -> list:
+    """Kernels (and copies) that compute every target, ordered so that producers run before consumers and every
+    read of a buffer's old contents runs before an ASSIGN overwrites it."""
+    roots = [t for t in dict.fromkeys(targets) if t.realized is None and t.assigned is None and t.op is not Ops.BUFFER]
+    order, seen = [], set()
+    for t in roots:
+        for node in t.toposort(stop=lambda n: _is_source(n) and n not in roots):
+            if node not in seen:
+                seen.add(node)
+                order.append(node)
+    consumers = {}
+    for node in order:
+        if _is_source(node) and node not in roots:
+            continue
+        for s in dict.fromkeys(node.src):
+            consumers.setdefault(s, []).append(node)
+    points = _find_realize_points(set(roots), order, consumers)
+    device_of = {t: d for t, d in zip(targets, devices) if d is not None}
+    items, produced = [], {}   # produced: scheduled node -> the Buffer its kernel writes
+    for node in order:
+        if node not in points:
+            continue
+        device = device_of.get(node) or node.device or Device.default
+        while True:
+            try:
+                items.append(_build_item(node, points, produced, device))
+                break
+            except _RealizeFirst as redo:
+                # the ASSIGN reads its own target through another view: compute the value into a buffer first
+                points.add(redo.node)
+                items.append(_build_item(redo.node, points, produced, device))
+    return _order_items(items)
+
+
+class _RealizeFirst(Exception):
+    def __init__(self, node):
+        self.node = node
+
+
+def _build_item(root: UOp, points, produced, device) -> ScheduleItem:
+    """The AST of the kernel computing `root`: its subgraph down to other kernels' outputs and realized buffers,
+    which become PARAMs; bound variables become DEFINE_VARs with their values in var_vals."""
+    reads, reads_old = set(), set()
+    if root.op is Ops.COPY:
+        src = root.src[0]
+        src_buf = _input_buffer(src, produced)
+        out = Buffer(root.arg, prod(root.shape), root.dtype)
+        produced[root] = out
+        reads.add(src)
+        return ScheduleItem(None, [out, src_buf], {}, root, root.arg, reads=reads)
+    params, bufs, var_vals, memo = {}, [], {}, {}
+
+    def param_for(buf: Buffer, shape):
+        if buf not in params:
+            params[buf] = len(bufs)
+            bufs.append(buf)
+        return UOp(Ops.PARAM, buf.dtype, (), (params[buf], tuple(shape)))
+
+    def unbind(arg):
+        if isinstance(arg, tuple):
+            return tuple(unbind(a) for a in arg)
+        if isinstance(arg, Variable):
+            terms = []
+            for node, coeff in arg.terms:
+                if node.op is Ops.BIND:
+                    var_vals[node.src[0].arg[0]] = node.src[1].arg
+                    node = node.src[0]
+                terms.append((node, coeff))
+            return Variable(terms=tuple(terms), const=arg.const)
+        return arg
+
+    def view_over(view: UOp, param: UOp) -> UOp:
+        if view.op is Ops.BUFFER:
+            return param
+        return UOp(view.op, view.dtype, (view_over(view.src[0], param),), unbind(view.arg))
+
+    def visit(node: UOp) -> UOp:
+        out = memo.get(node)
+        if out is None:
+            if node is not root and (node in points or _is_source(node)):
+                out = source(node)
+            elif node.op in (Ops.DETACH, Ops.CONTIGUOUS):
+                out = visit(node.src[0])
+            else:
+                out = UOp(node.op, node.dtype, tuple(visit(s) for s in node.src), unbind(node.arg))
+            memo[node] = out
+        return out
+
+    def source(node: UOp) -> UOp:
+        if node.op in (Ops.CONST, Ops.IOTA, Ops.DEFINE_VAR):
+            return node
+        if node.op is Ops.BIND:
+            var_vals[node.src[0].arg[0]] = node.src[1].arg
+            return node.src[0]
+        if node.op is Ops.ASSIGN:
+            # the written buffer, read through the assign's view, after the write
+            target = node.assigned if node.assigned is not None else node.src[0]
+            if node.assigned is None:
+                reads.add(node)
+            buf = target.base().arg[0]
+            return view_over(target, param_for(buf, (buf.size,)))
+        if node.op is Ops.BUFFER:
+            buf, version = node.arg
+            if version != buf.version:
+                raise RuntimeError("a tensor used in this computation was modified in place (assign or setitem) "
+                                   "after the computation was built; realize() it before writing to its memory")
+            reads_old.add(buf)
+            return param_for(buf, node.shape)
+        if node.realized is None:
+            reads.add(node)
+        return param_for(_input_buffer(node, produced), node.shape)
+
+    if root.op is Ops.ASSIGN:
+        target, value = root.src
+        base = target.base()
+        if base.op is not Ops.BUFFER or base.arg[1] != base.arg[0].version:
+            raise RuntimeError("assign target must be a current view of a buffer")
+        out_buf = base.arg[0]
+        store_view = view_over(target, param_for(out_buf, (out_buf.size,)))
+        value_ast = visit(value)
+        # the value at each element may read the target only at that same element: any view of the target other
+        # than the store's own, or a reduction over it, would read elements that this kernel is overwriting
+        chain = set(store_view.toposort())
+        tainted = set()
+        for node in value_ast.toposort():
+            if node in chain:
+                continue
+            hits = [s for s in node.src if s in chain or s in tainted]
+            if not hits:
+                continue
+            if node.op in MOVEMENT or node.op is Ops.REDUCE or any(s in chain and s is not store_view for s in hits):
+                raise _RealizeFirst(value)
+            tainted.add(node)
+        reads_old.discard(out_buf)
+        ast = UOp(Ops.SINK, root.dtype, (UOp(Ops.STORE, root.dtype, (store_view, value_ast)),))
+        return ScheduleItem(ast, bufs, var_vals, root, device, out_buf, reads, reads_old)
+    out_buf = Buffer(device, prod(root.shape), root.dtype)
+    produced[root] = out_buf
+    out_param = param_for(out_buf, root.shape)
+    value_ast = visit(root)
+    ast = UOp(Ops.SINK, root.dtype, (UOp(Ops.STORE, root.dtype, (out_param, value_ast)),))
+    return ScheduleItem(ast, bufs, var_vals, root, device, None, reads, reads_old)
+
+
+def _input_buffer(node: UOp, produced) -> Buffer:
+    if node in produced:
+        return produced[node]
+    if node.realized is not None:
+        return node.realized
+    if node.op is Ops.BUFFER:
+        return node.arg[0]
+    raise RuntimeError(f"scheduler: {node.op.name} is read before any kernel computes it")
+
+
+def _order_items(items):
+    """Producers before consumers; an ASSIGN after every other reader of its target's old contents."""
+    item_of = {item.root: item for item in items}
+    deps = {id(item): {id(item_of[n]) for n in item.reads if n in item_of} for item in items}
+    for writer in items:
+        if writer.assign_target is None:
+            continue
+        for reader in items:
+            if reader is not writer and writer.assign_target in reader.reads_old:
+                deps[id(writer)].add(id(reader))
+    by_id = {id(item): item for item in items}
+    ordered, done, active = [], set(), set()
+
+    def visit(key):
+        if key in done:
+            return
+        if key in active:
+            raise RuntimeError("scheduler: one realize reads a buffer both before and after an assign to it; "
+                               "realize the assign first")
+        active.add(key)
+        for dep in deps[key]:
+            visit(dep)
+        active.discard(key)
+        done.add(key)
+        ordered.append(by_id[key])
+
+    for item in items:
+        visit(id(item))
+    return ordered
+
+
+def realize_uops(targets: list, devices: list):
+    """Schedule and run everything the targets need; afterwards each target node is realized (or assigned)."""
+    items = create_schedule(targets, devices)
+    pg._STATS["schedules"] += 1
+    start = time.perf_counter()
+    run_schedule(items)
+    if pg.DEBUG >= 1 and items:
+        took = (time.perf_counter() - start) * 1e3
+        print(f"realize: {len(items)} kernel{'s' * (len(items) != 1)} in {took:.3f} ms", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 2. Index arithmetic. Views become integer expressions over loop variables; these constructors keep them simple
+# (linear forms, div/mod folding by value ranges) so that a contiguous access renders as `base + i`.
+
+_bounds_cache = weakref.WeakKeyDictionary()
+INT_MIN, INT_MAX = -2**31, 2**31 - 1
+
+
+def bounds(u: UOp):
+    """[min, max] of an integer or bool expression."""
+    b = _bounds_cache.get(u)
+    if b is None:
+        b = _compute_bounds(u)
+        _bounds_cache[u] = b
+    return b
+
+
+def _compute_bounds(u: UOp):
+    op = u.op
+    if op is Ops.CONST:
+        return (u.arg, u.arg) if not isinstance(u.arg, float) else (-math.inf, math.inf)
+    if op is Ops.RANGE:
+        return 0, u.arg[1] - 1
+    if op is Ops.DEFINE_VAR:
+        return u.arg[1], u.arg[2]
+    if op is Ops.CHECK:
+        return 0, u.arg - 1
+    if op in (Ops.CMPLT, Ops.CMPEQ) or u.dtype is bool_:
+        return 0, 1
+    if u.dtype is not int32:
+        return -math.inf, math.inf
+    if op is Ops.ADD:
+        (a0, a1), (b0, b1) = bounds(u.src[0]), bounds(u.src[1])
+        return a0 + b0, a1 + b1
+    if op is Ops.MUL:
+        (a0, a1), (b0, b1) = bounds(u.src[0]), bounds(u.src[1])
+        products = [a0 * b0, a0 * b1, a1 * b0, a1 * b1]
+        return min(products), max(products)
+    if op is Ops.NEG:
+        a0, a1 = bounds(u.src[0])
+        return -a1, -a0
+    if op is Ops.IDIV and u.src[1].op is Ops.CONST and u.src[1].arg > 0:
+        a0, a1 = bounds(u.src[0])
+        d = u.src[1].arg
+        return (a0 // d, a1 // d) if a0 >= 0 else (-(abs(a0) // d), a1 // d)
+    if op is Ops.MOD and u.src[1].op is Ops.CONST and u.src[1].arg > 0:
+        a0, _ = bounds(u.src[0])
+        d = u.src[1].arg
+        return (0, d - 1) if a0 >= 0 else (-(d - 1), d - 1)
+    if op is Ops.MAX:
+        (a0, a1), (b0, b1) = bounds(u.src[0]), bounds(u.src[1])
+        return max(a0, b0), max(a1, b1)
+    if op is Ops.WHERE:
+        (a0, a1), (b0, b1) = bounds(u.src[1]), bounds(u.src[2])
+        return min(a0, b0), max(a1, b1)
+    return INT_MIN, INT_MAX
+
+
+def iconst(v: int) -> UOp:
+    return UOp(Ops.CONST, int32, (), int(v))
+
+
+def _linear(u: UOp):
+    """u as ({term: coefficient}, constant) where terms are non-sum, non-constant-multiple expressions."""
+    if u.op is Ops.CONST:
+        return {}, u.arg
+    if u.op is Ops.ADD:
+        t0, c0 = _linear(u.src[0])
+        t1, c1 = _linear(u.src[1])
+        terms = dict(t0)
+        for k, v in t1.items():
+            terms[k] = terms.get(k, 0) + v
+        return terms, c0 + c1
+    if u.op is Ops.MUL and u.src[1].op is Ops.CONST:
+        t, c = _linear(u.src[0])
+        k = u.src[1].arg
+        return {n: v * k for n, v in t.items()}, c * k
+    return {u: 1}, 0
+
+
+@functools.lru_cache(maxsize=None)
+def _sort_key_cached(u: UOp):
+    return (u.op.value, repr(u.arg), tuple(_sort_key_cached(s) for s in u.src))
+
+
+def _build_linear(terms: dict, const: int) -> UOp:
+    # x//n*n + x%n folds back to x: this is what merging a reshape's split dimensions produces
+    changed = True
+    while changed:
+        changed = False
+        for t, c in list(terms.items()):
+            if c and t.op is Ops.MOD and t.src[1].op is Ops.CONST:
+                n = t.src[1].arg
+                div = UOp(Ops.IDIV, int32, (t.src[0], t.src[1]))
+                if terms.get(div, 0) == c * n and bounds(t.src[0])[0] >= 0:
+                    del terms[t]
+                    del terms[div]
+                    for k, v in _linear(t.src[0])[0].items():
+                        terms[k] = terms.get(k, 0) + v * c
+                    const += _linear(t.src[0])[1] * c
+                    changed = True
+                    break
+    out = None
+    for t in sorted((t for t, c in terms.items() if c != 0), key=_sort_key_cached):
+        c = terms[t]
+        term = t if c == 1 else UOp(Ops.MUL, int32, (t, iconst(c)))
+        out = term if out is None else UOp(Ops.ADD, int32, (out, term))
+    if out is None:
+        return iconst(const)
+    return out if const == 0 else UOp(Ops.ADD, int32, (out, iconst(const)))
+
+
+def i_add(a: UOp, b: UOp) -> UOp:
+    ta, ca = _linear(a)
+    tb, cb = _linear(b)
+    terms = dict(ta)
+    for k, v in tb.items():
+        terms[k] = terms.get(k, 0) + v
+    return _build_linear(terms, ca + cb)
+
+
+def i_mul(a: UOp, k: int) -> UOp:
+    t, c = _linear(a)
+    return _build_linear({n: v * k for n, v in t.items()}, c * k)
+
+
+def i_div(a: UOp, d: int) -> UOp:
+    if d == 1:
+        return a
+    lo, hi = bounds(a)
+    if lo >= 0 and hi < d:
+        return iconst(0)
+    terms, const = _linear(a)
+    if lo < 0 or any(bounds(t)[0] < 0 for t in terms):
+        return UOp(Ops.IDIV, int32, (a, iconst(d)))
+    quotient = {t: c // d for t, c in terms.items() if c // d}
+    rest = {t: c % d for t, c in terms.items() if c % d}
+    q_const, r_const = const // d, const % d
+    rest_expr = _build_linear(dict(rest), r_const)
+    if bounds(rest_expr)[1] < d:
+        return _build_linear(quotient, q_const)
+    g = math.gcd(d, r_const, *rest.values())
+    if g > 1:
+        inner = UOp(Ops.IDIV, int32, (_build_linear({t: c // g for t, c in rest.items()}, r_const // g),
+                                      iconst(d // g)))
+    elif rest_expr.op is Ops.IDIV and rest_expr.src[1].op is Ops.CONST:
+        inner = UOp(Ops.IDIV, int32, (rest_expr.src[0], iconst(rest_expr.src[1].arg * d)))
+    else:
+        inner = UOp(Ops.IDIV, int32, (rest_expr, iconst(d)))
+    return i_add(_build_linear(quotient, q_const), inner)
+
+
+def i_mod(a: UOp, d: int) -> UOp:
+    if d == 1:
+        return iconst(0)
+    lo, hi = bounds(a)
+    if lo >= 0 and hi < d:
+        return a
+    terms, const = _linear(a)
+    if lo < 0 or any(bounds(t)[0] < 0 for t in terms):
+        return UOp(Ops.MOD, int32, (a, iconst(d)))
+    rest = {t: c % d for t, c in terms.items() if c % d}
+    rest_expr = _build_linear(rest, const % d)
+    if bounds(rest_expr)[1] < d:
+        return rest_expr
+    return UOp(Ops.MOD, int32, (rest_expr, iconst(d)))
+
+
+TRUE = UOp(Ops.CONST, bool_, (), True)
+
+
+def b_and(a: UOp, b: UOp) -> UOp:
+    if a is TRUE:
+        return b
+    if b is TRUE:
+        return a
+    return UOp(Ops.WHERE, bool_, (a, b, UOp(Ops.CONST, bool_, (), False)))
+
+
+def i_lt(a: UOp, c) -> UOp:
+    """a < c as a bool expression, folded when the ranges decide it."""
+    c = iconst(c) if isinstance(c, int) else c
+    (a0, a1), (c0, c1) = bounds(a), bounds(c)
+    if a1 < c0:
+        return TRUE
+    if a0 >= c1:
+        return UOp(Ops.CONST, bool_, (), False)
+    return UOp(Ops.CMPLT, bool_, (a, c))
+
+
+def sym_to_index(v) -> UOp:
+    """An int or a (unbound) Variable as an index expression."""
+    if isinstance(v, int):
+        return iconst(v)
+    out = iconst(v.const)
+    for node, coeff in v.terms:
+        out = i_add(out, i_mul(node, coeff))
+    return out
+
+
+def substitute(u: UOp, mapping: dict) -> UOp:
+    """u with nodes replaced (bottom-up rebuild, index expressions re-simplified)."""
+    memo = dict(mapping)
+
+    def go(n):
+        if n in memo:
+            return memo[n]
+        if not n.src:
+            memo[n] = n
+            return n
+        src = tuple(go(s) for s in n.src)
+        if src == n.src:
+            out = n
+        elif n.dtype is int32 and n.op is Ops.ADD:
+            out = i_add(*src)
+        elif n.dtype is int32 and n.op is Ops.MUL and src[1].op is Ops.CONST:
+            out = i_mul(src[0], src[1].arg)
+        elif n.dtype is int32 and n.op is Ops.IDIV and src[1].op is Ops.CONST:
+            out = i_div(src[0], src[1].arg)
+        elif n.dtype is int32 and n.op is Ops.MOD and src[1].op is Ops.CONST:
+            out = i_mod(src[0], src[1].arg)
+        else:
+            out = UOp(n.op, n.dtype, src, n.arg)
+        memo[n] = out
+        return out
+    return go(u)
+
+
+def depends_on(u: UOp, node: UOp) -> bool:
+    return node in u.toposort()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 3. Lowering: a kernel AST (movement ops over PARAMs) becomes index expressions over loop variables. Views are
+# pushed top-down from the output index to each load, so every load reads exactly the element it needs.
+
+
+class Kernel:
+    """A lowered kernel: loops over `ranges` (outermost first) around one store, plus what renderers need to
+    declare parameters. `reduce_ranges` belong to the ACC nodes inside the value."""
+
+    def __init__(self, name, ast, params, var_names, ranges, store, uses_check, flops, mem_bytes):
+        self.name, self.ast, self.params, self.var_names = name, ast, params, var_names
+        self.ranges, self.store, self.uses_check = ranges, store, uses_check
+        self.flops, self.mem_bytes = flops, mem_bytes
+
+    @property
+    def out_size(self):
+        return prod(r.arg[1] for r in self.ranges)
+
+
+class KernelParam:
+    __slots__ = ("index", "dtype", "size", "written", "read")
+
+    def __init__(self, index, dtype, size, written, read):
+        self.index, self.dtype, self.size, self.written, self.read = index, dtype, size, written, read
+
+
+def _strides(shape):
+    out, acc = [], 1
+    for s in reversed(shape):
+        out.append(acc if s != 1 else 0)
+        acc *= s
+    return tuple(reversed(out))
+
+
+class Lowerer:
+    """Top-down lowering with memoization on (node, index, valid)."""
+
+    def __init__(self):
+        self.memo = {}
+        self.n_ranges = 0
+        self.reduce_ranges = []
+
+    def new_range(self, size, prefix):
+        r = UOp(Ops.RANGE, int32, (), (f"{prefix}{self.n_ranges}", size))
+        self.n_ranges += 1
+        return r
+
+    def view_index(self, node: UOp, idx: tuple, valid: UOp):
+        """Push idx through a chain of movement ops down to its base; returns (base, index tuple, valid)."""
+        while node.op in MOVEMENT:
+            idx, valid = self.through_movement(node, idx, valid)
+            node = node.src[0]
+        return node, idx, valid
+
+    def through_movement(self, node, idx, valid):
+        op, arg, src = node.op, node.arg, node.src[0]
+        if op is Ops.RESHAPE:
+            linear = iconst(0)
+            for i, st in zip(idx, _strides(node.shape)):
+                if st:
+                    linear = i_add(linear, i_mul(i, st))
+            new = []
+            for size, st in zip(src.shape, _strides(src.shape)):
+                new.append(iconst(0) if size == 1 else i_mod(i_div(linear, st), size))
+            return tuple(new), valid
+        if op is Ops.PERMUTE:
+            new = [None] * len(idx)
+            for i, o in enumerate(arg):
+                new[o] = idx[i]
+            return tuple(new), valid
+        if op is Ops.EXPAND:
+            return tuple(iconst(0) if s == 1 and n != 1 else i for i, s, n in zip(idx, src.shape, node.shape)), valid
+        if op is Ops.SHRINK:
+            return tuple(i if lo == 0 else i_add(i, sym_to_index(lo)) for i, (lo, _) in zip(idx, arg)), valid
+        if op is Ops.FLIP:
+            return tuple(i_add(iconst(s - 1), i_mul(i, -1)) if d in arg else i
+                         for d, (i, s) in enumerate(zip(idx, src.shape))), valid
+        if op is Ops.PAD:
+            new = []
+            for i, (lo, _), s in zip(idx, arg, src.shape):
+                lo_idx = sym_to_index(lo)
+                shifted = i_add(i, i_mul(lo_idx, -1))
+                valid = b_and(valid, b_and(_not(i_lt(shifted, 0)), i_lt(shifted, s)))
+                new.append(shifted)
+            return tuple(new), valid
+        raise RuntimeError(f"not a movement op: {op}")
+
+    def lower(self, node: UOp, idx: tuple, valid: UOp) -> UOp:
+        key = (node, idx, valid)
+        out = self.memo.get(key)
+        if out is None:
+            out = self._lower(node, idx, valid)
+            self.memo[key] = out
+        return out
+
+    def _lower(self, node, idx, valid):
+        if node.op in MOVEMENT:
+            base, base_idx, base_valid = self.view_index(node, idx, valid)
+            value = self.lower(base, base_idx, base_valid)
+            if base_valid is not valid and base.op is not Ops.PARAM:
+                # padding wraps a computed value: outside the valid region the view reads as zero
+                value = _where(base_valid, value, _zero(value.dtype))
+            return value
+        if node.op is Ops.PARAM:
+            linear = iconst(0)
+            for i, st in zip(idx, _strides(node.arg[1])):
+                if st:
+                    linear = i_add(linear, i_mul(i, st))
+            if valid.op is Ops.CONST and not valid.arg:
+                return _zero(node.dtype)
+            return UOp(Ops.LOAD, node.dtype, (node, linear, valid))
+        if node.op is Ops.CONST:
+            return node
+        if node.op is Ops.IOTA:
+            return idx[0]
+        if node.op is Ops.DEFINE_VAR:
+            return node
+        if node.op is Ops.REDUCE:
+            op, axes = node.arg
+            src = node.src[0]
+            ranges = []
+            new_idx = list(idx)
+            for a in axes:
+                r = self.new_range(src.shape[a], "r")
+                ranges.append(r)
+                new_idx[a] = r
+            body = self.lower(src, tuple(new_idx), valid)
+            gathered = _gather_rewrite(op, body, ranges)
+            if gathered is not None:
+                return gathered
+            self.reduce_ranges.extend(ranges)
+            return UOp(Ops.ACC, node.dtype, (body,), (op, tuple(ranges)))
+        if node.op in ALU:
+            src = tuple(self.lower(s, idx, valid) for s in node.src)
+            return _fold_alu(node.op, node.dtype, src, node.arg)
+        raise RuntimeError(f"cannot lower {node.op.name}")
+
+
+def _zero(dtype):
+    return UOp(Ops.CONST, dtype, (), 0.0 if dtype.is_float else (False if dtype is bool_ else 0))
+
+
+def _not(b: UOp) -> UOp:
+    if b.op is Ops.CONST:
+        return UOp(Ops.CONST, bool_, (), not b.arg)
+    return UOp(Ops.CMPEQ, bool_, (b, UOp(Ops.CONST, bool_, (), False)))
+
+
+def _where(cond, a, b):
+    if cond is TRUE:
+        return a
+    if cond.op is Ops.CONST:
+        return a if cond.arg else b
+    return UOp(Ops.WHERE, a.dtype, (cond, a, b))
+
+
+def _fold_alu(op, dtype, src, arg):
+    """Build an ALU node, folding what is known: integer index arithmetic, comparisons decided by ranges,
+    constant conditions."""
+    if dtype is int32 and all(s.dtype is int32 for s in src):
+        if op is Ops.ADD:
+            return i_add(*src)
+        if op is Ops.MUL and src[1].op is Ops.CONST:
+            return i_mul(src[0], src[1].arg)
+        if op is Ops.MUL and src[0].op is Ops.CONST:
+            return i_mul(src[1], src[0].arg)
+        if op is Ops.NEG:
+            return i_mul(src[0], -1)
+    if op is Ops.CHECK:
+        lo, hi = bounds(src[0])
+        if lo >= 0 and hi < arg:
+            return src[0]
+    if op is Ops.CMPLT and all(s.dtype is int32 for s in src):
+        return i_lt(src[0], src[1])
+    if op is Ops.WHERE and src[0].op is Ops.CONST:
+        return src[1] if src[0].arg else src[2]
+    return UOp(op, dtype, src, arg)
+
+
+def _gather_rewrite(op, body: UOp, ranges):
+    """sum over r of (r == i ? v(r) : 0), with i independent of r, is v(i): integer indexing lowered to a direct
+    load instead of a one-hot reduction."""
+    if op is not Ops.ADD or len(ranges) != 1 or body.op is not Ops.WHERE:
+        return None
+    cond, value, other = body.src
+    if other.op is not Ops.CONST or other.arg != 0 or cond.op is not Ops.CMPEQ:
+        return None
+    r = ranges[0]
+    a, b = cond.src
+    if a is not r:
+        a, b = b, a
+    if a is not r or depends_on(b, r):
+        return None
+    lo, hi = bounds(b)
+    if lo < 0 or hi >= r.arg[1]:
+        return None   # only indices proven in range (CHECK) may replace the loop
+    return substitute(value, {r: b})
+
+
+def _merge_dims(shape, accesses, ranges):
+    """Group adjacent output dims that every access (load and store index, validity) walks as one: dims i, i+1
+    merge when each index is linear in both with coeff_i == coeff_{i+1} * size_{i+1}."""
+    groups = [[0]] if shape else []
+    for i in range(1, len(shape)):
+        a, b = ranges[i - 1], ranges[i]
+        ok = True
+        for acc in accesses:
+            ca, cb = _coeff(acc, a), _coeff(acc, b)
+            if ca is None or cb is None or ca != cb * shape[i]:
+                ok = False
+                break
+        if ok:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def _coeff(expr: UOp, r: UOp):
+    """The coefficient of r if expr is linear in r (0 if absent), else None."""
+    terms, _ = _linear(expr)
+    coeff = terms.get(r, 0)
+    for t in terms:
+        if t is not r and depends_on(t, r):
+            return None
+    return coeff
+
+
+def _accesses(store: UOp):
+    """Every index and validity expression a kernel evaluates (for dimension merging)."""
+    out = [store.src[1]]
+    for node in store.toposort():
+        if node.op is Ops.LOAD:
+            out.append(node.src[1])
+            if node.src[2] is not TRUE:
+                out.append(node.src[2])
+        elif node.dtype is int32 and node.op in (Ops.IDIV, Ops.MOD, Ops.CHECK) or node.op is Ops.CMPLT:
+            out.append(node)
+    return out
+
+
+def lower_kernel(ast: UOp, buf_sizes: list) -> Kernel:
+    """Lower a SINK(STORE(view of PARAM, value)) AST into a Kernel over the store's shape."""
+    store = ast.src[0]
+    target, value = store.src
+    shape = target.shape
+    for attempt in range(2):
+        lowerer = Lowerer()
+        ranges = [lowerer.new_range(s, "i") for s in shape]
+        if attempt == 1:
+            # re-lower with merged dims: one range per group, original indices recovered by div/mod
+            merged_ranges, idx = [], [None] * len(shape)
+            lowerer = Lowerer()
+            for group in groups:
+                size = prod(shape[i] for i in group)
+                r = lowerer.new_range(size, "i")
+                merged_ranges.append(r)
+                stride = 1
+                for i in reversed(group):
+                    idx[i] = i_mod(i_div(r, stride), shape[i]) if len(group) > 1 else r
+                    stride *= shape[i]
+            ranges, idx = merged_ranges, tuple(idx)
+        else:
+            idx = tuple(ranges)
+        out_param, out_idx, out_valid = lowerer.view_index(target, idx, TRUE)
+        linear = iconst(0)
+        for i, st in zip(out_idx, _strides(out_param.arg[1])):
+            if st:
+                linear = i_add(linear, i_mul(i, st))
+        lowered_value = lowerer.lower(value, idx, TRUE)
+        store_op = UOp(Ops.STORE, value.dtype, (out_param, linear, lowered_value))
+        if attempt == 0:
+            groups = _merge_dims(shape, _accesses(store_op), ranges)
+            if len(groups) == len(shape):
+                break
+    # a size-1 range is just the constant 0
+    ranges = [r for r in ranges if r.arg[1] != 1]
+    zero_map = {r: iconst(0) for r in _all_ranges(store_op) if r.arg[1] == 1}
+    if zero_map:
+        store_op = substitute(store_op, zero_map)
+    params, written = {}, {}
+    for node in store_op.toposort():
+        if node.op is Ops.PARAM:
+            params[node.arg[0]] = node
+    loads = {n.src[0].arg[0] for n in store_op.toposort() if n.op is Ops.LOAD}
+    kparams = [KernelParam(i, params[i].dtype, buf_sizes[i], i == out_param.arg[0], i in loads)
+               for i in sorted(params)]
+    var_names = sorted({n.arg for n in store_op.toposort() if n.op is Ops.DEFINE_VAR})
+    uses_check = any(n.op is Ops.CHECK for n in store_op.toposort())
+    flops, mem = _estimate_cost(store_op, ranges, kparams)
+    kind = "r" if any(n.op is Ops.ACC for n in store_op.toposort()) else "e"
+    name = f"{kind}_" + "_".join(str(r.arg[1]) for r in ranges) if ranges else f"{kind}_scalar"
+    return Kernel(name, ast, kparams, var_names, ranges, store_op, uses_check, flops, mem)
+
+
+def _all_ranges(u: UOp):
+    return [n for n in u.toposort() if n.op is Ops.RANGE]
+
+
+def _estimate_cost(store, ranges, params):
+    """Flops: ALU ops times the iterations they run; bytes: each parameter buffer once."""
+    out_iters = prod(r.arg[1] for r in ranges)
+    flops = 0
+    reduce_sizes = {}
+    for node in store.toposort():
+        if node.op is Ops.ACC:
+            n = prod(r.arg[1] for r in node.arg[1])
+            for inner in node.src[0].toposort():
+                reduce_sizes[inner] = max(reduce_sizes.get(inner, 1), n)
+    for node in store.toposort():
+        if node.op in ALU and node.dtype is not int32 and node.dtype is not bool_:
+            flops += out_iters * reduce_sizes.get(node, 1)
+        elif node.op is Ops.ACC:
+            flops += out_iters * prod(r.arg[1] for r in node.arg[1])
+    mem = sum(p.size * p.dtype.itemsize for p in params)
+    return flops, mem
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 4. Programs: the compiled-kernel cache and running a schedule.
+
+_programs = {}   # (device type, ast, tf32) -> program
+
+
+def cache_dir():
+    return os.environ.get("PICOGRAD_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "picograd")
+
+
+_MAGIC = b"PGCACHE1"
+_fallback_dir = None
+
+
+def disk_cached(key_parts: tuple, suffix: str, build) -> str:
+    """The path of a file holding build()'s bytes, cached on disk under a hash of key_parts.
+
+    The file is the payload followed by its sha256 and a magic tag, written to a temporary name and renamed into
+    place, so readers see a whole file or none; a truncated or corrupted entry fails its checksum and is rebuilt.
+    Loaders (dlopen, cuModuleLoadData) ignore the trailer. An unwritable cache directory falls back to a private
+    temporary one, with a warning."""
+    global _fallback_dir
+    key = hashlib.sha256("\0".join(key_parts).encode()).hexdigest()
+    for directory in (cache_dir(), _fallback_dir):
+        if directory is None:
+            continue
+        path = os.path.join(directory, key[:2], key + suffix)
+        payload = _read_checked(path)
+        if payload is not None:
+            pg._STATS["kernels_from_disk"] += 1
+            return path
+    payload = build()
+    blob = payload + hashlib.sha256(payload).digest() + _MAGIC
+    for directory in (cache_dir(), _fallback_dir):
+        if directory is None:
+            continue
+        path = os.path.join(directory, key[:2], key + suffix)
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
+            with os.fdopen(fd, "wb") as f:
+                f.write(blob)
+            os.replace(tmp, path)
+            return path
+        except OSError as e:
+            if directory == _fallback_dir:
+                raise
+            warnings.warn(f"picograd: cannot write the kernel cache at {directory} ({e}); using a temporary "
+                          f"directory for this process (set PICOGRAD_CACHE to a writable folder)")
+    _fallback_dir = tempfile.mkdtemp(prefix="picograd-cache-")
+    return disk_cached(key_parts, suffix, lambda: payload)
+
+
+def _read_checked(path):
+    try:
+        with open(path, "rb") as f:
+            blob = f.read()
+    except OSError:
+        return None
+    if len(blob) < 40 or blob[-8:] != _MAGIC:
+        return None
+    payload, digest = blob[:-40], blob[-40:-8]
+    return payload if hashlib.sha256(payload).digest() == digest else None
+
+
+def cached_payload(path) -> bytes:
+    """The payload of a cache file written by disk_cached (without the checksum trailer)."""
+    with open(path, "rb") as f:
+        return f.read()[:-40]
+
+
+def get_program(device: str, ast: UOp, bufs):
+    dev = Device[device]
+    key = (dev.kind, ast, pg.TF32)
+    prog = _programs.get(key)
+    if prog is None:
+        kernel = lower_kernel(ast, [b.size for b in bufs])
+        prog = dev.build(kernel)
+        pg._STATS["kernels_compiled"] += 1
+        _programs[key] = prog
+    return prog
+
+
+class ExecItem:
+    """A ready-to-run kernel launch or copy: what a schedule item becomes, and what a capture records."""
+    __slots__ = ("prog", "bufs", "var_vals", "device")
+
+    def __init__(self, prog, bufs, var_vals, device):
+        self.prog, self.bufs, self.var_vals, self.device = prog, bufs, var_vals, device
+
+    def run(self, bufs=None, var_vals=None):
+        bufs = self.bufs if bufs is None else bufs
+        if self.prog is None:   # a copy: bufs = [dst, src]
+            _copy(bufs[0], bufs[1])
+            return
+        self.prog(bufs, self.var_vals if var_vals is None else var_vals)
+        pg._STATS["kernels_launched"] += 1
+
+
+def _copy(dst: Buffer, src: Buffer):
+    pg._STATS["copies"] += 1
+    if dst.device == src.device:
+        Device[dst.device].copy_within(dst.mem, src.mem, dst.nbytes)
+        return
+    src_dev, dst_dev = Device[src.device], Device[dst.device]
+    if hasattr(dst_dev, "copy_from_peer") and dst_dev.kind == src_dev.kind:
+        dst_dev.copy_from_peer(dst, src)
+        return
+    src_dev.synchronize()
+    dst.copyin(src.copyout())
+
+
+def run_schedule(items):
+    devices = set()
+    for item in items:
+        prog = None if item.ast is None else get_program(item.device, item.ast, item.bufs)
+        ei = ExecItem(prog, item.bufs, item.var_vals, item.device)
+        start = time.perf_counter() if pg.DEBUG >= 2 else 0.0
+        ei.run()
+        if pg.CTX.capturing is not None:
+            pg.CTX.capturing.record(ei)
+        if pg.DEBUG >= 2:
+            _debug_print(ei, item, start)
+        _mark_done(item)
+        devices.add(item.device)
+    for device in devices:
+        Device[device].check_errors()
+
+
+def _mark_done(item):
+    if item.assign_target is not None:
+        item.assign_target.version += 1
+        item.root.assigned = _rebase_view(item.root.src[0], item.assign_target)
+    else:
+        item.root.realized = item.bufs[0]
+
+
+def _rebase_view(view: UOp, buf: Buffer) -> UOp:
+    """The same chain of movement ops over the buffer's current version."""
+    if view.op is Ops.BUFFER:
+        return UOp(Ops.BUFFER, view.dtype, (), (buf, buf.version))
+    return UOp(view.op, view.dtype, (_rebase_view(view.src[0], buf),), view.arg)
+
+
+def _debug_print(ei, item, start):
+    Device[item.device].synchronize()
+    took = time.perf_counter() - start
+    if ei.prog is None:
+        print(f"  copy {item.bufs[1].device} -> {item.bufs[0].device} {item.bufs[0].nbytes} bytes "
+              f"{took * 1e6:9.1f} us", file=sys.stderr)
+        return
+    k = ei.prog.kernel
+    print(f"  {k.name:<32} {took * 1e6:9.1f} us  {k.flops / took / 1e9:8.2f} GFLOP/s  "
+          f"{k.mem_bytes / took / 1e9:8.2f} GB/s", file=sys.stderr)
+    if pg.DEBUG >= 3:
+        print(ei.prog.source, file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 5. Graph capture: @pg.compile
+
+
+class Capture:
+    """What a trace records: each launch with its buffers held weakly (by serial number), so that after the trace
+    the buffers nobody kept are known to be the step's own intermediates."""
+
+    def __init__(self):
+        self.launches = []   # (prog, [(serial, weakref, size, dtype, device)], var_vals, device)
+
+    def record(self, ei: ExecItem):
+        refs = [(b.serial, weakref.ref(b), b.size, b.dtype, b.device) for b in ei.bufs]
+        self.launches.append((ei.prog, refs, dict(ei.var_vals), ei.device))
+
+
+class CompiledFunction:
+    """fn traced once per input signature; later calls replay the recorded kernels on the new inputs."""
+
+    def __init__(self, fn, max_traces=16):
+        self.fn, self.max_traces = fn, max_traces
+        self.traces = {}
+        functools.update_wrapper(self, fn)
+
+    def __call__(self, *args, **kwargs):
+        if pg.CTX.capturing is not None:
+            return self.fn(*args, **kwargs)   # called inside another trace: part of it
+        flat = list(args) + [kwargs[k] for k in sorted(kwargs)]
+        signature = tuple(_signature_of(a) for a in flat)
+        trace = self.traces.get(signature)
+        if trace is not None and trace.is_stale():
+            del self.traces[signature]
+            trace = None
+        if trace is None:
+            if len(self.traces) >= self.max_traces:
+                raise RuntimeError(f"{self.fn.__name__} was traced {len(self.traces)} times for different input "
+                                   f"signatures (shapes, dtypes, static ints); pass changing ints as pg.Variable")
+            trace = Trace(self.fn, args, kwargs)
+            self.traces[signature] = trace
+            return trace.first_result
+        return trace.replay(flat)
+
+
+def _signature_of(a):
+    if isinstance(a, pg.Tensor):
+        return ("tensor", a.shape, a.dtype.name, a.device, a.requires_grad)
+    if isinstance(a, Variable):
+        return ("var",) + tuple((n if n.op is Ops.DEFINE_VAR else n.src[0]).arg for n, _ in a.terms) + (a.const,)
+    if isinstance(a, float):
+        return ("float",)
+    try:
+        hash(a)
+    except TypeError:
+        raise TypeError(f"compiled function argument of type {type(a).__name__}: pass tensors, numbers, "
+                        f"pg.Variable or hashable static values") from None
+    return ("static", type(a).__name__, a)
+
+
+class Trace:
+    """One captured call of fn: the launches in order, each buffer bound to a slot (an input, an output, memory
+    planned for the step's intermediates, or long-lived state such as parameters), and the guards that tell when
+    the capture no longer describes what fn would do."""
+
+    def __init__(self, fn, args, kwargs):
+        pg._STATS["traces"] += 1
+        flat_in = list(args) + [kwargs[k] for k in sorted(kwargs)]
+        # runtime inputs: tensors (their buffers are rebound per call) and Python floats (0-d device tensors)
+        self.float_args = {}
+        call = []
+        for k, a in enumerate(flat_in):
+            if isinstance(a, pg.Tensor):
+                call.append(a.contiguous().realize())
+            elif isinstance(a, float):
+                t = pg.Tensor.full((), a).realize()
+                self.float_args[k] = t
+                call.append(t)
+            else:
+                call.append(a)
+        input_serials = {t._buffer().serial: k for k, t in enumerate(call) if isinstance(t, pg.Tensor)}
+        self.guards = _closure_guards(fn)
+        first_serial = Buffer.next_serial()
+        capture = Capture()
+        pg.CTX.capturing = capture
+        try:
+            result = fn(*call[:len(args)], **dict(zip(sorted(kwargs), call[len(args):])))
+            outs = _flatten_outputs(result)
+            pg.realize(*outs)
+        finally:
+            pg.CTX.capturing = None
+        for t in outs:   # outputs are plain buffers: their graphs (and the intermediates they pin) are dropped
+            buf = t._buffer()
+            t.uop, t.requires_grad = UOp(Ops.BUFFER, t.dtype, (), (buf, buf.version)).reshape(t.shape), False
+        self.first_result, self.structure = result, result
+        self.out_shapes = [t.shape for t in outs]
+        self._bind(capture.launches, input_serials, [t._buffer() for t in outs], first_serial)
+
+    def _bind(self, launches, input_serials, out_bufs, first_serial):
+        output_serials = {b.serial: k for k, b in enumerate(out_bufs)}
+        lifetime, meta = {}, {}
+        for step, (_, refs, _, _) in enumerate(launches):
+            for serial, ref, size, dtype, device in refs:
+                lifetime.setdefault(serial, [step, step])[1] = step
+                meta[serial] = (ref, size, dtype, device)
+        # a buffer created during the trace that nothing outside holds any more is the step's own intermediate;
+        # outputs are computed into planned memory too and copied out, so each call returns fresh tensors
+        def planned(serial):
+            return serial >= first_serial and serial not in input_serials and (
+                serial in output_serials or meta[serial][0]() is None)
+        pool, assigned, free = [], {}, []
+        for step, (_, refs, _, _) in enumerate(launches):
+            for serial, _, size, dtype, device in refs:
+                if planned(serial) and serial not in assigned:
+                    match = next((b for b in free if (b.size, b.dtype, b.device) == (size, dtype, device)), None)
+                    if match is None:
+                        match = Buffer(device, size, dtype)
+                        pool.append(match)
+                    else:
+                        free.remove(match)
+                    assigned[serial] = match
+            for serial, *_ in refs:
+                if serial in assigned and lifetime[serial][1] == step and serial not in output_serials:
+                    free.append(assigned[serial])
+        self.pool = pool
+        # an output that is not the step's own (a returned parameter or input) is copied from where it lives
+        self.out_planned = [assigned.get(b.serial, b) for b in out_bufs]
+        self.launches = []
+        state = []
+        for prog, refs, var_vals, device in launches:
+            slots = []
+            for serial, ref, *_ in refs:
+                if serial in input_serials:
+                    slots.append(("input", input_serials[serial]))
+                elif serial in assigned:
+                    slots.append(("fixed", assigned[serial]))
+                else:
+                    # long-lived state (parameters, optimizer state, constants): held weakly; if it is freed, the
+                    # tensor that owned it is gone and the capture is stale
+                    slots.append(("state", ref))
+                    state.append(ref)
+            self.launches.append((prog, slots, var_vals, device))
+        self.guards += [lambda r=ref: r() is not None for ref in dict.fromkeys(state)]
+
+    def is_stale(self):
+        return not all(guard() for guard in self.guards)
+
+    def replay(self, flat):
+        pg._STATS["replays"] += 1
+        inputs, var_vals = [], {}
+        for k, a in enumerate(flat):
+            if isinstance(a, pg.Tensor):
+                inputs.append(a.contiguous().realize()._buffer())
+            elif k in self.float_args:
+                buf = self.float_args[k]._buffer()
+                buf.copyin(np.array([a], dtype=np.float32))
+                inputs.append(buf)
+            else:
+                inputs.append(None)
+                if isinstance(a, Variable):
+                    for node, _ in a.terms:
+                        var_vals[node.src[0].arg[0]] = node.src[1].arg
+        devices = set()
+        for prog, slots, recorded_vars, device in self.launches:
+            bufs = [inputs[ref] if kind == "input" else ref if kind == "fixed" else ref() for kind, ref in slots]
+            vv = {name: var_vals.get(name, value) for name, value in recorded_vars.items()}
+            ExecItem(prog, bufs, vv, device).run()
+            devices.add(device)
+        for device in devices:
+            Device[device].check_errors()
+        fresh = []
+        for planned, shape in zip(self.out_planned, self.out_shapes):
+            out = Buffer(planned.device, planned.size, planned.dtype)
+            _copy(out, planned)
+            fresh.append(pg.Tensor._wrap(UOp(Ops.BUFFER, out.dtype, (), (out, 0)).reshape(shape), out.device))
+        return _unflatten_outputs(self.structure, iter(fresh))
+
+
+def _flatten_outputs(out):
+    if isinstance(out, pg.Tensor):
+        return [out]
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in _flatten_outputs(o)]
+    if isinstance(out, dict):
+        return [t for k in sorted(out) for t in _flatten_outputs(out[k])]
+    if out is None:
+        return []
+    raise TypeError(f"a compiled function must return tensors (or tuples, lists, dicts of them, or None), got "
+                    f"{type(out).__name__}")
+
+
+def _unflatten_outputs(structure, fresh):
+    if isinstance(structure, pg.Tensor):
+        return next(fresh)
+    if isinstance(structure, (tuple, list)):
+        return type(structure)(_unflatten_outputs(s, fresh) for s in structure)
+    if isinstance(structure, dict):
+        return {k: _unflatten_outputs(structure[k], fresh) for k in sorted(structure)}
+    return None
+
+
+def _closure_guards(fn):
+    """Guards over what fn reads by name from its closure and module globals: a rebound tensor or a changed
+    Python number means the capture is stale and fn is traced again."""
+    guards = []
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        return guards
+    for cell in fn.__closure__ or ():
+        try:
+            value = cell.cell_contents
+        except ValueError:
+            continue
+        guards.append(_guard_for(lambda c=cell: c.cell_contents, value))
+    for name in code.co_names:
+        if name in fn.__globals__:
+            guards.append(_guard_for(lambda g=fn.__globals__, n=name: g.get(n), fn.__globals__[name]))
+    return [g for g in guards if g is not None]
+
+
+def _guard_for(read, value):
+    if isinstance(value, pg.Tensor):
+        uop = value.uop
+        return lambda: read() is value and value.uop is uop
+    if isinstance(value, (int, float)) and not isinstance(value, bool) or isinstance(value, (bool, str)):
+        return lambda: type(read()) is type(value) and read() == value
+    return None

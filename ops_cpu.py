@@ -1,0 +1,331 @@
+"""picograd CPU backend: the C renderer (which the CUDA renderer extends), gcc -> shared object -> ctypes, CPU
+memory, OpenMP threads.
+
+Read top to bottom: the renderer turns a lowered compile.Kernel into C (one function, loops around one store,
+reductions as accumulator loops emitted where their value is first needed); the compiler runs gcc with the disk
+cache from compile.py; the device owns memory (a caching allocator over aligned numpy arrays) and the error
+flags that bounds-checked kernels set.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+
+import numpy as np
+
+import picograd as pg
+from picograd import Ops, float32, int32, bool_
+import compile as compiler
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The C renderer
+
+
+def _float_literal(v: float) -> str:
+    if v != v:
+        return "NAN"
+    if v in (float("inf"), float("-inf")):
+        return "INFINITY" if v > 0 else "(-INFINITY)"
+    text = repr(float(v))
+    return f"{text}f" if ("." in text or "e" in text) else f"{text}.0f"
+
+
+class CRenderer:
+    """Prints a lowered Kernel as a C function. Subclasses (CUDA) override the pieces that differ: the function
+    header, how output loops map to hardware, intrinsics and type names."""
+    restrict = "restrict"
+    math_fns = {Ops.EXP2: "exp2f", Ops.LOG2: "log2f", Ops.SIN: "sinf", Ops.SQRT: "sqrtf"}
+    preamble = ("#include <math.h>\n#include <limits.h>\n"
+                "static inline int pg_check(int i, int n, int* err) {\n"
+                "  if ((unsigned)i >= (unsigned)n) { err[0] = 1; err[1] = i; err[2] = n; return 0; }\n"
+                "  return i;\n}\n")
+
+    def ctype(self, dtype) -> str:
+        return dtype.ctype
+
+    def literal(self, value, dtype) -> str:
+        if dtype is float32:
+            return _float_literal(value)
+        if dtype is bool_:
+            return "1" if value else "0"
+        return "(-2147483647-1)" if value == -2**31 else str(int(value))
+
+    def alu(self, op, args, dtype, src_dtypes, arg) -> str:
+        a = args[0]
+        if op in self.math_fns:
+            return f"{self.math_fns[op]}({a})"
+        if op is Ops.NEG:
+            return f"(-{a})"
+        if op is Ops.RECIP:
+            return f"(1.0f/{a})"
+        if op is Ops.CAST:
+            return f"(({self.ctype(dtype)})({a}))"
+        if op is Ops.CHECK:
+            return f"pg_check({a}, {arg}, err)"
+        if op is Ops.WHERE:
+            return f"({a}?{args[1]}:{args[2]})"
+        b = args[1]
+        if op is Ops.MAX:
+            # NaN wins, as in torch.maximum
+            if src_dtypes[0] is float32:
+                return f"((({a})>({b})||({a})!=({a}))?({a}):({b}))"
+            return f"(({a})>({b})?({a}):({b}))"
+        symbol = {Ops.ADD: "+", Ops.MUL: "*", Ops.CMPLT: "<", Ops.CMPEQ: "==", Ops.IDIV: "/", Ops.MOD: "%"}[op]
+        return f"({a}{symbol}{b})"
+
+    # -- kernel structure
+    def render(self, kernel: compiler.Kernel) -> str:
+        self.lines, self.scopes, self.counter, self.kernel = [], [{}], 0, kernel
+        self.lines.append(self.signature(kernel) + " {")
+        self.render_body(kernel)
+        self.lines.append("}")
+        return self.preamble + "\n".join(self.lines) + "\n"
+
+    def signature(self, kernel) -> str:
+        params = []
+        for p in kernel.params:
+            const = "" if p.written else "const "
+            params.append(f"{const}{self.ctype(p.dtype)}* {self.restrict} d{p.index}")
+        params += [f"int {name}" for name, _, _ in kernel.var_names]
+        if kernel.uses_check:
+            params.append("int* err")
+        return f"void {kernel.name}({', '.join(params)})"
+
+    def render_body(self, kernel):
+        depth = 1
+        work = kernel.out_size * max(1, kernel.flops // max(kernel.out_size, 1))
+        for i, r in enumerate(kernel.ranges):
+            if i == 0 and r.arg[1] > 1 and work >= 1 << 15:
+                self.emit("#pragma omp parallel for", depth)
+            self.open_loop(r, depth)
+            depth += 1
+        self.store(kernel.store, depth)
+        for _ in kernel.ranges:
+            depth -= 1
+            self.close_loop(depth)
+
+    def open_loop(self, r, depth):
+        name, size = r.arg
+        self.emit(f"for (int {name} = 0; {name} < {size}; {name}++) {{", depth)
+        self.scopes.append({})
+
+    def close_loop(self, depth):
+        self.scopes.pop()
+        self.emit("}", depth)
+
+    def store(self, store, depth):
+        param, index, value = store.src
+        v = self.expr(value, depth)
+        self.emit(f"d{param.arg[0]}[{self.expr(index, depth)}] = {v};", depth)
+
+    def emit(self, line, depth):
+        self.lines.append("  " * depth + line)
+
+    def lookup(self, u):
+        for scope in reversed(self.scopes):
+            if u in scope:
+                return scope[u]
+        return None
+
+    def temp(self, u, code, depth, prefix="t"):
+        name = f"{prefix}{self.counter}"
+        self.counter += 1
+        self.emit(f"{self.ctype(u.dtype)} {name} = {code};", depth)
+        self.scopes[-1][u] = name
+        return name
+
+    def expr(self, u, depth) -> str:
+        """A C expression for u, emitting temporaries (and accumulator loops) into the current scope."""
+        found = self.lookup(u)
+        if found is not None:
+            return found
+        op = u.op
+        if op is Ops.CONST:
+            return self.literal(u.arg, u.dtype)
+        if op is Ops.RANGE:
+            return u.arg[0]
+        if op is Ops.DEFINE_VAR:
+            return u.arg[0]
+        if op is Ops.LOAD:
+            param, index, valid = u.src
+            idx = self.expr(index, depth)
+            load = f"d{param.arg[0]}[{idx}]"
+            if valid.op is not Ops.CONST:
+                load = f"({self.expr(valid, depth)}?{load}:{self.literal(0, u.dtype)})"
+            return self.temp(u, load, depth, "v")
+        if op is Ops.ACC:
+            return self.accumulate(u, depth)
+        args = [self.expr(s, depth) for s in u.src]
+        return self.temp(u, self.alu(op, args, u.dtype, [s.dtype for s in u.src], u.arg), depth)
+
+    def accumulate(self, u, depth):
+        reduce_op, ranges = u.arg
+        acc = f"acc{self.counter}"
+        self.counter += 1
+        self.emit(f"{self.ctype(u.dtype)} {acc} = {self.acc_init(reduce_op, u.dtype)};", depth)
+        for r in ranges:
+            self.open_loop(r, depth)
+            depth += 1
+        value = self.expr(u.src[0], depth)
+        self.emit(f"{acc} = {self.acc_update(reduce_op, acc, value, u.dtype)};", depth)
+        for _ in ranges:
+            depth -= 1
+            self.close_loop(depth)
+        self.scopes[-1][u] = acc
+        return acc
+
+    def acc_init(self, reduce_op, dtype):
+        if reduce_op is Ops.ADD:
+            return self.literal(0, dtype)
+        return {float32: "(-INFINITY)", int32: "(-2147483647-1)", bool_: "0"}[dtype]
+
+    def acc_update(self, reduce_op, acc, value, dtype):
+        if reduce_op is Ops.ADD:
+            return f"{acc} + {value}"
+        return self.alu(Ops.MAX, [value, acc], dtype, [dtype, dtype], None)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# gcc
+
+
+CFLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-fno-math-errno", "-fno-trapping-math",
+          "-fassociative-math", "-fno-signed-zeros", "-ffp-contract=fast", "-fno-semantic-interposition"]
+
+
+@functools.lru_cache(maxsize=None)
+def compiler_identity(cc: str) -> str:
+    """What the cache key needs to know about the compiler and the CPU it targets."""
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout.splitlines()[0]
+    except (OSError, subprocess.CalledProcessError) as e:
+        raise RuntimeError(f"picograd needs a C compiler for the CPU backend: tried {cc!r} ({e}); install gcc or "
+                           f"point the CC environment variable at one") from None
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        pass
+    return version + "|" + hashlib.sha256(flags.encode()).hexdigest()[:16]
+
+
+def find_cc() -> str:
+    cc = os.environ.get("CC", "gcc")
+    if shutil.which(cc) is None:
+        raise RuntimeError(f"picograd needs a C compiler for the CPU backend and could not find {cc!r} on PATH; "
+                           f"install gcc or set CC to the compiler's path")
+    return cc
+
+
+def compile_c(source: str, extra_flags=()) -> str:
+    """gcc source into a shared object, through the disk cache; returns the path to load."""
+    cc = find_cc()
+    flags = CFLAGS + list(extra_flags) + os.environ.get("PICOGRAD_CFLAGS", "").split()
+
+    def build():
+        with tempfile.TemporaryDirectory(prefix="picograd-cc-") as tmp:
+            src_path, out_path = os.path.join(tmp, "k.c"), os.path.join(tmp, "k.so")
+            with open(src_path, "w") as f:
+                f.write(source)
+            proc = subprocess.run([cc, *flags, src_path, "-o", out_path, "-lm"], capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(f"gcc failed to compile a kernel:\n{proc.stderr}\n--- source ---\n{source}")
+            with open(out_path, "rb") as f:
+                return f.read()
+    return compiler.disk_cached((source, compiler_identity(cc), " ".join(flags)), ".so", build)
+
+
+class CPUProgram:
+    """A compiled kernel: call with buffers and variable values."""
+
+    def __init__(self, kernel, source, path, error_flags):
+        self.kernel, self.source = kernel, source
+        self.lib = ctypes.CDLL(path)
+        self.fn = getattr(self.lib, kernel.name)
+        n_ptrs = len(kernel.params)
+        self.fn.argtypes = [ctypes.c_void_p] * n_ptrs + [ctypes.c_int] * len(kernel.var_names) + (
+            [ctypes.c_void_p] if kernel.uses_check else [])
+        self.fn.restype = None
+        self.var_order = [name for name, _, _ in kernel.var_names]
+        self.param_index = [p.index for p in kernel.params]
+        self.extra = [error_flags.ctypes.data] if kernel.uses_check else []
+
+    def __call__(self, bufs, var_vals):
+        args = [bufs[i].mem.address for i in self.param_index]
+        args += [var_vals[name] for name in self.var_order]
+        self.fn(*args, *self.extra)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Memory and the device
+
+
+class CPUMemory:
+    """A 64-byte aligned block inside a numpy array (the array keeps it alive)."""
+    __slots__ = ("array", "address", "nbytes")
+
+    def __init__(self, nbytes):
+        try:
+            raw = np.empty(nbytes + 64, dtype=np.uint8)
+        except (MemoryError, ValueError):
+            raise MemoryError(f"CPU: cannot allocate {nbytes} bytes ({nbytes / 2**30:.2f} GiB)") from None
+        offset = (-raw.ctypes.data) % 64
+        self.array = raw[offset:offset + nbytes]
+        self.address, self.nbytes = raw.ctypes.data + offset, nbytes
+
+
+class CPUDevice:
+    """The host: memory from a size-keyed cache (so a steady loop does not fault in fresh pages), kernels via gcc."""
+    kind = "CPU"
+    CACHE_LIMIT = 2 << 30
+
+    def __init__(self, name="CPU"):
+        self.name = name
+        self.renderer = CRenderer()
+        self.free_blocks, self.cached_bytes = {}, 0
+        self.error_flags = np.zeros(3, dtype=np.int32)
+
+    def alloc(self, nbytes):
+        blocks = self.free_blocks.get(nbytes)
+        if blocks:
+            self.cached_bytes -= nbytes
+            return blocks.pop()
+        try:
+            return CPUMemory(nbytes)
+        except MemoryError:
+            self.free_blocks.clear()
+            self.cached_bytes = 0
+            return CPUMemory(nbytes)
+
+    def free(self, mem, nbytes):
+        if self.cached_bytes + nbytes <= self.CACHE_LIMIT:
+            self.free_blocks.setdefault(nbytes, []).append(mem)
+            self.cached_bytes += nbytes
+
+    def copyin(self, mem, array: np.ndarray):
+        mem.array[:] = array.reshape(-1).view(np.uint8)
+
+    def copyout(self, out: np.ndarray, mem):
+        out.reshape(-1).view(np.uint8)[:] = mem.array
+
+    def copy_within(self, dst, src, nbytes):
+        dst.array[:nbytes] = src.array[:nbytes]
+
+    def synchronize(self):
+        pass
+
+    def build(self, kernel):
+        source = self.renderer.render(kernel)
+        return CPUProgram(kernel, source, compile_c(source), self.error_flags)
+
+    def check_errors(self):
+        if self.error_flags[0]:
+            index, size = int(self.error_flags[1]), int(self.error_flags[2])
+            self.error_flags[:] = 0
+            raise IndexError(f"index {index} is out of bounds for a dimension of size {size}")
