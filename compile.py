@@ -13,6 +13,7 @@ kernel computes is decided here.
 from __future__ import annotations
 
 import functools
+import gc
 import hashlib
 import math
 import os
@@ -52,15 +53,11 @@ def _expands(node: UOp) -> bool:
     return node.op is Ops.EXPAND and prod(node.shape) > prod(node.src[0].shape)
 
 
-def _compute_of(node: UOp) -> UOp:
-    """The node a kernel should produce for node: movement ops on top of a computation are free views of it."""
-    return node.base() if node.op in MOVEMENT and not _is_source(node.base()) else node
-
-
 def _find_realize_points(roots, order, consumers):
     """The fusion policy. A node becomes a kernel output if it is a target, an effect (CONTIGUOUS, COPY, ASSIGN),
-    the source of a COPY, the top of a reduction chain that several nodes use or that gets broadcast, or costly
-    work (a reduction, or arithmetic on loaded memory) that a broadcast would recompute for every copy."""
+    the source of a COPY, costly work (a reduction, or arithmetic on loaded memory) that a broadcast would
+    recompute for every copy, or a reduction whose users end up in more than one kernel. A reduction used along
+    several paths that meet again in one kernel (x @ w + b feeding relu's three uses of it) stays fused."""
     points = set(roots)
     costly = {}
     for node in order:
@@ -73,20 +70,24 @@ def _find_realize_points(roots, order, consumers):
             points.add(node.src[0])
         costly[node] = node.op is Ops.REDUCE or any(costly.get(s, False) for s in node.src)
     for node in order:
-        if _is_source(node) and node not in roots:
-            continue
-        if _expands(node):
+        if _expands(node) and not (_is_source(node) and node not in roots):
             base = node.src[0].base()
             if not _is_source(base) and costly.get(base) and any(costly.get(s, False) for s in base.src):
                 points.add(base)
-        if node.op is Ops.REDUCE:
-            top = node
-            while top not in points:
-                users = consumers.get(top, ())
-                if len(users) != 1 or _expands(users[0]):
-                    points.add(_compute_of(top))
-                    break
-                top = users[0]
+    # top-down, so a reduction above is settled before the ones it contains
+    for node in reversed(order):
+        if node.op is not Ops.REDUCE or node in points or (_is_source(node) and node not in roots):
+            continue
+        reached, stack, seen = set(), [node], {node}
+        while stack and len(reached) < 2:
+            for user in consumers.get(stack.pop(), ()):
+                if user in points:
+                    reached.add(user)
+                elif user not in seen:
+                    seen.add(user)
+                    stack.append(user)
+        if len(reached) != 1:
+            points.add(node)
     return points
 
 
@@ -130,108 +131,120 @@ class _RealizeFirst(Exception):
 
 
 def _build_item(root: UOp, points, produced, device) -> ScheduleItem:
-    """The AST of the kernel computing `root`: its subgraph down to other kernels' outputs and realized buffers,
-    which become PARAMs; bound variables become DEFINE_VARs with their values in var_vals."""
-    reads, reads_old = set(), set()
     if root.op is Ops.COPY:
-        src = root.src[0]
-        src_buf = _input_buffer(src, produced)
+        src_buf = _input_buffer(root.src[0], produced)
         out = Buffer(root.arg, prod(root.shape), root.dtype)
         produced[root] = out
-        reads.add(src)
-        return ScheduleItem(None, [out, src_buf], {}, root, root.arg, reads=reads)
-    params, bufs, var_vals, memo = {}, [], {}, {}
+        return ScheduleItem(None, [out, src_buf], {}, root, root.arg, reads={root.src[0]})
+    return _KernelBuilder(root, points, produced).build(device)
 
-    def param_for(buf: Buffer, shape):
-        if buf not in params:
-            params[buf] = len(bufs)
-            bufs.append(buf)
-        return UOp(Ops.PARAM, buf.dtype, (), (params[buf], tuple(shape)))
 
-    def unbind(arg):
+class _KernelBuilder:
+    """The AST of the kernel computing `root`: its subgraph down to other kernels' outputs and realized buffers,
+    which become PARAMs; bound variables become DEFINE_VARs with their values in var_vals. (A class rather than
+    nested closures: recursive closures form reference cycles that would keep buffers alive until a gc pass.)"""
+
+    def __init__(self, root, points, produced):
+        self.root, self.points, self.produced = root, points, produced
+        self.params, self.bufs, self.var_vals, self.memo = {}, [], {}, {}
+        self.reads, self.reads_old = set(), set()
+
+    def param_for(self, buf: Buffer, shape) -> UOp:
+        if buf not in self.params:
+            self.params[buf] = len(self.bufs)
+            self.bufs.append(buf)
+        return UOp(Ops.PARAM, buf.dtype, (), (self.params[buf], tuple(shape)))
+
+    def unbind(self, arg):
         if isinstance(arg, tuple):
-            return tuple(unbind(a) for a in arg)
+            return tuple(self.unbind(a) for a in arg)
         if isinstance(arg, Variable):
             terms = []
             for node, coeff in arg.terms:
                 if node.op is Ops.BIND:
-                    var_vals[node.src[0].arg[0]] = node.src[1].arg
+                    self.var_vals[node.src[0].arg[0]] = node.src[1].arg
                     node = node.src[0]
                 terms.append((node, coeff))
             return Variable(terms=tuple(terms), const=arg.const)
         return arg
 
-    def view_over(view: UOp, param: UOp) -> UOp:
+    def view_over(self, view: UOp, param: UOp) -> UOp:
         if view.op is Ops.BUFFER:
             return param
-        return UOp(view.op, view.dtype, (view_over(view.src[0], param),), unbind(view.arg))
+        return UOp(view.op, view.dtype, (self.view_over(view.src[0], param),), self.unbind(view.arg))
 
-    def visit(node: UOp) -> UOp:
-        out = memo.get(node)
+    def visit(self, node: UOp) -> UOp:
+        out = self.memo.get(node)
         if out is None:
-            if node is not root and (node in points or _is_source(node)):
-                out = source(node)
+            if node is not self.root and (node in self.points or _is_source(node)):
+                out = self.source(node)
             elif node.op in (Ops.DETACH, Ops.CONTIGUOUS):
-                out = visit(node.src[0])
+                out = self.visit(node.src[0])
             else:
-                out = UOp(node.op, node.dtype, tuple(visit(s) for s in node.src), unbind(node.arg))
-            memo[node] = out
+                out = UOp(node.op, node.dtype, tuple(self.visit(s) for s in node.src), self.unbind(node.arg))
+            self.memo[node] = out
         return out
 
-    def source(node: UOp) -> UOp:
+    def source(self, node: UOp) -> UOp:
         if node.op in (Ops.CONST, Ops.IOTA, Ops.DEFINE_VAR):
             return node
         if node.op is Ops.BIND:
-            var_vals[node.src[0].arg[0]] = node.src[1].arg
+            self.var_vals[node.src[0].arg[0]] = node.src[1].arg
             return node.src[0]
         if node.op is Ops.ASSIGN:
             # the written buffer, read through the assign's view, after the write
             target = node.assigned if node.assigned is not None else node.src[0]
             if node.assigned is None:
-                reads.add(node)
+                self.reads.add(node)
             buf = target.base().arg[0]
-            return view_over(target, param_for(buf, (buf.size,)))
+            return self.view_over(target, self.param_for(buf, (buf.size,)))
         if node.op is Ops.BUFFER:
             buf, version = node.arg
             if version != buf.version:
                 raise RuntimeError("a tensor used in this computation was modified in place (assign or setitem) "
                                    "after the computation was built; realize() it before writing to its memory")
-            reads_old.add(buf)
-            return param_for(buf, node.shape)
+            self.reads_old.add(buf)
+            return self.param_for(buf, node.shape)
         if node.realized is None:
-            reads.add(node)
-        return param_for(_input_buffer(node, produced), node.shape)
+            self.reads.add(node)
+        return self.param_for(_input_buffer(node, self.produced), node.shape)
 
-    if root.op is Ops.ASSIGN:
-        target, value = root.src
-        base = target.base()
-        if base.op is not Ops.BUFFER or base.arg[1] != base.arg[0].version:
-            raise RuntimeError("assign target must be a current view of a buffer")
-        out_buf = base.arg[0]
-        store_view = view_over(target, param_for(out_buf, (out_buf.size,)))
-        value_ast = visit(value)
-        # the value at each element may read the target only at that same element: any view of the target other
-        # than the store's own, or a reduction over it, would read elements that this kernel is overwriting
-        chain = set(store_view.toposort())
-        tainted = set()
-        for node in value_ast.toposort():
-            if node in chain:
-                continue
-            hits = [s for s in node.src if s in chain or s in tainted]
-            if not hits:
-                continue
-            if node.op in MOVEMENT or node.op is Ops.REDUCE or any(s in chain and s is not store_view for s in hits):
-                raise _RealizeFirst(value)
-            tainted.add(node)
-        reads_old.discard(out_buf)
+    def build(self, device) -> ScheduleItem:
+        root = self.root
+        if root.op is Ops.ASSIGN:
+            target, value = root.src
+            base = target.base()
+            if base.op is not Ops.BUFFER or base.arg[1] != base.arg[0].version:
+                raise RuntimeError("assign target must be a current view of a buffer")
+            out_buf = base.arg[0]
+            store_view = self.view_over(target, self.param_for(out_buf, (out_buf.size,)))
+            value_ast = self.visit(value)
+            _check_self_reads(value_ast, store_view, value)
+            self.reads_old.discard(out_buf)
+        else:
+            out_buf = Buffer(device, prod(root.shape), root.dtype)
+            self.produced[root] = out_buf
+            store_view = self.param_for(out_buf, root.shape)
+            value_ast = self.visit(root)
         ast = UOp(Ops.SINK, root.dtype, (UOp(Ops.STORE, root.dtype, (store_view, value_ast)),))
-        return ScheduleItem(ast, bufs, var_vals, root, device, out_buf, reads, reads_old)
-    out_buf = Buffer(device, prod(root.shape), root.dtype)
-    produced[root] = out_buf
-    out_param = param_for(out_buf, root.shape)
-    value_ast = visit(root)
-    ast = UOp(Ops.SINK, root.dtype, (UOp(Ops.STORE, root.dtype, (out_param, value_ast)),))
-    return ScheduleItem(ast, bufs, var_vals, root, device, None, reads, reads_old)
+        target = out_buf if root.op is Ops.ASSIGN else None
+        return ScheduleItem(ast, self.bufs, self.var_vals, root, device, target, self.reads, self.reads_old)
+
+
+def _check_self_reads(value_ast: UOp, store_view: UOp, value: UOp):
+    """An assign's value may read its target only at the element being written: any other view of the target,
+    or a reduction over it, would read elements that the same kernel is overwriting."""
+    chain = set(store_view.toposort())
+    tainted = set()
+    for node in value_ast.toposort():
+        if node in chain:
+            continue
+        hits = [s for s in node.src if s in chain or s in tainted]
+        if not hits:
+            continue
+        if node.op in MOVEMENT or node.op is Ops.REDUCE or any(s in chain and s is not store_view for s in hits):
+            raise _RealizeFirst(value)
+        tainted.add(node)
 
 
 def _input_buffer(node: UOp, produced) -> Buffer:
@@ -836,6 +849,85 @@ def _estimate_cost(store, ranges, params):
     return flops, mem
 
 
+class Contraction:
+    """A kernel of the form out[batch.., m, n] = epilogue(sum_k A[batch.., m, k] * B[batch.., k, n]) whose operand
+    indices are linear in the loop variables: what the matmul templates (CPU packing + micro-kernel, CUDA tensor
+    cores) accept. `m` or `n` is None when that size is 1 (a matrix-vector product); `a_strides`/`b_strides`/
+    `out_strides` map each RANGE to its coefficient, `*_offset` is the constant part."""
+
+    def __init__(self, kernel, acc, a, b, m, n, k, batch, strides, offsets):
+        self.kernel, self.acc, self.a, self.b = kernel, acc, a, b
+        self.m, self.n, self.k, self.batch = m, n, k, batch
+        self.a_strides, self.b_strides, self.out_strides = strides
+        self.a_offset, self.b_offset, self.out_offset = offsets
+
+    def size(self, r):
+        return 1 if r is None else r.arg[1]
+
+    @property
+    def M(self):
+        return self.size(self.m)
+
+    @property
+    def N(self):
+        return self.size(self.n)
+
+    @property
+    def K(self):
+        return self.k.arg[1]
+
+
+def _linear_in_ranges(expr: UOp):
+    """(coefficients by RANGE, constant) if expr is a linear form over loop variables only, else None."""
+    terms, const = _linear(expr)
+    if any(t.op is not Ops.RANGE for t in terms):
+        return None
+    return terms, const
+
+
+def match_contraction(kernel: Kernel):
+    """The Contraction this kernel is, or None. The value stored may be any elementwise function of the one
+    accumulator (the epilogue: bias, activation, scaling) as long as nothing else in it reduces."""
+    store = kernel.store
+    param, index, value = store.src
+    accs = [n for n in value.toposort() if n.op is Ops.ACC]
+    if len(accs) != 1:
+        return None
+    acc = accs[0]
+    reduce_op, ranges = acc.arg
+    body = acc.src[0]
+    if reduce_op is not Ops.ADD or len(ranges) != 1 or body.op is not Ops.MUL or acc.dtype is not float32:
+        return None
+    a, b = body.src
+    if a.op is not Ops.LOAD or b.op is not Ops.LOAD or a.src[2] is not TRUE or b.src[2] is not TRUE:
+        return None
+    k = ranges[0]
+    la, lb, lo = _linear_in_ranges(a.src[1]), _linear_in_ranges(b.src[1]), _linear_in_ranges(index)
+    if la is None or lb is None or lo is None:
+        return None
+    (ca, oa), (cb, ob), (co, oo) = la, lb, lo
+    if not ca.get(k) or not cb.get(k):
+        return None
+    m = n = None
+    batch = []
+    for r in kernel.ranges:
+        in_a, in_b = ca.get(r, 0) != 0, cb.get(r, 0) != 0
+        if in_a and not in_b and m is None:
+            m = r
+        elif in_b and not in_a and n is None:
+            n = r
+        elif in_a and in_b or not (in_a or in_b):
+            batch.append(r)
+        else:
+            return None
+    if m is None and n is not None and any(ca.get(r, 0) and not cb.get(r, 0) for r in batch):
+        return None
+    # the accumulator must not be read by anything but the epilogue at its own (m, n), nor the output read back
+    if any(n_.op is Ops.LOAD and n_.src[0].arg[0] == param.arg[0] for n_ in value.toposort()):
+        return None
+    return Contraction(kernel, acc, a, b, m, n, k, batch, (ca, cb, co), (oa, ob, oo))
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # 4. Programs: the compiled-kernel cache and running a schedule.
 
@@ -935,6 +1027,14 @@ class ExecItem:
         pg._STATS["kernels_launched"] += 1
 
 
+def copy_buffer(dst: Buffer, src: Buffer):
+    """Copy src's contents into dst (any devices), as a recorded step when a trace is being captured."""
+    ei = ExecItem(None, [dst, src], {}, dst.device)
+    ei.run()
+    if pg.CTX.capturing is not None:
+        pg.CTX.capturing.record(ei)
+
+
 def _copy(dst: Buffer, src: Buffer):
     pg._STATS["copies"] += 1
     if dst.device == src.device:
@@ -1011,11 +1111,15 @@ class Capture:
 
 
 class CompiledFunction:
-    """fn traced once per input signature; later calls replay the recorded kernels on the new inputs."""
+    """fn traced once per input signature; later calls replay the recorded kernels on the new inputs.
+
+    The first call with a new signature runs fn in graph mode (a warm-up: lazy initialization such as optimizer
+    state or caches happens there, not in the capture, since the capture must describe every later call); the
+    second call traces; later calls replay."""
 
     def __init__(self, fn, max_traces=16):
         self.fn, self.max_traces = fn, max_traces
-        self.traces = {}
+        self.traces, self.warmed = {}, set()
         functools.update_wrapper(self, fn)
 
     def __call__(self, *args, **kwargs):
@@ -1027,6 +1131,11 @@ class CompiledFunction:
         if trace is not None and trace.is_stale():
             del self.traces[signature]
             trace = None
+        if trace is None and signature not in self.warmed:
+            self.warmed.add(signature)
+            out = self.fn(*args, **kwargs)
+            pg.realize(*_flatten_outputs(out))
+            return out
         if trace is None:
             if len(self.traces) >= self.max_traces:
                 raise RuntimeError(f"{self.fn.__name__} was traced {len(self.traces)} times for different input "
@@ -1088,6 +1197,7 @@ class Trace:
             t.uop, t.requires_grad = UOp(Ops.BUFFER, t.dtype, (), (buf, buf.version)).reshape(t.shape), False
         self.first_result, self.structure = result, result
         self.out_shapes = [t.shape for t in outs]
+        gc.collect()   # intermediates kept only by reference cycles must be gone before we look for them
         self._bind(capture.launches, input_serials, [t._buffer() for t in outs], first_serial)
 
     def _bind(self, launches, input_serials, out_bufs, first_serial):

@@ -410,11 +410,14 @@ class Variable:
 
 class Buffer:
     """`size` elements of `dtype` on `device`, allocated on first use and handed back to the allocator when dropped."""
-    __slots__ = ("device", "size", "dtype", "_mem", "version", "serial", "__weakref__")
+    __slots__ = ("device", "size", "dtype", "_mem", "version", "serial", "exclusive", "__weakref__")
     _next_serial = 0
 
-    def __init__(self, device: str, size: int, dtype: DType):
+    def __init__(self, device: str, size: int, dtype: DType, exclusive=False):
         self.device, self.size, self.dtype, self._mem, self.version = device, size, dtype, None, 0
+        # exclusive: owned by the tensor that made it (not a kernel output that equal computations share), so it
+        # may be written in place
+        self.exclusive = exclusive
         # a unique number in creation order (graph capture tells buffers apart by it, ids get reused)
         self.serial = Buffer._next_serial
         Buffer._next_serial += 1
@@ -613,7 +616,7 @@ class Tensor:
             array = _to_numpy(data, None if dtype is None else to_dtype(dtype))
             _no_host_data_in_capture("Tensor(data)")
             dt = to_dtype(array.dtype)
-            buf = Buffer(device, array.size, dt).copyin(array)
+            buf = Buffer(device, array.size, dt, exclusive=True).copyin(array)
             self.uop = UOp(Ops.BUFFER, dt, (), (buf, 0)).reshape(array.shape)
         self._device, self.grad, self.requires_grad, self._is_leaf = device, None, False, True
         if requires_grad:
@@ -808,11 +811,18 @@ class Tensor:
         self.uop = write.assigned.base().reshape(self.shape)
 
     def _make_buffer_view(self):
-        """Make self.uop a plain view of a buffer (the target an in-place write needs)."""
+        """Make self.uop a plain view of a buffer this tensor may write (the target an in-place write needs).
+        A kernel output may be shared by every equal computation (nodes are hash-consed), so writing needs a copy
+        of its own first."""
         buf = self._buffer()
         if buf is None:
             realize(self)
             buf = self._buffer()
+        if not buf.exclusive:
+            own = Buffer(buf.device, buf.size, buf.dtype, exclusive=True)
+            import compile as compiler
+            compiler.copy_buffer(own, buf)
+            buf = own
         self.uop = UOp(Ops.BUFFER, self.dtype, (), (buf, buf.version)).reshape(self.shape)
 
     # -- creation
@@ -837,7 +847,7 @@ class Tensor:
     def empty(*shape, dtype=None, device=None) -> Tensor:
         shape, dtype, device = _shape_arg(shape), to_dtype(dtype or float32), Device.canonicalize(device)
         _check_size(shape, dtype)
-        buf = Buffer(device, prod(shape), dtype)
+        buf = Buffer(device, prod(shape), dtype, exclusive=True)
         return Tensor._wrap(UOp(Ops.BUFFER, dtype, (), (buf, 0)).reshape(shape), device)
 
     @staticmethod
@@ -2084,6 +2094,13 @@ def clip_grad_norm_(parameters, max_norm: float) -> Tensor:
 # compiled step reads the current value when it replays.
 
 
+def _state_tensor(shape, value, device) -> Tensor:
+    """A tensor with memory of its own, filled with value: state that is updated in place."""
+    t = Tensor.empty(*shape, device=device) if shape else Tensor.empty(1, device=device).reshape(())
+    t._buffer().copyin(np.full(prod(shape), value, dtype=np.float32))
+    return t
+
+
 class Optimizer:
     def __init__(self, params, lr):
         self.params = [p for p in params]
@@ -2092,7 +2109,7 @@ class Optimizer:
         for p in self.params:
             if not p.requires_grad:
                 raise ValueError(f"optimizer parameter of shape {p.shape} does not require grad")
-        self._lr = Tensor.full((), float(lr), device=self.params[0].device).realize()
+        self._lr = _state_tensor((), float(lr), self.params[0].device)
         self._lr_value = float(lr)
 
     @property
@@ -2125,7 +2142,7 @@ class SGD(Optimizer):
     def __init__(self, params, lr=1e-3, momentum=0.0, weight_decay=0.0, nesterov=False):
         super().__init__(params, lr)
         self.momentum, self.weight_decay, self.nesterov = momentum, weight_decay, nesterov
-        self.buffers = [Tensor.zeros(p.shape, device=p.device).realize() for p in self.params] if momentum else []
+        self.buffers = [_state_tensor(p.shape, 0.0, p.device) for p in self.params] if momentum else []
 
     def _state(self):
         return self.params + self.buffers
@@ -2147,12 +2164,12 @@ class AdamW(Optimizer):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01):
         super().__init__(params, lr)
         self.b1, self.b2, self.eps, self.weight_decay = betas[0], betas[1], eps, weight_decay
-        self.m = [Tensor.zeros(p.shape, device=p.device).realize() for p in self.params]
-        self.v = [Tensor.zeros(p.shape, device=p.device).realize() for p in self.params]
+        self.m = [_state_tensor(p.shape, 0.0, p.device) for p in self.params]
+        self.v = [_state_tensor(p.shape, 0.0, p.device) for p in self.params]
         device = self.params[0].device
         # b1**t and b2**t as device tensors so a replayed step sees the current step count
-        self.b1_t = Tensor.full((), 1.0, device=device).realize()
-        self.b2_t = Tensor.full((), 1.0, device=device).realize()
+        self.b1_t = _state_tensor((), 1.0, device)
+        self.b2_t = _state_tensor((), 1.0, device)
 
     def _state(self):
         return self.params + self.m + self.v + [self.b1_t, self.b2_t]

@@ -1,0 +1,29 @@
+# picograd: `make run` trains a small Llama on a built-in corpus and samples from it; `make test` runs the suite.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+export PICOGRAD_CACHE ?= $(CURDIR)/.venv/kernel-cache
+
+.PHONY: run test test-gpu test-asan fuzz bench clean
+
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+run: $(VENV)/.installed
+	$(PY) llama.py
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q -x test_picograd.py
+
+# the whole suite with CUDA as the device (on a machine with a GPU; uses the system Python there if no venv)
+test-gpu:
+	DEVICE=CUDA $(if $(wildcard $(PY)),$(PY),$(PYTHON)) -m pytest -q test_picograd.py
+
+bench: $(VENV)/.installed
+	$(PY) bench.py
+
+clean:
+	rm -rf $(VENV) __pycache__ .pytest_cache
