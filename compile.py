@@ -269,22 +269,24 @@ def _order_items(items):
                 deps[id(writer)].add(id(reader))
     by_id = {id(item): item for item in items}
     ordered, done, active = [], set(), set()
-
-    def visit(key):
-        if key in done:
-            return
-        if key in active:
-            raise RuntimeError("scheduler: one realize reads a buffer both before and after an assign to it; "
-                               "realize the assign first")
-        active.add(key)
-        for dep in deps[key]:
-            visit(dep)
-        active.discard(key)
-        done.add(key)
-        ordered.append(by_id[key])
-
-    for item in items:
-        visit(id(item))
+    for item in items:   # depth-first, iterative (a recursive closure would be a reference cycle holding buffers)
+        stack = [(id(item), False)]
+        while stack:
+            key, expanded = stack.pop()
+            if expanded:
+                active.discard(key)
+                if key not in done:
+                    done.add(key)
+                    ordered.append(by_id[key])
+                continue
+            if key in done:
+                continue
+            if key in active:
+                raise RuntimeError("scheduler: one realize reads a buffer both before and after an assign to it; "
+                                   "realize the assign first")
+            active.add(key)
+            stack.append((key, True))
+            stack.extend((dep, False) for dep in deps[key] if dep not in done)
     return ordered
 
 
@@ -1174,7 +1176,12 @@ class Trace:
         call = []
         for k, a in enumerate(flat_in):
             if isinstance(a, pg.Tensor):
-                call.append(a.contiguous().realize())
+                # a fresh copy: nothing computed from it can already be memoized, so every kernel that depends on
+                # the inputs runs (and is recorded) during the trace
+                src = a.contiguous().realize()
+                fresh = pg.Tensor.empty(*a.shape, dtype=a.dtype, device=a.device)
+                copy_buffer(fresh._buffer(), src._buffer())
+                call.append(fresh.requires_grad_(True) if a.requires_grad else fresh)
             elif isinstance(a, float):
                 t = pg.Tensor.full((), a).realize()
                 self.float_args[k] = t

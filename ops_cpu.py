@@ -190,6 +190,139 @@ class CRenderer:
         return self.alu(Ops.MAX, [value, acc], dtype, [dtype, dtype], None)
 
 
+class GemmRenderer(CRenderer):
+    """A Contraction as a packed, register-blocked matrix product (the BLIS loop nest). Work items are
+    (batch, NB output columns, a chunk of rows) spread over OpenMP threads. Each item packs its B columns once, for
+    the whole depth, into NR-wide panels; then for every MC-row block it packs A into MR-row panels one KC-deep
+    slice at a time and runs an MR x NR micro-kernel (gcc vector types, accumulators in registers) over each
+    slice; when the sums are complete the fused epilogue runs and stores at the output's own index. Packing
+    evaluates the operands' strided views once, so transposed and broadcast operands cost nothing extra.
+    Per-thread panels live in a workspace the device passes in."""
+    MR, NR, KC, MC = 6, 16, 256, 120
+
+    @classmethod
+    def block_cols(cls, K):
+        """Columns per item: all of B's packed depth for them must stay a few MB."""
+        return max(cls.NR, min(256, (1 << 20) // max(K, 1) // cls.NR * cls.NR))
+
+    @classmethod
+    def workspace(cls, K):
+        """Floats per thread: packed B (whole depth), one packed A block, one block of sums."""
+        nb = cls.block_cols(K)
+        return -(-K // cls.KC) * cls.KC * nb + cls.MC * cls.KC + cls.MC * nb
+
+    def render_gemm(self, c: compiler.Contraction, threads: int) -> str:
+        self.lines, self.scopes, self.counter, self.kernel = [], [{}], 0, c.kernel
+        MR, NR, KC, MC = self.MR, self.NR, self.KC, self.MC
+        M, N, K = c.M, c.N, c.K
+        NB = self.block_cols(K)
+        batch_sizes = [r.arg[1] for r in c.batch]
+        n_batch = compiler.prod(batch_sizes)
+        a_param, b_param = c.a.src[0].arg[0], c.b.src[0].arg[0]
+        am, ak, bn, bk = c.a_strides.get(c.m, 0), c.a_strides[c.k], c.b_strides.get(c.n, 0), c.b_strides[c.k]
+        mblocks, nblocks = -(-M // MC), -(-N // NB)
+        # enough items for every thread, splitting rows only when batch and columns do not already provide them
+        mchunks = min(mblocks, max(1, -(-2 * threads // (n_batch * nblocks))))
+        blocks_per_chunk = -(-mblocks // mchunks)
+        emit = self.emit
+        self.lines.append(self.signature(c.kernel)[:-1] + ", float* restrict ws) {")
+        emit(f"#pragma omp parallel for schedule(dynamic, 1) num_threads({threads})", 1)
+        emit(f"for (int item = 0; item < {n_batch * nblocks * mchunks}; item++) {{", 1)
+        self.scopes.append({})
+        emit(f"float* restrict Bp = ws + (long)omp_get_thread_num() * {self.workspace(K)};", 2)
+        emit(f"float* restrict Ap = Bp + {-(-K // KC) * KC * NB};", 2)
+        emit(f"float* restrict Cs = Ap + {MC * KC};", 2)
+        emit(f"int bi = item / {nblocks * mchunks}, rest = item % {nblocks * mchunks};", 2)
+        emit(f"int jc = (rest / {mchunks}) * {NB}, chunk = rest % {mchunks};", 2)
+        emit(f"int nc = {N} - jc < {NB} ? {N} - jc : {NB}, ncr = (nc + {NR - 1}) / {NR} * {NR};", 2)
+        stride = 1
+        for r, size in reversed(list(zip(c.batch, batch_sizes))):
+            emit(f"int {r.arg[0]} = (bi / {stride}) % {size};", 2)
+            stride *= size
+        abase = " + ".join([str(c.a_offset)] + [f"(long){r.arg[0]}*{c.a_strides.get(r, 0)}" for r in c.batch])
+        bbase = " + ".join([str(c.b_offset)] + [f"(long){r.arg[0]}*{c.b_strides.get(r, 0)}" for r in c.batch])
+        emit(f"const float* restrict A = d{a_param} + {abase};", 2)
+        emit(f"const float* restrict B = d{b_param} + {bbase};", 2)
+        # pack B once for the whole depth: slice pc starts at Bp + pc * ncr, panel jr at + jr * kc
+        emit(f"for (int pc = 0; pc < {K}; pc += {KC}) {{", 2)
+        emit(f"int kc = {K} - pc < {KC} ? {K} - pc : {KC};", 3)
+        emit("float* restrict Bs = Bp + (long)pc * ncr;", 3)
+        if bn == 1:   # rows of B are contiguous: copy NR-wide row pieces
+            emit("for (int p = 0; p < kc; p++) {", 3)
+            emit(f"const float* src = B + (long)(pc + p) * {bk} + jc;", 4)
+            emit(f"for (int j = 0; j < ncr; j++) Bs[(j / {NR}) * {NR} * kc + p * {NR} + j % {NR}] = "
+                 f"j < nc ? src[j] : 0.0f;", 4)
+            emit("}", 3)
+        else:         # columns of B are contiguous (B = W^T): walk each column down the depth
+            emit("for (int j = 0; j < ncr; j++) {", 3)
+            emit(f"float* dst = Bs + (j / {NR}) * {NR} * kc + j % {NR};", 4)
+            emit(f"if (j < nc) {{ const float* src = B + (long)(jc + j) * {bn} + (long)pc * {bk}; "
+                 f"for (int p = 0; p < kc; p++) dst[p * {NR}] = src[(long)p * {bk}]; }}", 4)
+            emit(f"else {{ for (int p = 0; p < kc; p++) dst[p * {NR}] = 0.0f; }}", 4)
+            emit("}", 3)
+        emit("}", 2)
+        emit(f"int ic_end = (chunk + 1) * {blocks_per_chunk * MC} < {M} ? (chunk + 1) * {blocks_per_chunk * MC} "
+             f": {M};", 2)
+        emit(f"for (int ic = chunk * {blocks_per_chunk * MC}; ic < ic_end; ic += {MC}) {{", 2)
+        emit(f"int mc = ic_end - ic < {MC} ? ic_end - ic : {MC};", 3)
+        emit(f"for (int pc = 0; pc < {K}; pc += {KC}) {{", 3)
+        emit(f"int kc = {K} - pc < {KC} ? {K} - pc : {KC};", 4)
+        # pack A: MR-row panels, rows past the block zero
+        emit(f"for (int i0 = 0; i0 < mc; i0 += {MR}) {{", 4)
+        emit(f"float* dst = Ap + i0 * kc;", 5)
+        emit(f"for (int p = 0; p < kc; p++) {{", 5)
+        emit(f"for (int i = 0; i < {MR}; i++) dst[p * {MR} + i] = i0 + i < mc ? "
+             f"A[(long)(ic + i0 + i) * {am} + (long)(pc + p) * {ak}] : 0.0f;", 6)
+        emit("}", 5)
+        emit("}", 4)
+        emit(f"for (int jr = 0; jr < nc; jr += {NR})", 4)
+        emit(f"for (int ir = 0; ir < mc; ir += {MR})", 5)
+        emit(f"pg_ukernel(kc, Ap + ir * kc, Bp + (long)pc * ncr + jr * kc, Cs + ir * {NB} + jr, pc > 0);", 6)
+        emit("}", 3)
+        # epilogue: the finished sums through the fused elementwise tail, stored at the output's own index
+        emit("for (int i = 0; i < mc; i++) {", 3)
+        self.scopes.append({})
+        emit(f"int {c.m.arg[0]} = ic + i;", 4)
+        emit("for (int j = 0; j < nc; j++) {", 4)
+        self.scopes.append({})
+        emit(f"int {c.n.arg[0]} = jc + j;", 5)
+        emit(f"float gemm_acc = Cs[i * {NB} + j];", 5)
+        self.scopes[-1][c.acc] = "gemm_acc"
+        self.store(c.kernel.store, 5)
+        self.scopes.pop()
+        emit("}", 4)
+        self.scopes.pop()
+        emit("}", 3)
+        emit("}", 2)
+        self.scopes.pop()
+        emit("}", 1)
+        emit("}", 0)
+        self.ldc = NB
+        return self.preamble + "#include <omp.h>\n" + self.micro_kernel() + "\n".join(self.lines) + "\n"
+
+    def micro_kernel(self) -> str:
+        """C[MR x NR] (+)= A_panel[MR x kc] * B_panel[kc x NR], the accumulators held in vector registers."""
+        MR, NR, NB = self.MR, self.NR, self.ldc
+        vecs = NR // 8
+        accs = [f"c{i}_{j}" for i in range(MR) for j in range(vecs)]
+        lines = ["typedef float pg_v8f __attribute__((vector_size(32), aligned(4)));",
+                 "static inline void pg_ukernel(int kc, const float* restrict a, const float* restrict b, "
+                 "float* restrict c, int add) {",
+                 "  pg_v8f " + ", ".join(f"{n} = {{0}}" for n in accs) + ";",
+                 "  for (int p = 0; p < kc; p++) {"]
+        lines += [f"    pg_v8f b{j} = *(const pg_v8f*)(b + {NR} * p + {8 * j});" for j in range(vecs)]
+        for i in range(MR):
+            lines.append(f"    float a{i} = a[{MR} * p + {i}];")
+            lines += [f"    c{i}_{j} += a{i} * b{j};" for j in range(vecs)]
+        lines.append("  }")
+        for i in range(MR):
+            for j in range(vecs):
+                ptr = f"(pg_v8f*)(c + {i * NB + 8 * j})"
+                lines.append(f"  if (add) *{ptr} += c{i}_{j}; else *{ptr} = c{i}_{j};")
+        lines.append("}")
+        return "\n".join(lines) + "\n"
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # gcc
 
@@ -244,7 +377,7 @@ def compile_c(source: str, extra_flags=()) -> str:
 class CPUProgram:
     """A compiled kernel: call with buffers and variable values."""
 
-    def __init__(self, kernel, source, path, error_flags):
+    def __init__(self, kernel, source, path, error_flags, workspace=None):
         self.kernel, self.source = kernel, source
         self.lib = ctypes.CDLL(path)
         self.fn = getattr(self.lib, kernel.name)
@@ -255,6 +388,9 @@ class CPUProgram:
         self.var_order = [name for name, _, _ in kernel.var_names]
         self.param_index = [p.index for p in kernel.params]
         self.extra = [error_flags.ctypes.data] if kernel.uses_check else []
+        if workspace is not None:
+            self.fn.argtypes = self.fn.argtypes + [ctypes.c_void_p]
+            self.extra.append(workspace.ctypes.data)
 
     def __call__(self, bufs, var_vals):
         args = [bufs[i].mem.address for i in self.param_index]
@@ -290,6 +426,8 @@ class CPUDevice:
         self.renderer = CRenderer()
         self.free_blocks, self.cached_bytes = {}, 0
         self.error_flags = np.zeros(3, dtype=np.int32)
+        self.threads = int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
+        self.workspace = np.zeros(0, dtype=np.float32)   # matmul panels; grown (never shrunk) as kernels need
 
     def alloc(self, nbytes):
         blocks = self.free_blocks.get(nbytes)
@@ -321,8 +459,20 @@ class CPUDevice:
         pass
 
     def build(self, kernel):
+        contraction = compiler.match_contraction(kernel)
+        if contraction is not None and self.worth_gemm(contraction):
+            source = GemmRenderer().render_gemm(contraction, self.threads)
+            need = GemmRenderer.workspace(contraction.K) * self.threads
+            if self.workspace.size < need:
+                self.workspace = np.zeros(need, dtype=np.float32)
+            return CPUProgram(kernel, source, compile_c(source), self.error_flags, self.workspace)
         source = self.renderer.render(kernel)
         return CPUProgram(kernel, source, compile_c(source), self.error_flags)
+
+    @staticmethod
+    def worth_gemm(c) -> bool:
+        """Packing pays off once both output sides and the depth are a few panels big."""
+        return c.m is not None and c.n is not None and c.M >= 8 and c.N >= 16 and c.K >= 8 and c.M * c.N * c.K >= 32768
 
     def check_errors(self):
         if self.error_flags[0]:
