@@ -22,6 +22,7 @@ import tempfile
 import time
 import warnings
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -95,6 +96,10 @@ def create_schedule(targets: list, devices: list) -> list:
     """Kernels (and copies) that compute every target, ordered so that producers run before consumers and every
     read of a buffer's old contents runs before an ASSIGN overwrites it."""
     roots = [t for t in dict.fromkeys(targets) if t.realized is None and t.assigned is None and t.op is not Ops.BUFFER]
+    if len(roots) == 1 and _is_single_kernel(roots[0]):
+        # the eager fast path: one op over memory that already exists
+        device = next((d for d in devices if d is not None), None) or roots[0].device or Device.default
+        return [_build_item(roots[0], {roots[0]}, {}, device)]
     order, seen = [], set()
     for t in roots:
         for node in t.toposort(stop=lambda n: _is_source(n) and n not in roots):
@@ -123,6 +128,18 @@ def create_schedule(targets: list, devices: list) -> list:
                 points.add(redo.node)
                 items.append(_build_item(redo.node, points, produced, device))
     return _order_items(items)
+
+
+def _is_single_kernel(root: UOp) -> bool:
+    """True if root is an elementwise op or a reduction (not an effect) whose inputs are views of sources."""
+    if root.op not in ALU and root.op is not Ops.REDUCE and root.op not in MOVEMENT:
+        return False
+    for s in root.src:
+        while s.op in MOVEMENT:
+            s = s.src[0]
+        if not _is_source(s):
+            return False
+    return True
 
 
 class _RealizeFirst(Exception):
@@ -1006,10 +1023,7 @@ def get_program(device: str, ast: UOp, bufs):
     key = (dev.kind, ast, pg.TF32)
     prog = _programs.get(key)
     if prog is None:
-        kernel = lower_kernel(ast, [b.size for b in bufs])
-        prog = dev.build(kernel)
-        pg._STATS["kernels_compiled"] += 1
-        _programs[key] = prog
+        prog = _programs[key] = _build_program(device, ast, bufs)
     return prog
 
 
@@ -1050,8 +1064,32 @@ def _copy(dst: Buffer, src: Buffer):
     dst.copyin(src.copyout())
 
 
+def _compile_ahead(items):
+    """Build the programs a schedule is missing, in parallel (the compilers run as separate processes)."""
+    missing = {}
+    for item in items:
+        if item.ast is not None:
+            key = (Device[item.device].kind, item.ast, pg.TF32)
+            if key not in _programs and key not in missing:
+                missing[key] = item
+    if len(missing) < 2:
+        return
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        for key, prog in zip(missing, pool.map(lambda it: _build_program(it.device, it.ast, it.bufs),
+                                               missing.values())):
+            _programs[key] = prog
+
+
+def _build_program(device, ast, bufs):
+    kernel = lower_kernel(ast, [b.size for b in bufs])
+    prog = Device[device].build(kernel)
+    pg._STATS["kernels_compiled"] += 1
+    return prog
+
+
 def run_schedule(items):
     devices = set()
+    _compile_ahead(items)
     for item in items:
         prog = None if item.ast is None else get_program(item.device, item.ast, item.bufs)
         ei = ExecItem(prog, item.bufs, item.var_vals, item.device)

@@ -232,7 +232,9 @@ class GemmRenderer(CRenderer):
         emit(f"float* restrict Bp = ws + (long)omp_get_thread_num() * {self.workspace(K)};", 2)
         emit(f"float* restrict Ap = Bp + {-(-K // KC) * KC * NB};", 2)
         emit(f"float* restrict Cs = Ap + {MC * KC};", 2)
-        emit(f"int bi = item / {nblocks * mchunks}, rest = item % {nblocks * mchunks};", 2)
+        emit(f"int rest = item % {nblocks * mchunks};", 2)
+        if c.batch:
+            emit(f"int bi = item / {nblocks * mchunks};", 2)
         emit(f"int jc = (rest / {mchunks}) * {NB}, chunk = rest % {mchunks};", 2)
         emit(f"int nc = {N} - jc < {NB} ? {N} - jc : {NB}, ncr = (nc + {NR - 1}) / {NR} * {NR};", 2)
         stride = 1
@@ -268,11 +270,11 @@ class GemmRenderer(CRenderer):
         emit(f"for (int pc = 0; pc < {K}; pc += {KC}) {{", 3)
         emit(f"int kc = {K} - pc < {KC} ? {K} - pc : {KC};", 4)
         # pack A: MR-row panels, rows past the block zero
-        emit(f"for (int i0 = 0; i0 < mc; i0 += {MR}) {{", 4)
-        emit(f"float* dst = Ap + i0 * kc;", 5)
+        emit(f"for (int panel = 0; panel < mc; panel += {MR}) {{", 4)
+        emit(f"float* dst = Ap + panel * kc;", 5)
         emit(f"for (int p = 0; p < kc; p++) {{", 5)
-        emit(f"for (int i = 0; i < {MR}; i++) dst[p * {MR} + i] = i0 + i < mc ? "
-             f"A[(long)(ic + i0 + i) * {am} + (long)(pc + p) * {ak}] : 0.0f;", 6)
+        emit(f"for (int i = 0; i < {MR}; i++) dst[p * {MR} + i] = panel + i < mc ? "
+             f"A[(long)(ic + panel + i) * {am} + (long)(pc + p) * {ak}] : 0.0f;", 6)
         emit("}", 5)
         emit("}", 4)
         emit(f"for (int jr = 0; jr < nc; jr += {NR})", 4)
@@ -389,6 +391,7 @@ class CPUProgram:
         self.param_index = [p.index for p in kernel.params]
         self.extra = [error_flags.ctypes.data] if kernel.uses_check else []
         if workspace is not None:
+            self.workspace = workspace   # held: the device may replace its array with a larger one later
             self.fn.argtypes = self.fn.argtypes + [ctypes.c_void_p]
             self.extra.append(workspace.ctypes.data)
 
@@ -423,7 +426,6 @@ class CPUDevice:
 
     def __init__(self, name="CPU"):
         self.name = name
-        self.renderer = CRenderer()
         self.free_blocks, self.cached_bytes = {}, 0
         self.error_flags = np.zeros(3, dtype=np.int32)
         self.threads = int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
@@ -466,7 +468,7 @@ class CPUDevice:
             if self.workspace.size < need:
                 self.workspace = np.zeros(need, dtype=np.float32)
             return CPUProgram(kernel, source, compile_c(source), self.error_flags, self.workspace)
-        source = self.renderer.render(kernel)
+        source = CRenderer().render(kernel)
         return CPUProgram(kernel, source, compile_c(source), self.error_flags)
 
     @staticmethod

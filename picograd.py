@@ -154,21 +154,23 @@ def argsort(xs):
 class UOp:
     """One node of the graph: an op, its dtype, its sources and an argument. Shape and device are derived."""
     __slots__ = ("op", "dtype", "src", "arg", "shape", "device", "realized", "assigned", "__weakref__")
-    _interned = weakref.WeakValueDictionary()
+    _interned = {}   # key -> weak reference to the node; the reference's callback removes the entry
 
     def __new__(cls, op: Ops, dtype: DType, src: tuple = (), arg=None):
         # floats are keyed by repr so that 0.0 and -0.0 stay apart and NaN finds itself
         key = (op, dtype, src, repr(arg) if type(arg) is float else arg)
-        node = UOp._interned.get(key)
-        if node is not None:
-            return node
+        ref = _INTERNED.get(key)
+        if ref is not None:
+            node = ref()
+            if node is not None:
+                return node
         node = object.__new__(cls)
         node.op, node.dtype, node.src, node.arg = op, dtype, src, arg
         node.shape = _infer_shape(op, src, arg)
         node.device = _infer_device(op, src, arg)
         node.realized = None   # the Buffer holding this node's value once a kernel has computed it
         node.assigned = None   # for an ASSIGN that has run: its target as a view of the buffer's new version
-        UOp._interned[key] = node
+        _INTERNED[key] = weakref.ref(node, lambda _, key=key: _forget(key))
         return node
 
     def __repr__(self):
@@ -260,6 +262,16 @@ class UOp:
         """The value if this node is a (reshaped/expanded) constant, else None."""
         base = self.base()
         return base.arg if base.op is Ops.CONST else None
+
+
+_INTERNED = UOp._interned
+
+
+def _forget(key):
+    # a dead node's entry goes, unless the key has meanwhile been reused by a live node
+    ref = _INTERNED.get(key)
+    if ref is not None and ref() is None:
+        del _INTERNED[key]
 
 
 def _infer_shape(op, src, arg):
@@ -482,6 +494,9 @@ class _Devices:
         return self.canonicalize(os.environ.get("DEVICE", "CPU"))
 
     def __getitem__(self, name):
+        dev = self._open.get(name)
+        if dev is not None:
+            return dev
         name = self.canonicalize(name)
         dev = self._open.get(name)
         if dev is None:
