@@ -60,20 +60,26 @@ def _find_realize_points(roots, order, consumers):
     recompute for every copy, or a reduction whose users end up in more than one kernel. A reduction used along
     several paths that meet again in one kernel (x @ w + b feeding relu's three uses of it) stays fused."""
     points = set(roots)
-    costly = {}
+    reads, reduces = {}, {}   # does the node's subgraph read memory / contain a reduction
     for node in order:
         if _is_source(node) and node not in roots:
-            costly[node] = node.op not in (Ops.CONST, Ops.IOTA, Ops.DEFINE_VAR, Ops.BIND)
+            reads[node], reduces[node] = node.op not in (Ops.CONST, Ops.IOTA, Ops.DEFINE_VAR, Ops.BIND), False
             continue
         if node.op in (Ops.CONTIGUOUS, Ops.COPY, Ops.ASSIGN):
             points.add(node)
         if node.op is Ops.COPY and not _is_source(node.src[0]):
             points.add(node.src[0])
-        costly[node] = node.op is Ops.REDUCE or any(costly.get(s, False) for s in node.src)
+        reads[node] = any(reads.get(s, False) for s in node.src)
+        reduces[node] = node.op is Ops.REDUCE or any(reduces.get(s, False) for s in node.src)
     for node in order:
         if _expands(node) and not (_is_source(node) and node not in roots):
+            # a broadcast recomputes its source once per copy: worth a buffer when that is a reduction, or float
+            # arithmetic on memory (a matmul operand must be a plain load for the matmul templates); integer and
+            # bool index arithmetic (masks, one-hot compares) is cheaper to recompute than to store
             base = node.src[0].base()
-            if not _is_source(base) and costly.get(base) and any(costly.get(s, False) for s in base.src):
+            if _is_source(base) or base.op in MOVEMENT:
+                continue
+            if reduces.get(base) or (base.dtype.is_float and base.op in ALU and reads.get(base)):
                 points.add(base)
     # top-down, so a reduction above is settled before the ones it contains
     for node in reversed(order):
@@ -559,10 +565,11 @@ class Kernel:
     """A lowered kernel: loops over `ranges` (outermost first) around one store, plus what renderers need to
     declare parameters. `reduce_ranges` belong to the ACC nodes inside the value."""
 
-    def __init__(self, name, ast, params, var_names, ranges, store, uses_check, flops, mem_bytes):
+    def __init__(self, name, ast, params, var_names, ranges, store, uses_check, flops, mem_bytes, scatter=None):
         self.name, self.ast, self.params, self.var_names = name, ast, params, var_names
         self.ranges, self.store, self.uses_check = ranges, store, uses_check
         self.flops, self.mem_bytes = flops, mem_bytes
+        self.scatter = scatter
 
     @property
     def out_size(self):
@@ -840,9 +847,36 @@ def lower_kernel(ast: UOp, buf_sizes: list) -> Kernel:
     var_names = sorted({n.arg for n in store_op.toposort() if n.op is Ops.DEFINE_VAR})
     uses_check = any(n.op is Ops.CHECK for n in store_op.toposort())
     flops, mem = _estimate_cost(store_op, ranges, kparams)
-    kind = "r" if any(n.op is Ops.ACC for n in store_op.toposort()) else "e"
+    scatter = _match_scatter(store_op, ranges)
+    kind = "s" if scatter else "r" if any(n.op is Ops.ACC for n in store_op.toposort()) else "e"
     name = f"{kind}_" + "_".join(str(r.arg[1]) for r in ranges) if ranges else f"{kind}_scalar"
-    return Kernel(name, ast, kparams, var_names, ranges, store_op, uses_check, flops, mem)
+    return Kernel(name, ast, kparams, var_names, ranges, store_op, uses_check, flops, mem, scatter)
+
+
+class Scatter:
+    """out[.., o, ..] = sum over r of (e(r) == o ? value : 0), the gradient of integer indexing (an embedding's
+    backward): instead of testing every o against every r, zero the output and add each r's value at o = e(r).
+    `store` is the kernel's store with o replaced by e; `ranges` the reduction's loops."""
+
+    def __init__(self, o, e, ranges, store):
+        self.o, self.e, self.ranges, self.store = o, e, ranges, store
+
+
+def _match_scatter(store: UOp, out_ranges):
+    param, index, value = store.src
+    if value.op is not Ops.ACC or value.arg[0] is not Ops.ADD or value.src[0].op is not Ops.WHERE:
+        return None
+    cond, val, other = value.src[0].src
+    if cond.op is not Ops.CMPEQ or other.op is not Ops.CONST or other.arg != 0:
+        return None
+    for o, e in (cond.src, reversed(cond.src)):
+        if o.op is Ops.RANGE and o in out_ranges and not any(depends_on(e, r) for r in out_ranges):
+            lo, hi = bounds(e)
+            if lo < 0 or hi >= o.arg[1]:
+                return None   # only indices proven in range (CHECK) may be scattered
+            added = UOp(Ops.STORE, store.dtype, (param, substitute(index, {o: e}), substitute(val, {o: e})))
+            return Scatter(o, e, value.arg[1], added)
+    return None
 
 
 def _all_ranges(u: UOp):

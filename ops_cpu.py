@@ -97,6 +97,8 @@ class CRenderer:
         return f"void {kernel.name}({', '.join(params)})"
 
     def render_body(self, kernel):
+        if kernel.scatter is not None:
+            return self.render_scatter(kernel)
         depth = 1
         work = kernel.out_size * max(1, kernel.flops // max(kernel.out_size, 1))
         for i, r in enumerate(kernel.ranges):
@@ -106,6 +108,30 @@ class CRenderer:
             depth += 1
         self.store(kernel.store, depth)
         for _ in kernel.ranges:
+            depth -= 1
+            self.close_loop(depth)
+
+    def render_scatter(self, kernel):
+        """Zero the output (in parallel), then for each reduction step add its values at the index it names."""
+        sc = kernel.scatter
+        param, index, _ = kernel.store.src
+        for i, r in enumerate(kernel.ranges):
+            if i == 0 and r.arg[1] > 1 and kernel.out_size >= 1 << 15:
+                self.emit("#pragma omp parallel for", 1 + i)
+            self.open_loop(r, 1 + i)
+        depth = 1 + len(kernel.ranges)
+        self.emit(f"d{param.arg[0]}[{self.expr(index, depth)}] = {self.literal(0, kernel.store.dtype)};", depth)
+        for _ in kernel.ranges:
+            depth -= 1
+            self.close_loop(depth)
+        depth = 1
+        for r in list(sc.ranges) + [r for r in kernel.ranges if r is not sc.o]:
+            self.open_loop(r, depth)
+            depth += 1
+        _, added_index, added_value = sc.store.src
+        value = self.expr(added_value, depth)
+        self.emit(f"d{param.arg[0]}[{self.expr(added_index, depth)}] += {value};", depth)
+        for _ in range(depth - 1):
             depth -= 1
             self.close_loop(depth)
 

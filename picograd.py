@@ -1127,6 +1127,25 @@ class Tensor:
                 raise IndexError(f"unsupported index {i!r}")
         return _advanced_index(x, tensor_dims, tensor_idx) if tensor_dims else x
 
+    @_public
+    def gather(self, dim, index) -> Tensor:
+        """torch.gather: out[..., j, ...] = self[..., index[..., j, ...], ...] along dim; index has self's shape
+        except (possibly) at dim. A bounds-checked one-hot over dim that the compiler turns into a direct load;
+        its gradient is a reduction over index's extent at dim only (no scatter)."""
+        if not isinstance(index, Tensor) or index.dtype is not int32:
+            raise IndexError("gather needs an int32 index tensor")
+        dim = _canon_dim(dim, self.ndim)
+        if index.ndim != self.ndim or any(i != s for d, (i, s) in enumerate(zip(index.shape, self.shape)) if d != dim):
+            raise ValueError(f"gather: index of shape {index.shape} does not match {self.shape} outside dim {dim}")
+        n = self.shape[dim]
+        x = self.transpose(dim, -1).unsqueeze(-2)                            # [..., 1, n]
+        wrapped = where(index < 0, index + n, index)
+        checked = Tensor._wrap(UOp(Ops.CHECK, int32, (wrapped.uop,), n), self.device)
+        idx = checked.transpose(dim, -1).unsqueeze(-1)                      # [..., k, 1]
+        iota = Tensor.arange(n, device=self.device)                          # [n]
+        picked = where(idx == iota, x, 0).sum(-1)                            # [..., k]
+        return picked.transpose(dim, -1)
+
     # -- elementwise
     def _binary_operands(self, other, reverse=False):
         if isinstance(other, Variable):
@@ -1837,8 +1856,7 @@ def cross_entropy(logits: Tensor, targets: Tensor, ignore_index=-100, reduction=
     logp = logits.log_softmax(-1)
     keep = targets != ignore_index
     safe = where(keep, targets, 0)
-    flat = logp.reshape(-1, logp.shape[-1])
-    picked = flat[Tensor.arange(flat.shape[0], device=logits.device), safe.reshape(-1)].reshape(targets.shape)
+    picked = logp.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
     losses = where(keep, -picked, 0.0)
     if reduction == "none":
         return losses
