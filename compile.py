@@ -1216,7 +1216,8 @@ class CompiledFunction:
                                    f"signatures (shapes, dtypes, static ints); pass changing ints as pg.Variable")
             trace = Trace(self.fn, args, kwargs)
             self.traces[signature] = trace
-            return trace.first_result
+            result, trace.first_result = trace.first_result, None
+            return result
         return trace.replay(flat)
 
 
@@ -1274,7 +1275,7 @@ class Trace:
         for t in outs:   # outputs are plain buffers: their graphs (and the intermediates they pin) are dropped
             buf = t._buffer()
             t.uop, t.requires_grad = UOp(Ops.BUFFER, t.dtype, (), (buf, buf.version)).reshape(t.shape), False
-        self.first_result, self.structure = result, result
+        self.first_result, self.structure = result, _skeleton(result)
         self.out_shapes = [t.shape for t in outs]
         gc.collect()   # intermediates kept only by reference cycles must be gone before we look for them
         self._bind(capture.launches, input_serials, [t._buffer() for t in outs], first_serial)
@@ -1286,15 +1287,15 @@ class Trace:
             for serial, ref, size, dtype, device in refs:
                 lifetime.setdefault(serial, [step, step])[1] = step
                 meta[serial] = (ref, size, dtype, device)
-        # a buffer created during the trace that nothing outside holds any more is the step's own intermediate;
-        # outputs are computed into planned memory too and copied out, so each call returns fresh tensors
-        def planned(serial):
-            return serial >= first_serial and serial not in input_serials and (
-                serial in output_serials or meta[serial][0]() is None)
+        # a buffer created during the trace that nothing outside holds any more is the step's own intermediate:
+        # those share planned memory. An output created in the step gets a fresh buffer on every call, so results
+        # of earlier calls stay valid; an output that is long-lived state (a returned parameter) is copied out.
+        created = {s for s in meta if s >= first_serial and s not in input_serials}
+        planned = {s for s in created if s not in output_serials and meta[s][0]() is None}
         pool, assigned, free = [], {}, []
         for step, (_, refs, _, _) in enumerate(launches):
             for serial, _, size, dtype, device in refs:
-                if planned(serial) and serial not in assigned:
+                if serial in planned and serial not in assigned:
                     match = next((b for b in free if (b.size, b.dtype, b.device) == (size, dtype, device)), None)
                     if match is None:
                         match = Buffer(device, size, dtype)
@@ -1303,11 +1304,11 @@ class Trace:
                         free.remove(match)
                     assigned[serial] = match
             for serial, *_ in refs:
-                if serial in assigned and lifetime[serial][1] == step and serial not in output_serials:
+                if serial in assigned and lifetime[serial][1] == step:
                     free.append(assigned[serial])
         self.pool = pool
-        # an output that is not the step's own (a returned parameter or input) is copied from where it lives
-        self.out_planned = [assigned.get(b.serial, b) for b in out_bufs]
+        self.outputs = [("fresh", (b.device, b.size, b.dtype)) if b.serial in created else ("copy", b)
+                        for b in out_bufs]
         self.launches = []
         state = []
         for prog, refs, var_vals, device in launches:
@@ -1315,6 +1316,8 @@ class Trace:
             for serial, ref, *_ in refs:
                 if serial in input_serials:
                     slots.append(("input", input_serials[serial]))
+                elif serial in output_serials and serial in created:
+                    slots.append(("output", output_serials[serial]))
                 elif serial in assigned:
                     slots.append(("fixed", assigned[serial]))
                 else:
@@ -1343,19 +1346,22 @@ class Trace:
                 if isinstance(a, Variable):
                     for node, _ in a.terms:
                         var_vals[node.src[0].arg[0]] = node.src[1].arg
+        outs = [Buffer(*spec) if kind == "fresh" else None for kind, spec in self.outputs]
         devices = set()
         for prog, slots, recorded_vars, device in self.launches:
-            bufs = [inputs[ref] if kind == "input" else ref if kind == "fixed" else ref() for kind, ref in slots]
+            bufs = [inputs[ref] if kind == "input" else outs[ref] if kind == "output" else ref if kind == "fixed"
+                    else ref() for kind, ref in slots]
             vv = {name: var_vals.get(name, value) for name, value in recorded_vars.items()}
             ExecItem(prog, bufs, vv, device).run()
             devices.add(device)
         for device in devices:
             Device[device].check_errors()
-        fresh = []
-        for planned, shape in zip(self.out_planned, self.out_shapes):
-            out = Buffer(planned.device, planned.size, planned.dtype)
-            _copy(out, planned)
-            fresh.append(pg.Tensor._wrap(UOp(Ops.BUFFER, out.dtype, (), (out, 0)).reshape(shape), out.device))
+        for k, (kind, src) in enumerate(self.outputs):
+            if kind == "copy":
+                outs[k] = Buffer(src.device, src.size, src.dtype)
+                _copy(outs[k], src)
+        fresh = [pg.Tensor._wrap(UOp(Ops.BUFFER, b.dtype, (), (b, 0)).reshape(shape), b.device)
+                 for b, shape in zip(outs, self.out_shapes)]
         return _unflatten_outputs(self.structure, iter(fresh))
 
 
@@ -1372,8 +1378,22 @@ def _flatten_outputs(out):
                     f"{type(out).__name__}")
 
 
+_OUT = object()   # where a tensor stood in a compiled function's result
+
+
+def _skeleton(out):
+    """The result's structure with each tensor replaced by a marker (the capture must not keep results alive)."""
+    if isinstance(out, pg.Tensor):
+        return _OUT
+    if isinstance(out, (tuple, list)):
+        return type(out)(_skeleton(o) for o in out)
+    if isinstance(out, dict):
+        return {k: _skeleton(v) for k, v in out.items()}
+    return None
+
+
 def _unflatten_outputs(structure, fresh):
-    if isinstance(structure, pg.Tensor):
+    if structure is _OUT:
         return next(fresh)
     if isinstance(structure, (tuple, list)):
         return type(structure)(_unflatten_outputs(s, fresh) for s in structure)

@@ -446,6 +446,8 @@ class Buffer:
     def mem(self):
         if self._mem is None:
             self._mem = Device[self.device].alloc(self.nbytes)
+            _STATS["bytes_in_use"] += self.nbytes
+            _STATS["peak_bytes_in_use"] = max(_STATS["peak_bytes_in_use"], _STATS["bytes_in_use"])
         return self._mem
 
     def copyin(self, array: np.ndarray):
@@ -462,6 +464,7 @@ class Buffer:
     def __del__(self):
         if self._mem is not None:
             try:
+                _STATS["bytes_in_use"] -= self.nbytes
                 Device[self.device].free(self._mem, self.nbytes)
             except Exception:   # interpreter shutdown: the backend may already be gone
                 pass
@@ -529,12 +532,17 @@ class _Context:
 
 CTX = _Context()
 _STATS = {"kernels_compiled": 0, "kernels_launched": 0, "kernels_from_disk": 0, "schedules": 0, "traces": 0,
-          "replays": 0, "copies": 0}
+          "replays": 0, "copies": 0, "bytes_in_use": 0, "peak_bytes_in_use": 0}
 
 
 def stats() -> dict:
-    """Counters since the process started: kernels_compiled, kernels_launched, traces, replays, ..."""
+    """Counters since the process started: kernels_compiled, kernels_launched, kernels_from_disk, traces, replays,
+    copies, bytes_in_use (memory of live buffers, all devices) and its peak."""
     return dict(_STATS)
+
+
+def reset_peak_memory():
+    _STATS["peak_bytes_in_use"] = _STATS["bytes_in_use"]
 
 
 @contextlib.contextmanager
