@@ -189,10 +189,15 @@ class CRenderer:
         args = [self.expr(s, depth) for s in u.src]
         return self.temp(u, self.alu(op, args, u.dtype, [s.dtype for s in u.src], u.arg), depth)
 
+    partial_sums = 32   # a long float sum keeps this many partial sums (vector lanes, independent FMA chains)
+
     def accumulate(self, u, depth):
         reduce_op, ranges = u.arg
         acc = f"acc{self.counter}"
         self.counter += 1
+        n, lanes = ranges[-1].arg[1], self.partial_sums
+        if lanes and reduce_op is Ops.ADD and u.dtype is float32 and n >= 2 * lanes:
+            return self.accumulate_partials(u, acc, depth)
         self.emit(f"{self.ctype(u.dtype)} {acc} = {self.acc_init(reduce_op, u.dtype)};", depth)
         for r in ranges:
             self.open_loop(r, depth)
@@ -202,6 +207,39 @@ class CRenderer:
         for _ in ranges:
             depth -= 1
             self.close_loop(depth)
+        self.scopes[-1][u] = acc
+        return acc
+
+    def accumulate_partials(self, u, acc, depth):
+        """A float sum whose innermost loop is long: `lanes` partial sums updated side by side (the compiler turns
+        them into vector registers, several independent chains), a scalar tail, then the partials added up."""
+        ranges, lanes = u.arg[1], self.partial_sums
+        inner = ranges[-1]
+        name, n = inner.arg
+        main = n // lanes * lanes
+        self.emit(f"float {acc}_p[{lanes}] = {{0}};", depth)
+        for r in ranges[:-1]:
+            self.open_loop(r, depth)
+            depth += 1
+        self.emit(f"for (int {name}_o = 0; {name}_o < {main}; {name}_o += {lanes}) {{", depth)
+        self.emit(f"for (int {name}_l = 0; {name}_l < {lanes}; {name}_l++) {{", depth + 1)
+        self.scopes.append({})
+        self.emit(f"int {name} = {name}_o + {name}_l;", depth + 2)
+        self.emit(f"{acc}_p[{name}_l] += {self.expr(u.src[0], depth + 2)};", depth + 2)
+        self.scopes.pop()
+        self.emit("}", depth + 1)
+        self.emit("}", depth)
+        if main < n:
+            self.emit(f"for (int {name} = {main}; {name} < {n}; {name}++) {{", depth)
+            self.scopes.append({})
+            self.emit(f"{acc}_p[{name} - {main}] += {self.expr(u.src[0], depth + 1)};", depth + 1)
+            self.scopes.pop()
+            self.emit("}", depth)
+        for _ in ranges[:-1]:
+            depth -= 1
+            self.close_loop(depth)
+        self.emit(f"float {acc} = 0.0f;", depth)
+        self.emit(f"for (int {acc}_l = 0; {acc}_l < {lanes}; {acc}_l++) {acc} += {acc}_p[{acc}_l];", depth)
         self.scopes[-1][u] = acc
         return acc
 
