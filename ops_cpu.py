@@ -234,15 +234,16 @@ class CRenderer:
         args = [self.expr(s, depth) for s in u.src]
         return self.temp(u, self.alu(op, args, u.dtype, [s.dtype for s in u.src], u.arg), depth)
 
-    partial_sums = 32   # a long float sum keeps this many partial sums (vector lanes, independent FMA chains)
+    partial_sums = True   # long float sums keep 8-32 partial sums (vector lanes, independent FMA chains)
 
     def accumulate(self, u, depth):
         reduce_op, ranges = u.arg
         acc = f"acc{self.counter}"
         self.counter += 1
-        n, lanes = ranges[-1].arg[1], self.partial_sums
-        if lanes and reduce_op is Ops.ADD and u.dtype is float32 and n >= 2 * lanes:
-            return self.accumulate_partials(u, acc, depth)
+        n = ranges[-1].arg[1]
+        lanes = next((k for k in (32, 16, 8) if n >= 4 * k), 0) if self.partial_sums else 0
+        if lanes and reduce_op is Ops.ADD and u.dtype is float32:
+            return self.accumulate_partials(u, acc, depth, lanes)
         self.emit(f"{self.ctype(u.dtype)} {acc} = {self.acc_init(reduce_op, u.dtype)};", depth)
         for r in ranges:
             self.open_loop(r, depth)
@@ -255,10 +256,10 @@ class CRenderer:
         self.scopes[-1][u] = acc
         return acc
 
-    def accumulate_partials(self, u, acc, depth):
+    def accumulate_partials(self, u, acc, depth, lanes):
         """A float sum whose innermost loop is long: `lanes` partial sums updated side by side (the compiler turns
         them into vector registers, several independent chains), a scalar tail, then the partials added up."""
-        ranges, lanes = u.arg[1], self.partial_sums
+        ranges = u.arg[1]
         inner = ranges[-1]
         name, n = inner.arg
         main = n // lanes * lanes
