@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export PICOGRAD_CACHE ?= $(CURDIR)/.venv/kernel-cache
 
-.PHONY: run test test-gpu test-asan fuzz bench clean
+.PHONY: run test test-gpu test-asan test-werror fuzz bench clean
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,11 @@ test: $(VENV)/.installed
 # the whole suite with CUDA as the device (on a machine with a GPU; uses the system Python there if no venv)
 test-gpu:
 	DEVICE=CUDA $(if $(wildcard $(PY)),$(PY),$(PYTHON)) -m pytest -q test_picograd.py
+
+# the CPU tests with every generated kernel built under AddressSanitizer (the interpreter preloads its runtime)
+test-asan: $(VENV)/.installed
+	PICOGRAD_ASAN=1 PICOGRAD_CACHE=$(CURDIR)/.venv/kernel-cache-asan ASAN_OPTIONS=detect_leaks=0 \
+		LD_PRELOAD=$$(gcc -print-file-name=libasan.so) $(PY) -m pytest -q -x test_picograd.py
 
 bench: $(VENV)/.installed
 	$(PY) bench.py

@@ -472,6 +472,8 @@ def compile_c(source: str, extra_flags=()) -> str:
     """gcc source into a shared object, through the disk cache; returns the path to load."""
     cc = find_cc()
     flags = CFLAGS + list(extra_flags) + os.environ.get("PICOGRAD_CFLAGS", "").split()
+    if ASAN:
+        flags += ["-fsanitize=address", "-fno-omit-frame-pointer"]
 
     def build():
         with tempfile.TemporaryDirectory(prefix="picograd-cc-") as tmp:
@@ -515,16 +517,21 @@ class CPUProgram:
 # Memory and the device
 
 
+ASAN = os.environ.get("PICOGRAD_ASAN", "") not in ("", "0")   # kernels built with AddressSanitizer (make test-asan)
+
+
 class CPUMemory:
-    """A 64-byte aligned block inside a numpy array (the array keeps it alive)."""
+    """A 64-byte aligned block inside a numpy array (the array keeps it alive). Under AddressSanitizer the block
+    is exactly the array, so a read one element past the end is reported."""
     __slots__ = ("array", "address", "nbytes")
 
     def __init__(self, nbytes):
+        pad = 0 if ASAN else 64
         try:
-            raw = np.empty(nbytes + 64, dtype=np.uint8)
+            raw = np.empty(nbytes + pad, dtype=np.uint8)
         except (MemoryError, ValueError):
             raise MemoryError(f"CPU: cannot allocate {nbytes} bytes ({nbytes / 2**30:.2f} GiB)") from None
-        offset = (-raw.ctypes.data) % 64
+        offset = (-raw.ctypes.data) % 64 if pad else 0
         self.array = raw[offset:offset + nbytes]
         self.address, self.nbytes = raw.ctypes.data + offset, nbytes
 
@@ -554,7 +561,7 @@ class CPUDevice:
             return CPUMemory(nbytes)
 
     def free(self, mem, nbytes):
-        if self.cached_bytes + nbytes <= self.CACHE_LIMIT:
+        if self.cached_bytes + nbytes <= self.CACHE_LIMIT and not ASAN:   # ASAN: freed memory must be poisoned
             self.free_blocks.setdefault(nbytes, []).append(mem)
             self.cached_bytes += nbytes
 
