@@ -95,7 +95,19 @@ def _find_realize_points(roots, order, consumers):
                     stack.append(user)
         if len(reached) != 1:
             points.add(node)
+    # bound each kernel's expression depth (long chains: a cat of hundreds of pieces, a sum over hundreds of
+    # gradients): a deep kernel compiles slowly and would exhaust the recursion of the lowering
+    depth = {}
+    for node in order:
+        if _is_source(node) and node not in roots:
+            continue
+        depth[node] = 1 + max((depth.get(s, 0) for s in node.src if s not in points), default=0)
+        if depth[node] >= MAX_FUSED_DEPTH and node not in points:
+            points.add(node)
     return points
+
+
+MAX_FUSED_DEPTH = 48
 
 
 def create_schedule(targets: list, devices: list) -> list:
@@ -620,7 +632,8 @@ class Lowerer:
                     linear = i_add(linear, i_mul(i, st))
             new = []
             for size, st in zip(src.shape, _strides(src.shape)):
-                new.append(iconst(0) if size == 1 else i_mod(i_div(linear, st), size))
+                # size 0: nothing is ever read through this view, any index will do
+                new.append(iconst(0) if size <= 1 or st == 0 else i_mod(i_div(linear, st), size))
             return tuple(new), valid
         if op is Ops.PERMUTE:
             new = [None] * len(idx)
@@ -725,6 +738,8 @@ def _fold_alu(op, dtype, src, arg):
             return i_mul(src[1], src[0].arg)
         if op is Ops.NEG:
             return i_mul(src[0], -1)
+    if op is Ops.NEG and src[0].op is Ops.CONST:
+        return UOp(Ops.CONST, dtype, (), -src[0].arg)
     if op is Ops.CHECK:
         lo, hi = bounds(src[0])
         if lo >= 0 and hi < arg:
@@ -1102,7 +1117,7 @@ def _compile_ahead(items):
     """Build the programs a schedule is missing, in parallel (the compilers run as separate processes)."""
     missing = {}
     for item in items:
-        if item.ast is not None:
+        if item.ast is not None and item.bufs[0].size:
             key = (Device[item.device].kind, item.ast, pg.TF32)
             if key not in _programs and key not in missing:
                 missing[key] = item
@@ -1125,6 +1140,9 @@ def run_schedule(items):
     devices = set()
     _compile_ahead(items)
     for item in items:
+        if item.bufs[0].size == 0:   # nothing to write (a tensor with a zero-size dimension)
+            _mark_done(item)
+            continue
         prog = None if item.ast is None else get_program(item.device, item.ast, item.bufs)
         ei = ExecItem(prog, item.bufs, item.var_vals, item.device)
         start = time.perf_counter() if pg.DEBUG >= 2 else 0.0

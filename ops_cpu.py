@@ -105,7 +105,7 @@ class CRenderer:
         if op in self.math_fns:
             return f"{self.math_fns[op]}({a})"
         if op is Ops.NEG:
-            return f"(-{a})"
+            return f"(-({a}))"
         if op is Ops.RECIP:
             return f"(1.0f/{a})"
         if op is Ops.CAST:

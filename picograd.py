@@ -1075,10 +1075,10 @@ class Tensor:
             raise IndexError(f"too many indices ({n_real}) for a tensor of {self.ndim} dimensions")
         if sum(1 for i in index if i is Ellipsis) > 1:
             raise IndexError("an index can only have a single ellipsis")
-        if Ellipsis in [i for i in index if not isinstance(i, Tensor)]:
-            at = next(k for k, i in enumerate(index) if i is Ellipsis)
+        at = next((k for k, i in enumerate(index) if i is Ellipsis), None)
+        if at is not None:
             index = index[:at] + (slice(None),) * (self.ndim - n_real) + index[at + 1:]
-        return index + (slice(None),) * (self.ndim - n_real - sum(1 for i in index if i is Ellipsis))
+        return index + (slice(None),) * (self.ndim - sum(1 for i in index if i is not None))
 
     def _view_for_setitem(self, index):
         x = self
@@ -1420,7 +1420,11 @@ class Tensor:
 
     @_public
     def sigmoid(self):
-        return 1 / (1 + (-self.float()).exp())
+        # from e = exp(-|x|), which never overflows: no inf anywhere, forward or backward
+        x = self.float()
+        positive = x >= 0
+        e = where(positive, -x, x).exp()
+        return where(positive, 1 / (1 + e), e / (1 + e))
 
     @_public
     def tanh(self):
@@ -1667,7 +1671,9 @@ def _to_numpy(data, dtype):
         dtype = to_dtype(array.dtype)
     if dtype is int32 and array.dtype.kind in "iu" and array.size and (array.max() > 2**31 - 1 or array.min() < -2**31):
         raise OverflowError("integer data does not fit in int32")
-    return np.ascontiguousarray(array, dtype=dtype.np)
+    # np.ascontiguousarray would turn a 0-d array into a 1-d one
+    array = np.asarray(array, dtype=dtype.np)
+    return array if array.flags.c_contiguous else array.copy()
 
 
 def _scalar_like(t: Tensor, value) -> Tensor:
@@ -1696,11 +1702,11 @@ def _broadcastable(src, dst):
 
 def _broadcast_shape(a, b):
     n = max(len(a), len(b))
-    a, b = (1,) * (n - len(a)) + tuple(a), (1,) * (n - len(b)) + tuple(b)
+    pa, pb = (1,) * (n - len(a)) + tuple(a), (1,) * (n - len(b)) + tuple(b)
     out = []
-    for x, y in zip(a, b):
+    for x, y in zip(pa, pb):
         if x != y and x != 1 and y != 1:
-            raise ValueError(f"shapes {a} and {b} cannot be broadcast together")
+            raise ValueError(f"shapes {tuple(a)} and {tuple(b)} cannot be broadcast together")
         out.append(y if x == 1 else x)
     return tuple(out)
 
