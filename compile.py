@@ -43,11 +43,12 @@ class ScheduleItem:
     """One kernel (ast over PARAMs, bufs[i] bound to PARAM i, var values) or one device-to-device copy (ast None,
     bufs = [dst, src]). `reads` are the scheduled nodes whose kernels must run first; `reads_old` the buffers read
     at their current version, which an ASSIGN in the same schedule may only overwrite afterwards."""
-    __slots__ = ("ast", "bufs", "var_vals", "root", "device", "assign_target", "reads", "reads_old")
+    __slots__ = ("ast", "bufs", "var_vals", "root", "device", "assign_target", "reads", "reads_old", "program")
 
     def __init__(self, ast, bufs, var_vals, root, device, assign_target=None, reads=(), reads_old=()):
         self.ast, self.bufs, self.var_vals, self.root, self.device = ast, bufs, var_vals, root, device
         self.assign_target, self.reads, self.reads_old = assign_target, set(reads), set(reads_old)
+        self.program = None   # a CustomProgram for CUSTOM steps
 
 
 def _expands(node: UOp) -> bool:
@@ -65,10 +66,12 @@ def _find_realize_points(roots, order, consumers):
         if _is_source(node) and node not in roots:
             reads[node], reduces[node] = node.op not in (Ops.CONST, Ops.IOTA, Ops.DEFINE_VAR, Ops.BIND), False
             continue
-        if node.op in (Ops.CONTIGUOUS, Ops.COPY, Ops.ASSIGN):
+        if node.op in (Ops.CONTIGUOUS, Ops.COPY, Ops.ASSIGN, Ops.CUSTOM):
             points.add(node)
         if node.op is Ops.COPY and not _is_source(node.src[0]):
             points.add(node.src[0])
+        if node.op is Ops.CUSTOM:   # Python code reads whole contiguous buffers
+            points.update(s for s in node.src if not _is_whole_buffer(s))
         reads[node] = any(reads.get(s, False) for s in node.src)
         reduces[node] = node.op is Ops.REDUCE or any(reduces.get(s, False) for s in node.src)
     for node in order:
@@ -160,12 +163,45 @@ def _is_single_kernel(root: UOp) -> bool:
     return True
 
 
+def _is_whole_buffer(node: UOp) -> bool:
+    """A node whose value is exactly the contents of one buffer, in order."""
+    if node.realized is not None:
+        return True
+    base = node
+    while base.op is Ops.RESHAPE:
+        base = base.src[0]
+    return base.op is Ops.BUFFER and prod(node.shape) == base.arg[0].size
+
+
 class _RealizeFirst(Exception):
     def __init__(self, node):
         self.node = node
 
 
+class CustomProgram:
+    """A CustomOp's forward in the shape of a compiled program: program(bufs, var_vals) with bufs = [out, *ins]."""
+
+    def __init__(self, custom):
+        self.custom, self.source = custom, f"<python: {custom.name}>"
+
+    def __call__(self, bufs, var_vals):
+        self.custom.forward(bufs[0], bufs[1:])
+
+
 def _build_item(root: UOp, points, produced, device) -> ScheduleItem:
+    if root.op is Ops.CUSTOM:
+        ins = []
+        for s in root.src:
+            base = s
+            while base.op is Ops.RESHAPE:
+                base = base.src[0]
+            ins.append(_input_buffer(s if s in produced or s.realized is not None else base, produced))
+        out = Buffer(device, prod(root.shape), root.dtype)
+        produced[root] = out
+        old = {b for s, b in zip(root.src, ins) if s not in produced and s.realized is None}
+        item = ScheduleItem(None, [out, *ins], {}, root, device, reads=set(root.src), reads_old=old)
+        item.program = CustomProgram(root.arg[0])
+        return item
     if root.op is Ops.COPY:
         src_buf = _input_buffer(root.src[0], produced)
         out = Buffer(root.arg, prod(root.shape), root.dtype)
@@ -1143,7 +1179,7 @@ def run_schedule(items):
         if item.bufs[0].size == 0:   # nothing to write (a tensor with a zero-size dimension)
             _mark_done(item)
             continue
-        prog = None if item.ast is None else get_program(item.device, item.ast, item.bufs)
+        prog = item.program or (None if item.ast is None else get_program(item.device, item.ast, item.bufs))
         ei = ExecItem(prog, item.bufs, item.var_vals, item.device)
         start = time.perf_counter() if pg.DEBUG >= 2 else 0.0
         ei.run()
@@ -1175,8 +1211,9 @@ def _rebase_view(view: UOp, buf: Buffer) -> UOp:
 def _debug_print(ei, item, start):
     Device[item.device].synchronize()
     took = time.perf_counter() - start
-    if ei.prog is None:
-        print(f"  copy {item.bufs[1].device} -> {item.bufs[0].device} {item.bufs[0].nbytes} bytes "
+    if ei.prog is None or isinstance(ei.prog, CustomProgram):
+        what = "copy" if ei.prog is None else ei.prog.custom.name
+        print(f"  {what} {item.bufs[1].device} -> {item.bufs[0].device} {item.bufs[0].nbytes} bytes "
               f"{took * 1e6:9.1f} us", file=sys.stderr)
         return
     k = ei.prog.kernel

@@ -125,6 +125,7 @@ class Ops(Enum):
     COPY = auto()          # arg = destination device
     ASSIGN = auto()        # src = (target view of a buffer, value): an in-place write
     DETACH = auto()        # stops gradients; the scheduler sees through it
+    CUSTOM = auto()        # arg = (CustomOp, shape): Python code over realized buffers (collectives, callbacks)
     # kernel level (compile.py)
     PARAM = auto()         # arg = (index, shape): a kernel's buffer argument
     LOAD = auto()          # src = (PARAM, index, valid)
@@ -305,6 +306,8 @@ def _infer_shape(op, src, arg):
         return src[0].shape
     if op is Ops.ASSIGN:
         return src[0].shape
+    if op is Ops.CUSTOM:
+        return arg[1]
     raise RuntimeError(f"no shape rule for {op}")
 
 
@@ -1996,6 +1999,16 @@ GRAD_RULES = {
 }
 
 
+def _grad_custom(g, node):
+    custom = node.arg[0]
+    if custom.backward is None:
+        raise RuntimeError(f"{custom.name} has no gradient")
+    return custom.backward(g, node)
+
+
+GRAD_RULES[Ops.CUSTOM] = _grad_custom
+
+
 def _gradients(root: UOp, root_grad: UOp, targets: list) -> list:
     """Reverse-mode differentiation over the UOp graph: gradients of root w.r.t. each target node."""
     order = root.toposort(stop=lambda n: n.op is Ops.DETACH)
@@ -2020,6 +2033,32 @@ def _gradients(root: UOp, root_grad: UOp, targets: list) -> list:
             if CTX.eager:
                 _realize_uops([grads[src]], [None])
     return [grads.get(t) for t in targets]
+
+
+class CustomOp:
+    """An op whose body is Python over realized buffers: collectives (dist.py), host callbacks.
+
+    `forward(out: Buffer, inputs: list[Buffer])` fills out; `backward(grad: UOp, node: UOp)` returns one gradient
+    UOp (or None) per input, built from ordinary ops or other custom ops. The scheduler runs the forward as a step
+    of its own (inputs computed first, contiguous), and a compiled function records and replays it like a kernel."""
+
+    def __init__(self, name, forward, backward=None):
+        self.name, self.forward, self.backward = name, forward, backward
+
+    def __repr__(self):
+        return f"CustomOp({self.name})"
+
+    def __call__(self, *inputs: Tensor, shape=None, dtype=None) -> Tensor:
+        ref = inputs[0]
+        for t in inputs[1:]:
+            if t.device != ref.device:
+                raise RuntimeError(f"{self.name}: inputs on {ref.device} and {t.device}")
+        shape = ref.shape if shape is None else tuple(shape)
+        node = UOp(Ops.CUSTOM, dtype or ref.dtype, tuple(t.uop for t in inputs), (self, shape))
+        out = ref._new(node, *inputs[1:])
+        if CTX.eager:
+            realize(out)
+        return out
 
 
 # ----------------------------------------------------------------------------------------------------------------------
