@@ -27,6 +27,10 @@ test-asan: $(VENV)/.installed
 	PICOGRAD_ASAN=1 PICOGRAD_CACHE=$(CURDIR)/.venv/kernel-cache-asan ASAN_OPTIONS=detect_leaks=0 \
 		LD_PRELOAD=$$(gcc -print-file-name=libasan.so) $(PY) -m pytest -q -x test_picograd.py
 
+# a long fuzzing run: new random graphs every time (set FUZZ_SEED to replay one)
+fuzz: $(VENV)/.installed
+	FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-2000} FUZZ_SEED=$${FUZZ_SEED:-$$RANDOM} $(PY) -m pytest -q -x test_picograd.py -k fuzz
+
 bench: $(VENV)/.installed
 	$(PY) bench.py
 
