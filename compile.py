@@ -84,19 +84,27 @@ def _find_realize_points(roots, order, consumers):
                 continue
             if reduces.get(base) or (base.dtype.is_float and base.op in ALU and reads.get(base)):
                 points.add(base)
-    # top-down, so a reduction above is settled before the ones it contains
+    # top-down, so a reduction above is settled before the ones it contains. A reduction fused into a kernel is
+    # computed once per element the kernel reads it at: paths that fork and then read it through different views
+    # (q[:, :32] * q[:, 32:], a rotation) would compute it twice, so those get a buffer too.
     for node in reversed(order):
         if node.op is not Ops.REDUCE or node in points or (_is_source(node) and node not in roots):
             continue
         reached, stack, seen = set(), [node], {node}
+        forks = views = nested = False
         while stack and len(reached) < 2:
-            for user in consumers.get(stack.pop(), ()):
+            users = consumers.get(stack.pop(), ())
+            forks = forks or len(users) > 1
+            for user in users:
                 if user in points:
                     reached.add(user)
                 elif user not in seen:
                     seen.add(user)
                     stack.append(user)
-        if len(reached) != 1:
+                    views = views or (user.op in MOVEMENT and user.op is not Ops.RESHAPE)
+                    nested = nested or user.op is Ops.REDUCE
+        # a reduction inside another one's loop would run without its own kernel's blocking (a matmul summed)
+        if len(reached) != 1 or (forks and views) or nested:
             points.add(node)
     # bound each kernel's expression depth (long chains: a cat of hundreds of pieces, a sum over hundreds of
     # gradients): a deep kernel compiles slowly and would exhaust the recursion of the lowering
@@ -458,20 +466,30 @@ def _sort_key_cached(u: UOp):
 
 
 def _build_linear(terms: dict, const: int) -> UOp:
-    # x//n*n + x%n folds back to x: this is what merging a reshape's split dimensions produces
+    # Fold what merging a reshape's split dimensions produces: x//n*n + x%n is x, and (x//a%b)*a + x%a is x%(a*b)
     changed = True
     while changed:
         changed = False
         for t, c in list(terms.items()):
-            if c and t.op is Ops.MOD and t.src[1].op is Ops.CONST:
-                n = t.src[1].arg
-                div = UOp(Ops.IDIV, int32, (t.src[0], t.src[1]))
-                if terms.get(div, 0) == c * n and bounds(t.src[0])[0] >= 0:
-                    del terms[t]
-                    del terms[div]
-                    for k, v in _linear(t.src[0])[0].items():
-                        terms[k] = terms.get(k, 0) + v * c
-                    const += _linear(t.src[0])[1] * c
+            if not c or t.op is not Ops.MOD or t.src[1].op is not Ops.CONST or bounds(t.src[0])[0] < 0:
+                continue
+            x, n = t.src[0], t.src[1].arg
+            div = UOp(Ops.IDIV, int32, (x, t.src[1]))
+            if terms.get(div, 0) == c * n:
+                del terms[t], terms[div]
+                inner, inner_const = _linear(x)
+                for k, v in inner.items():
+                    terms[k] = terms.get(k, 0) + v * c
+                const += inner_const * c
+                changed = True
+                break
+            if x.op is Ops.IDIV and x.src[1].op is Ops.CONST:
+                base, a = x.src[0], x.src[1].arg
+                low = UOp(Ops.MOD, int32, (base, iconst(a)))
+                if c % a == 0 and terms.get(low, 0) == c // a:
+                    del terms[t], terms[low]
+                    merged = i_mod(base, a * n)
+                    terms[merged] = terms.get(merged, 0) + c // a
                     changed = True
                     break
     out = None
@@ -498,6 +516,20 @@ def i_mul(a: UOp, k: int) -> UOp:
     return _build_linear({n: v * k for n, v in t.items()}, c * k)
 
 
+def _split_by_factor(terms: dict, const: int, d: int):
+    """x = f * big + rest with f dividing d and 0 <= rest < f (every term non-negative): then x // d is
+    big // (d / f) and x % d is f * (big % (d / f)) + rest. The largest such f, or None."""
+    for f in sorted({math.gcd(d, c) for c in terms.values()} | {math.gcd(d, const)}, reverse=True):
+        if f <= 1:
+            break
+        big = {t: c // f for t, c in terms.items() if c % f == 0}
+        rest = _build_linear({t: c for t, c in terms.items() if c % f != 0}, const % f)
+        lo, hi = bounds(rest)
+        if lo >= 0 and hi < f:
+            return f, _build_linear(big, const // f), rest
+    return None
+
+
 def i_div(a: UOp, d: int) -> UOp:
     if d == 1:
         return a
@@ -507,6 +539,10 @@ def i_div(a: UOp, d: int) -> UOp:
     terms, const = _linear(a)
     if lo < 0 or any(bounds(t)[0] < 0 for t in terms):
         return UOp(Ops.IDIV, int32, (a, iconst(d)))
+    split = _split_by_factor(terms, const, d)
+    if split is not None:
+        f, big, _ = split
+        return big if f == d else i_div(big, d // f)
     quotient = {t: c // d for t, c in terms.items() if c // d}
     rest = {t: c % d for t, c in terms.items() if c % d}
     q_const, r_const = const // d, const % d
@@ -533,6 +569,10 @@ def i_mod(a: UOp, d: int) -> UOp:
     terms, const = _linear(a)
     if lo < 0 or any(bounds(t)[0] < 0 for t in terms):
         return UOp(Ops.MOD, int32, (a, iconst(d)))
+    split = _split_by_factor(terms, const, d)
+    if split is not None and split[0] > 1:
+        f, big, rest_expr = split
+        return rest_expr if f == d else i_add(i_mul(i_mod(big, d // f), f), rest_expr)
     rest = {t: c % d for t, c in terms.items() if c % d}
     rest_expr = _build_linear(rest, const % d)
     if bounds(rest_expr)[1] < d:
@@ -726,13 +766,13 @@ class Lowerer:
         if node.op is Ops.REDUCE:
             op, axes = node.arg
             src = node.src[0]
-            ranges = []
-            new_idx = list(idx)
-            for a in axes:
-                r = self.new_range(src.shape[a], "r")
-                ranges.append(r)
-                new_idx[a] = r
-            body = self.lower(src, tuple(new_idx), valid)
+            ranges, body = self.reduce_body(src, axes, idx, valid, [[a] for a in axes])
+            if len(axes) > 1:
+                # adjacent reduced axes that every load walks as one (a weight gradient's batch and sequence)
+                # become one loop, which is what the matmul templates need
+                groups = _merge_dims([src.shape[a] for a in axes], _accesses(body), ranges)
+                if len(groups) < len(axes):
+                    ranges, body = self.reduce_body(src, axes, idx, valid, [[axes[i] for i in g] for g in groups])
             gathered = _gather_rewrite(op, body, ranges)
             if gathered is not None:
                 return gathered
@@ -742,6 +782,19 @@ class Lowerer:
             src = tuple(self.lower(s, idx, valid) for s in node.src)
             return _fold_alu(node.op, node.dtype, src, node.arg)
         raise RuntimeError(f"cannot lower {node.op.name}")
+
+
+    def reduce_body(self, src, axes, idx, valid, groups):
+        """Lower a reduction's source with one loop per group of (adjacent) reduced axes."""
+        ranges, new_idx = [], list(idx)
+        for group in groups:
+            r = self.new_range(prod(src.shape[a] for a in group), "r")
+            ranges.append(r)
+            stride = 1
+            for a in reversed(group):
+                new_idx[a] = r if len(group) == 1 else i_mod(i_div(r, stride), src.shape[a])
+                stride *= src.shape[a]
+        return ranges, self.lower(src, tuple(new_idx), valid)
 
 
 def _zero(dtype):
@@ -808,9 +861,9 @@ def _gather_rewrite(op, body: UOp, ranges):
 
 
 def _merge_dims(shape, accesses, ranges):
-    """Group adjacent output dims that every access (load and store index, validity) walks as one: dims i, i+1
-    merge when each index is linear in both with coeff_i == coeff_{i+1} * size_{i+1}."""
-    groups = [[0]] if shape else []
+    """Group adjacent dims (loops) that every access (load and store index, validity) walks as one: dims i, i+1
+    merge when each index is linear in both with coeff_i == coeff_{i+1} * size_{i+1}. Returns lists of positions."""
+    groups = [[0]] if len(shape) else []
     for i in range(1, len(shape)):
         a, b = ranges[i - 1], ranges[i]
         ok = True
@@ -836,10 +889,10 @@ def _coeff(expr: UOp, r: UOp):
     return coeff
 
 
-def _accesses(store: UOp):
-    """Every index and validity expression a kernel evaluates (for dimension merging)."""
-    out = [store.src[1]]
-    for node in store.toposort():
+def _accesses(expr: UOp):
+    """Every index and validity expression a kernel (or an expression) evaluates (for dimension merging)."""
+    out = [expr.src[1]] if expr.op is Ops.STORE else []
+    for node in expr.toposort():
         if node.op is Ops.LOAD:
             out.append(node.src[1])
             if node.src[2] is not TRUE:

@@ -80,10 +80,20 @@ static inline float pg_sin(float x) {
 """
 
 
+# Below this many operations a kernel runs on one thread: waking the others costs more than it saves.
+PARALLEL_WORK = 1 << 16
+
+
+def cpu_threads() -> int:
+    """The cores this process may run on (a taskset or container limit), not the machine's count."""
+    return int(os.environ.get("OMP_NUM_THREADS") or len(os.sched_getaffinity(0)) or 1)
+
+
 class CRenderer:
     """Prints a lowered Kernel as a C function. Subclasses (CUDA) override the pieces that differ: the function
     header, how output loops map to hardware, intrinsics and type names."""
     restrict = "restrict"
+    threads = cpu_threads()
     math_fns = {Ops.EXP2: "pg_exp2", Ops.LOG2: "pg_log2", Ops.SIN: "pg_sin", Ops.SQRT: "sqrtf"}
     preamble = ("#include <math.h>\n#include <limits.h>\n" + VECTOR_MATH +
                 "static inline int pg_check(int i, int n, int* err) {\n"
@@ -147,8 +157,8 @@ class CRenderer:
         depth = 1
         work = kernel.out_size * max(1, kernel.flops // max(kernel.out_size, 1))
         for i, r in enumerate(kernel.ranges):
-            if i == 0 and r.arg[1] > 1 and work >= 1 << 15:
-                self.emit("#pragma omp parallel for", depth)
+            if i == 0 and r.arg[1] > 1 and work >= PARALLEL_WORK and self.threads > 1:
+                self.emit(f"#pragma omp parallel for num_threads({self.threads})", depth)
             self.open_loop(r, depth)
             depth += 1
         self.store(kernel.store, depth)
@@ -161,8 +171,8 @@ class CRenderer:
         sc = kernel.scatter
         param, index, _ = kernel.store.src
         for i, r in enumerate(kernel.ranges):
-            if i == 0 and r.arg[1] > 1 and kernel.out_size >= 1 << 15:
-                self.emit("#pragma omp parallel for", 1 + i)
+            if i == 0 and r.arg[1] > 1 and kernel.out_size >= PARALLEL_WORK and self.threads > 1:
+                self.emit(f"#pragma omp parallel for num_threads({self.threads})", 1 + i)
             self.open_loop(r, 1 + i)
         depth = 1 + len(kernel.ranges)
         self.emit(f"d{param.arg[0]}[{self.expr(index, depth)}] = {self.literal(0, kernel.store.dtype)};", depth)
@@ -545,7 +555,7 @@ class CPUDevice:
         self.name = name
         self.free_blocks, self.cached_bytes = {}, 0
         self.error_flags = np.zeros(3, dtype=np.int32)
-        self.threads = int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
+        self.threads = cpu_threads()
         self.workspace = np.zeros(0, dtype=np.float32)   # matmul panels; grown (never shrunk) as kernels need
 
     def alloc(self, nbytes):

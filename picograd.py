@@ -188,6 +188,15 @@ class UOp:
         return UOp.const(value, self.dtype, self.shape)
 
     def alu(self, op: Ops, *srcs: UOp) -> UOp:
+        # x * 1 and x + 0 are x: gradient rules produce them everywhere
+        if op is Ops.MUL and srcs[0].shape == self.shape:
+            if srcs[0].const_value() == 1 and srcs[0].dtype is self.dtype:
+                return self
+            if self.const_value() == 1 and srcs[0].dtype is self.dtype:
+                return srcs[0]
+        if op is Ops.ADD and srcs[0].shape == self.shape and srcs[0].dtype is self.dtype:
+            if srcs[0].const_value() == 0 and srcs[0].base().op is Ops.CONST and srcs[0].const_value() is not False:
+                return self
         if op in (Ops.CMPLT, Ops.CMPEQ):
             dtype = bool_
         elif op is Ops.WHERE:
@@ -454,7 +463,7 @@ class Buffer:
         return self._mem
 
     def copyin(self, array: np.ndarray):
-        array = np.ascontiguousarray(array, dtype=self.dtype.np)
+        array = np.asarray(array, dtype=self.dtype.np).reshape(-1)
         assert array.size == self.size, (array.shape, self.size)
         Device[self.device].copyin(self.mem, array)
         return self
@@ -1084,7 +1093,8 @@ class Tensor:
         return index + (slice(None),) * (self.ndim - sum(1 for i in index if i is not None))
 
     def _view_for_setitem(self, index):
-        x = self
+        # an alias that builds no gradient graph: the target of the write must be a plain view of the buffer
+        x = Tensor._wrap(self.uop, self.device)
         dim = 0
         for i in self._normalize_index(index):
             if isinstance(i, (int, np.integer, Variable)) and not isinstance(i, bool):
@@ -1618,10 +1628,11 @@ class Tensor:
         if x.shape[-1] != w.shape[-2]:
             raise ValueError(f"matmul shape mismatch: {self.shape} @ {other.shape} "
                              f"({x.shape[-1]} != {w.shape[-2]})")
-        batch = _broadcast_shape(x.shape[:-2], w.shape[:-2])
-        m, k, n = x.shape[-2], x.shape[-1], w.shape[-1]
-        xb = x.expand(batch + (m, k)).unsqueeze(-2)                       # [..., m, 1, k]
-        wb = w.expand(batch + (k, n)).transpose(-1, -2).unsqueeze(-3)     # [..., 1, n, k]
+        _broadcast_shape(x.shape[:-2], w.shape[:-2])
+        # [..., m, 1, k] * [..., 1, n, k] summed over k: the product broadcasts batch dims in one step, so the
+        # gradient of each operand is a single reduction (over batch and the other side's rows at once)
+        xb = x.unsqueeze(-2)
+        wb = w.transpose(-1, -2).unsqueeze(-3)
         out = (xb * wb).sum(-1)
         if self.ndim == 1:
             out = out.squeeze(-2)
@@ -2361,7 +2372,7 @@ def _st_to_compute_dtype(array, st_dtype):
 
 def load_safetensors(path, device=None) -> dict:
     """{name: Tensor} from a safetensors file; any inconsistency with the file is a ValueError naming it."""
-    return {name: Tensor(np.ascontiguousarray(a), device=device) for name, a in read_safetensors(path).items()}
+    return {name: Tensor(np.array(a), device=device) for name, a in read_safetensors(path).items()}
 
 
 def save_safetensors(tensors: dict, path, metadata=None):
@@ -2371,7 +2382,7 @@ def save_safetensors(tensors: dict, path, metadata=None):
     for name, t in tensors.items():
         array = t.numpy() if isinstance(t, Tensor) else np.asarray(t)
         dtype = to_dtype(array.dtype)
-        array = np.ascontiguousarray(array, dtype=dtype.np.newbyteorder("<"))
+        array = np.array(array, dtype=dtype.np.newbyteorder("<"), order="C")   # keeps 0-d arrays 0-d
         header[name] = {"dtype": _ST_NAMES[dtype.name], "shape": list(array.shape),
                         "data_offsets": [offset, offset + array.nbytes]}
         arrays.append(array)
