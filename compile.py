@@ -1226,11 +1226,13 @@ def _build_program(device, ast, bufs):
 
 
 def run_schedule(items):
+    """Run the steps in order. Results are published (nodes marked realized, assigned buffers' versions bumped)
+    only after the bounds checks of every kernel have passed, so a failed step leaves nothing half-computed behind
+    to be reused; on the CPU a failing check stops the schedule at that kernel."""
     devices = set()
     _compile_ahead(items)
     for item in items:
         if item.bufs[0].size == 0:   # nothing to write (a tensor with a zero-size dimension)
-            _mark_done(item)
             continue
         prog = item.program or (None if item.ast is None else get_program(item.device, item.ast, item.bufs))
         ei = ExecItem(prog, item.bufs, item.var_vals, item.device)
@@ -1240,10 +1242,13 @@ def run_schedule(items):
             pg.CTX.capturing.record(ei)
         if pg.DEBUG >= 2:
             _debug_print(ei, item, start)
-        _mark_done(item)
         devices.add(item.device)
+        if item.device == "CPU" and getattr(getattr(prog, "kernel", None), "uses_check", False):
+            Device["CPU"].check_errors()
     for device in devices:
         Device[device].check_errors()
+    for item in items:
+        _mark_done(item)
 
 
 def _mark_done(item):
