@@ -29,7 +29,7 @@ test-asan: $(VENV)/.installed
 
 # a long fuzzing run: new random graphs every time (set FUZZ_SEED to replay one)
 fuzz: $(VENV)/.installed
-	FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-2000} FUZZ_SEED=$${FUZZ_SEED:-$$RANDOM} $(PY) -m pytest -q -x test_picograd.py -k fuzz
+	FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-2000} FUZZ_SEED=$${FUZZ_SEED:-$$RANDOM} $(PY) -m pytest -q -x test_picograd.py -k fuzz_against
 
 bench: $(VENV)/.installed
 	$(PY) bench.py
