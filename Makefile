@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export PICOGRAD_CACHE ?= $(CURDIR)/.venv/kernel-cache
 
-.PHONY: run test test-gpu test-asan fuzz bench clean
+.PHONY: run test test-gpu test-asan fuzz soak bench clean
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ test-asan: $(VENV)/.installed
 # a long fuzzing run: new random graphs every time (set FUZZ_SEED to replay one)
 fuzz: $(VENV)/.installed
 	FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-2000} FUZZ_SEED=$${FUZZ_SEED:-$$RANDOM} $(PY) -m pytest -q -x test_picograd.py -k fuzz_against
+
+# 10,000 training steps in eager, graph and compiled mode: memory at step 10 and at the end
+soak: $(VENV)/.installed
+	PICOGRAD_SOAK_STEPS=10000 $(PY) -m pytest -q -s test_picograd.py -k long_run
 
 bench: $(VENV)/.installed
 	$(PY) bench.py

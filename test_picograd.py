@@ -1108,6 +1108,74 @@ def test_kernel_cache_reused_by_second_process(tmp_path):
     np.testing.assert_allclose(second["value"], first["value"], rtol=0, atol=0)
 
 
+def test_kernel_cache_concurrent_processes(tmp_path):
+    """Two processes compiling the same kernels into one empty cache at the same moment both succeed, and what
+    they leave behind is valid for a third."""
+    env = dict(os.environ, PICOGRAD_CACHE=str(tmp_path / "cache"))
+    env.pop("DEBUG", None)
+    procs = [subprocess.Popen([sys.executable, "-c", CACHE_SCRIPT], cwd=HERE, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err
+        np.testing.assert_allclose(json.loads(out.strip().splitlines()[-1])["value"], _cache_expected(), rtol=1e-5)
+    third = _run_script(CACHE_SCRIPT, {"PICOGRAD_CACHE": str(tmp_path / "cache")})
+    assert third["stats"]["kernels_from_disk"] == third["stats"]["kernels_compiled"] > 0
+    assert not any(os.path.basename(f).startswith(".tmp") for root, _, files in os.walk(tmp_path / "cache")
+                   for f in files), "temporary files left in the cache"
+
+
+SOAK_SCRIPT = """
+import json, resource, sys, numpy as np, picograd as pg
+steps, mode = int(sys.argv[1]), sys.argv[2]
+pg.manual_seed(0)
+l1, l2 = pg.Linear(16, 32), pg.Linear(32, 4)
+opt = pg.AdamW(l1.parameters() + l2.parameters(), lr=1e-3)
+def step(x, y):
+    opt.zero_grad()
+    loss = pg.cross_entropy(l2(l1(x).relu()), y)
+    loss.backward()
+    opt.step()
+    return loss.detach()
+run = pg.compile(step) if mode == "compiled" else step
+rng = np.random.default_rng(0)
+x = pg.Tensor(rng.standard_normal((8, 16)).astype(np.float32))
+y = pg.Tensor(rng.integers(0, 4, 8).astype(np.int32))
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+marks = {}
+for i in range(1, steps + 1):
+    if mode == "eager":
+        with pg.eager():
+            loss = run(x, y)
+    else:
+        loss = run(x, y)
+    if i in (10, steps // 2, steps):
+        loss.item()
+        marks[i] = {"rss": rss(), "bytes_in_use": pg.stats()["bytes_in_use"]}
+print(json.dumps({"marks": marks, "loss": loss.item()}))
+"""
+
+
+@pytest.mark.parametrize("mode", ["eager", "graph", "compiled"])
+def test_long_run_memory_is_flat(mode, tmp_path):
+    """Thousands of training steps: picograd's own buffers stay exactly flat, and the process's resident set does
+    not grow between the middle and the end of the run (the Makefile's soak target runs 10,000 steps)."""
+    steps = int(os.environ.get("PICOGRAD_SOAK_STEPS", "400"))
+    env = dict(os.environ)
+    env.pop("DEBUG", None)
+    proc = subprocess.run([sys.executable, "-c", SOAK_SCRIPT, str(steps), mode], cwd=HERE, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    marks = {int(k): v for k, v in json.loads(proc.stdout.strip().splitlines()[-1])["marks"].items()}
+    early, middle, end = marks[10], marks[steps // 2], marks[steps]
+    print(f"\n{mode}: step 10 rss {early['rss'] / 2**20:.1f} MiB, buffers {early['bytes_in_use']} B; "
+          f"step {steps} rss {end['rss'] / 2**20:.1f} MiB, buffers {end['bytes_in_use']} B")
+    assert end["bytes_in_use"] == early["bytes_in_use"], marks
+    assert end["rss"] - middle["rss"] < 2 << 20, marks
+
+
 def test_kernel_cache_corrupt_entry_rebuilt(tmp_path):
     cache = tmp_path / "cache"
     env = {"PICOGRAD_CACHE": str(cache)}
