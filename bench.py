@@ -185,12 +185,149 @@ def bench_bandwidth_kernels(device, read_bw, copy_bw):
     record("bandwidth", "sum of 128 MB (GB/s)", n * 4 / t / 1e9, read_bw, "GB/s", "read")
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# Llama: decode and prefill tokens/s, training tokens/s, against torch (transformers' LlamaForCausalLM, eager)
+
+SHAPES = {
+    "stories15M": dict(dim=288, hidden_dim=768, n_layers=6, n_heads=6, n_kv_heads=6, vocab_size=32000,
+                       max_seq_len=256),
+    "stories110M": dict(dim=768, hidden_dim=2048, n_layers=12, n_heads=12, n_kv_heads=12, vocab_size=32000,
+                        max_seq_len=1024),
+    "llama3.2-1B": dict(dim=2048, hidden_dim=8192, n_layers=16, n_heads=32, n_kv_heads=8, vocab_size=128256,
+                        max_seq_len=2048, rope_theta=500000.0),
+    "llama-124M": dict(dim=768, hidden_dim=2048, n_layers=12, n_heads=12, n_kv_heads=12, vocab_size=32000,
+                       max_seq_len=1024),
+}
+LLAMA2C_DECODE = {"stories15M": "615-840", "stories110M": "82-120"}   # tokens/s on this 2-core machine (issue 7)
+
+
+def _configs(shape):
+    import llama
+    from transformers import LlamaConfig as HFConfig
+    config = llama.LlamaConfig(**SHAPES[shape])
+    hf = HFConfig(**config.to_hf())
+    return config, hf
+
+
+def _sync(device):
+    pg.Device[device].synchronize()
+
+
+def bench_llama_inference(device, shape, decode_tokens=48, prompt_len=256):
+    import llama
+    import torch
+    from transformers import LlamaForCausalLM
+    config, hf = _configs(shape)
+    weights = llama.Llama.init_weights(config, seed=0)
+    model = llama.Llama(config, weights, device=device, max_seq_len=max(prompt_len + 8, 64))
+    rng = np.random.default_rng(0)
+    sync = pg.Device[device].synchronize
+
+    def decode_run():
+        # decode positions 0..n-1 one token at a time (the cache fills as it goes); the first two calls of a new
+        # context length warm up and trace, so they are run once before timing
+        token = 1
+        for pos in range(decode_tokens):
+            token = int(model.decode([token], pos).numpy().argmax())
+    decode_run()
+    start = time.perf_counter()
+    decode_run()
+    ours_decode = decode_tokens / (time.perf_counter() - start)
+
+    def prefill():
+        tokens = pg.Tensor(rng.integers(0, config.vocab_size, (1, prompt_len)).astype(np.int32), device=device)
+        model(tokens, 0, last_only=True).realize()
+        sync()
+    prefill()
+    ours_prefill = prompt_len / median_time(prefill, reps=3, warmup=0)
+    dev = "cpu" if device == "CPU" else "cuda"
+    torch.manual_seed(0)
+    ref = LlamaForCausalLM(hf).to(dev).eval()
+    with torch.no_grad():
+        def torch_decode():
+            past, token = None, torch.tensor([[1]], device=dev)
+            for _ in range(decode_tokens):
+                out = ref(token, past_key_values=past, use_cache=True)
+                past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            token.item()
+        torch_decode()
+        start = time.perf_counter()
+        torch_decode()
+        theirs_decode = decode_tokens / (time.perf_counter() - start)
+        prompt = torch.tensor(rng.integers(0, config.vocab_size, (1, prompt_len)), device=dev)
+        theirs_prefill = prompt_len / median_time(lambda: ref(prompt).logits[:, -1].sum().item(), reps=3)
+    label = f"{shape} ({device})"
+    record("llama", f"{label} decode tokens/s", ours_decode, theirs_decode, "tok/s", "torch")
+    if shape in LLAMA2C_DECODE and device == "CPU":
+        lo, hi = map(float, LLAMA2C_DECODE[shape].split("-"))
+        record("llama", f"{label} decode vs llama2.c (its low figure)", ours_decode, lo, "tok/s", "llama2.c")
+    record("llama", f"{label} prefill {prompt_len} tokens/s", ours_prefill, theirs_prefill, "tok/s", "torch")
+    record("llama", f"{label} prefill/decode per-token speedup", ours_prefill / ours_decode, 10.0, "x", "target")
+
+
+def bench_llama_training(device, shape, batch=8, seq=256, steps=4, tf32=False):
+    import llama
+    import torch
+    from transformers import LlamaForCausalLM
+    config, hf = _configs(shape)
+    pg.TF32 = tf32
+    model = llama.Llama(config, llama.Llama.init_weights(config, seed=0), device=device, max_seq_len=seq,
+                        requires_grad=True)
+    opt = pg.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
+
+    @pg.compile
+    def step(tokens, targets):
+        loss = model.loss(tokens, targets)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        return loss.detach()
+    rng = np.random.default_rng(0)
+    batches = [rng.integers(0, config.vocab_size, (2, batch, seq)).astype(np.int32) for _ in range(steps + 2)]
+
+    def run(k):
+        step(pg.Tensor(batches[k][0], device=device), pg.Tensor(batches[k][1], device=device)).item()
+    run(0)
+    run(1)
+    start = time.perf_counter()
+    for k in range(steps):
+        run(k + 2)
+    ours = steps * batch * seq / (time.perf_counter() - start)
+    pg.TF32 = False
+    dev = "cpu" if device == "CPU" else "cuda"
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.manual_seed(0)
+    ref = LlamaForCausalLM(hf).to(dev)
+    topt = torch.optim.AdamW(ref.parameters(), lr=1e-4, weight_decay=0.1)
+
+    def torch_step(k):
+        x = torch.tensor(batches[k][0], dtype=torch.long, device=dev)
+        y = torch.tensor(batches[k][1], dtype=torch.long, device=dev)
+        loss = torch.nn.functional.cross_entropy(ref(x).logits.reshape(-1, config.vocab_size), y.reshape(-1))
+        loss.backward()
+        topt.step()
+        topt.zero_grad()
+        loss.item()
+    torch_step(0)
+    start = time.perf_counter()
+    for k in range(steps):
+        torch_step(k + 1)
+    theirs = steps * batch * seq / (time.perf_counter() - start)
+    precision = "tf32" if tf32 else "fp32"
+    record("train", f"{shape} batch {batch} seq {seq} {precision} ({device})", ours, theirs, "tok/s", "torch")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="CPU")
-    parser.add_argument("--only", default="", help="comma-separated sections: eager,compile,matmul,bandwidth")
+    parser.add_argument("--only", default="", help="comma-separated sections: eager,compile,matmul,bandwidth,"
+                        "llama,train")
     parser.add_argument("--sizes", default="512,1024,2048,4096")
     parser.add_argument("--json", default="", help="also write the rows to this file")
+    parser.add_argument("--llama", default="stories15M,stories110M", help="shapes for decode/prefill")
+    parser.add_argument("--train", default="stories15M", help="shapes for training throughput")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=256)
     args = parser.parse_args()
     only = set(filter(None, args.only.split(",")))
     device = pg.Device.canonicalize(args.device)
@@ -206,6 +343,14 @@ def main():
         bench_matmul(device, [int(s) for s in args.sizes.split(",")])
     if want("bandwidth"):
         bench_bandwidth_kernels(device, read_bw, copy_bw)
+    for shape in args.llama.split(","):
+        if shape and want("llama"):
+            bench_llama_inference(device, shape)
+    for shape in args.train.split(","):
+        if shape and want("train"):
+            bench_llama_training(device, shape, batch=args.batch, seq=args.seq)
+            if device != "CPU":
+                bench_llama_training(device, shape, batch=args.batch, seq=args.seq, tf32=True)
     print("\n| section | what | picograd | baseline | ratio |\n|---|---|---|---|---|")
     for section, what, ours, base, unit, base_name in ROWS:
         print(f"| {section} | {what} | {ours:.2f} {unit} | {base_name} {base:.2f} | {ours / base:.2f} |")
