@@ -86,6 +86,7 @@ def __getattr__(name):
 
 
 class Ops(Enum):
+    __hash__ = object.__hash__   # members are singletons; Enum's own hash is a Python call on every dict lookup
     # sources
     BUFFER = auto()        # arg = (Buffer, version): realized memory
     CONST = auto()         # arg = python value, shape ()
