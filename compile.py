@@ -215,7 +215,7 @@ def _build_item(root: UOp, points, produced, device) -> ScheduleItem:
         out = Buffer(root.arg, prod(root.shape), root.dtype)
         produced[root] = out
         return ScheduleItem(None, [out, src_buf], {}, root, root.arg, reads={root.src[0]})
-    return _KernelBuilder(root, points, produced).build(device)
+    return _KernelBuilder(root, points, produced, device).build(device)
 
 
 class _KernelBuilder:
@@ -223,12 +223,15 @@ class _KernelBuilder:
     which become PARAMs; bound variables become DEFINE_VARs with their values in var_vals. (A class rather than
     nested closures: recursive closures form reference cycles that would keep buffers alive until a gc pass.)"""
 
-    def __init__(self, root, points, produced):
-        self.root, self.points, self.produced = root, points, produced
+    def __init__(self, root, points, produced, device):
+        self.root, self.points, self.produced, self.device = root, points, produced, device
         self.params, self.bufs, self.var_vals, self.memo = {}, [], {}, {}
         self.reads, self.reads_old = set(), set()
 
     def param_for(self, buf: Buffer, shape) -> UOp:
+        if buf.device != self.device:
+            raise RuntimeError(f"one kernel would read memory on {buf.device} and {self.device}; move tensors with "
+                               f".to() first")
         if buf not in self.params:
             self.params[buf] = len(self.bufs)
             self.bufs.append(buf)
@@ -1158,7 +1161,7 @@ def cached_payload(path) -> bytes:
 
 def get_program(device: str, ast: UOp, bufs):
     dev = Device[device]
-    key = (dev.kind, ast, pg.TF32)
+    key = (getattr(dev, "arch", dev.kind), ast, pg.TF32)   # GPUs of different architectures need their own code
     prog = _programs.get(key)
     if prog is None:
         prog = _programs[key] = _build_program(device, ast, bufs)
@@ -1207,7 +1210,8 @@ def _compile_ahead(items):
     missing = {}
     for item in items:
         if item.ast is not None and item.bufs[0].size:
-            key = (Device[item.device].kind, item.ast, pg.TF32)
+            dev = Device[item.device]
+            key = (getattr(dev, "arch", dev.kind), item.ast, pg.TF32)
             if key not in _programs and key not in missing:
                 missing[key] = item
     if len(missing) < 2:
@@ -1255,7 +1259,9 @@ def _mark_done(item):
     if item.assign_target is not None:
         item.assign_target.version += 1
         item.root.assigned = _rebase_view(item.root.src[0], item.assign_target)
-    else:
+    elif item.root.device is not None:
+        # a node of constants only (no device) is shared by every device's graphs: it is not memoized, since
+        # the buffer belongs to one device
         item.root.realized = item.bufs[0]
 
 

@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 
 import numpy as np
 
@@ -553,16 +554,17 @@ class CPUDevice:
 
     def __init__(self, name="CPU"):
         self.name = name
-        self.free_blocks, self.cached_bytes = {}, 0
+        self.free_blocks, self.cached_bytes, self.lock = {}, 0, threading.Lock()
         self.error_flags = np.zeros(3, dtype=np.int32)
         self.threads = cpu_threads()
         self.workspace = np.zeros(0, dtype=np.float32)   # matmul panels; grown (never shrunk) as kernels need
 
     def alloc(self, nbytes):
-        blocks = self.free_blocks.get(nbytes)
-        if blocks:
-            self.cached_bytes -= nbytes
-            return blocks.pop()
+        with self.lock:
+            blocks = self.free_blocks.get(nbytes)
+            if blocks:
+                self.cached_bytes -= nbytes
+                return blocks.pop()
         try:
             return CPUMemory(nbytes)
         except MemoryError:
@@ -571,9 +573,10 @@ class CPUDevice:
             return CPUMemory(nbytes)
 
     def free(self, mem, nbytes):
-        if self.cached_bytes + nbytes <= self.CACHE_LIMIT and not ASAN:   # ASAN: freed memory must be poisoned
-            self.free_blocks.setdefault(nbytes, []).append(mem)
-            self.cached_bytes += nbytes
+        with self.lock:   # buffers may be dropped on the compile threads
+            if self.cached_bytes + nbytes <= self.CACHE_LIMIT and not ASAN:   # ASAN: freed memory must be poisoned
+                self.free_blocks.setdefault(nbytes, []).append(mem)
+                self.cached_bytes += nbytes
 
     def copyin(self, mem, array: np.ndarray):
         mem.array[:] = array.reshape(-1).view(np.uint8)

@@ -279,10 +279,11 @@ _INTERNED = UOp._interned
 
 
 def _forget(key):
-    # a dead node's entry goes, unless the key has meanwhile been reused by a live node
+    # a dead node's entry goes, unless the key has meanwhile been reused by a live node (pop: compile threads
+    # drop nodes too, and another may have removed the entry first)
     ref = _INTERNED.get(key)
     if ref is not None and ref() is None:
-        del _INTERNED[key]
+        _INTERNED.pop(key, None)
 
 
 def _infer_shape(op, src, arg):
@@ -324,7 +325,7 @@ def _infer_shape(op, src, arg):
 def _infer_device(op, src, arg):
     if op is Ops.BUFFER:
         return arg[0].device
-    if op is Ops.COPY:
+    if op is Ops.COPY or (op is Ops.CONTIGUOUS and arg is not None):
         return arg
     for s in src:
         if s.device is not None:
@@ -1660,7 +1661,7 @@ class Tensor:
         elif gradient.shape != self.shape:
             _shape_error("backward gradient", self.shape, gradient.shape)
         leaves = [t for t in list(_GRAD_LEAVES) if t.requires_grad]
-        grads = _gradients(self.uop, gradient.uop, [t.uop for t in leaves])
+        grads = _gradients(self.uop, gradient.uop, [t.uop for t in leaves], self.device)
         touched = []
         for leaf, g in zip(leaves, grads):
             if g is None:
@@ -1917,6 +1918,11 @@ def realize(*tensors: Tensor):
     pending = [t for t in tensors if t._buffer() is None]
     if not pending:
         return
+    for t in pending:
+        if t.uop.device is None:
+            # a graph of constants belongs to no device; give it this tensor's, so that what is computed (and
+            # memoized on the node) is tied to the memory it lives in
+            t.uop = UOp(Ops.CONTIGUOUS, t.dtype, (t.uop,), t.device)
     _realize_uops([t.uop for t in pending], [t.device for t in pending])
     for t in pending:
         node = t.uop
@@ -2021,8 +2027,9 @@ def _grad_custom(g, node):
 GRAD_RULES[Ops.CUSTOM] = _grad_custom
 
 
-def _gradients(root: UOp, root_grad: UOp, targets: list) -> list:
-    """Reverse-mode differentiation over the UOp graph: gradients of root w.r.t. each target node."""
+def _gradients(root: UOp, root_grad: UOp, targets: list, device=None) -> list:
+    """Reverse-mode differentiation over the UOp graph: gradients of root w.r.t. each target node. In eager mode
+    each rule's result is computed at once, on the device of the node it belongs to."""
     order = root.toposort(stop=lambda n: n.op is Ops.DETACH)
     target_set = set(targets)
     # only nodes from which some target can be reached carry gradients
@@ -2043,7 +2050,7 @@ def _gradients(root: UOp, root_grad: UOp, targets: list) -> list:
                 continue
             grads[src] = sg if src not in grads else grads[src].alu(Ops.ADD, sg)
             if CTX.eager:
-                _realize_uops([grads[src]], [None])
+                _realize_uops([grads[src]], [src.device or device])
     return [grads.get(t) for t in targets]
 
 
