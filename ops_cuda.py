@@ -1,0 +1,1056 @@
+"""picograd CUDA backend: the CUDA renderer (the C renderer with loops mapped to threads), NVRTC -> cubin -> the
+driver API, device memory (a caching allocator), one stream per device, and the error flag of checked kernels.
+
+Read top to bottom:
+  1. launch plans: how a lowered compile.Kernel maps onto the GPU. Every output element is owned by a thread
+     (elementwise; 4 consecutive elements with 16-byte loads where the layout allows), or by a group of threads
+     that split its reductions (a warp or a block tree with shuffles when the reduced axis is contiguous in
+     memory; a slice of a block along the reduced axis when it is strided); a Contraction gets a shared-memory
+     tiled matmul (register-blocked fp32, or tensor-core mma with pg.TF32);
+  2. the renderer that prints each plan, reusing the C renderer's expressions, loads and stores;
+  3. NVRTC compilation to a cubin for the device's architecture, through compile.py's disk cache;
+  4. programs (module, function, argument slots, launch) and the device (context, stream, allocator, copies).
+
+cuda-python (`cuda.bindings`) is imported only when a CUDA device opens or a kernel is compiled, so picograd and
+the CPU backend work without it; asking for CUDA without it, without a driver or without a GPU is a RuntimeError
+that names what is missing.
+"""
+from __future__ import annotations
+
+import bisect
+import ctypes
+import functools
+import threading
+
+import numpy as np
+
+import picograd as pg
+from picograd import Ops, prod
+import compile as compiler
+from ops_cpu import CRenderer
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 1. Launch plans
+
+
+class LaunchPlan:
+    """How one kernel runs: `kind` names the template (empty, elementwise, wide, serial, warp, block, split, sgemm,
+    mma), `threads` per block, `grid` blocks (1-D). The group kinds give each output `group` threads that split its
+    reductions (warp: 32 lanes; block: the whole block; split: `group` warps, one slice each, 32 outputs per block).
+    `contraction` and `tile` describe a matmul."""
+    __slots__ = ("kind", "threads", "grid", "group", "contraction", "tile")
+
+    def __init__(self, kind, threads, grid, group=1, contraction=None, tile=None):
+        self.kind, self.threads, self.grid, self.group = kind, threads, grid, group
+        self.contraction, self.tile = contraction, tile
+
+    def __repr__(self):
+        return f"LaunchPlan({self.kind}, threads={self.threads}, grid={self.grid}, group={self.group})"
+
+
+class MatmulTile:
+    """Block tile BM x BN stepping BK along K. tf32: a grid of WARPS_M x WARPS_N warps, each owning a
+    (BM / WARPS_M) x (BN / WARPS_N) tile of m16n8k8 mma fragments. fp32: (BM / TM) x (BN / TN) threads, each
+    owning TM rows (adjacent) x TN columns (spaced BN / TN apart, so a warp's stores are coalesced)."""
+    __slots__ = ("BM", "BN", "BK", "warps_m", "warps_n", "TM", "TN", "threads")
+
+    def __init__(self, BM, BN, BK, warps_m=0, warps_n=0, TM=0, TN=0):
+        self.BM, self.BN, self.BK = BM, BN, BK
+        self.warps_m, self.warps_n, self.TM, self.TN = warps_m, warps_n, TM, TN
+        self.threads = 32 * warps_m * warps_n if warps_m else (BM // TM) * (BN // TN)
+
+
+TF32_TILES = (MatmulTile(128, 128, 16, warps_m=2, warps_n=4), MatmulTile(64, 64, 16, warps_m=2, warps_n=2))
+FP32_TILES = (MatmulTile(128, 128, 8, TM=8, TN=8), MatmulTile(64, 64, 16, TM=4, TN=4))
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (int(x) - 1).bit_length())
+
+
+def _floor_pow2(x: int) -> int:
+    return 1 << max(0, int(x).bit_length() - 1)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 2. The renderer
+
+CUDA_PREAMBLE = """\
+#ifndef INFINITY
+#define INFINITY __int_as_float(0x7f800000)
+#endif
+#ifndef NAN
+#define NAN __int_as_float(0x7fffffff)
+#endif
+__device__ __forceinline__ int pg_check(int i, int n, int* err) {
+  if ((unsigned)i >= (unsigned)n) {
+    if (atomicCAS(err, 0, 1) == 0) { err[1] = i; err[2] = n; }
+    return 0;
+  }
+  return i;
+}
+"""
+
+# cvt.rna rounds fp32 to tf32 (10-bit mantissa, nearest, ties away) as cuBLAS does; the mma accumulates in fp32.
+# Fragment layout of m16n8k8 (lane = 4 * g + t): a0 (g, t) a1 (g+8, t) a2 (g, t+4) a3 (g+8, t+4) of A[m][k];
+# b0 (k=t, n=g) b1 (k=t+4, n=g); c0..c3 at (g + 8 * (i >> 1), 2 * t + (i & 1)) of C[m][n].
+MMA_HELPERS = """\
+__device__ __forceinline__ unsigned pg_tf32(float x) {
+  unsigned r;
+  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
+  return r;
+}
+__device__ __forceinline__ void pg_mma_tf32(float* d, const unsigned* a, const unsigned* b) {
+  asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 "
+               "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+"""
+
+VECTOR_TYPES = {"float": "float4", "int": "int4", "unsigned char": "uchar4"}
+SHARED_NAMES = {"float": "f", "int": "i", "unsigned char": "b"}
+
+
+class CUDARenderer(CRenderer):
+    """Prints a lowered Kernel as one CUDA __global__ function. Expressions, loads and stores are the C renderer's;
+    what changes is the frame around them: a launch plan instead of loops, reductions split across threads, and
+    the matmul templates. After render(), `launch` holds the plan the program launches with."""
+    restrict = "__restrict__"
+    # CUDA's own: exp2f and sinf within 2 ulp, log2f 1 ulp, sqrtf correctly rounded (no fast-math, no flushing)
+    math_fns = {Ops.EXP2: "exp2f", Ops.LOG2: "log2f", Ops.SIN: "sinf", Ops.SQRT: "sqrtf"}
+    THREADS = 256
+    cuda_preamble = CUDA_PREAMBLE
+    mma_helpers = MMA_HELPERS
+
+    def __init__(self, arch="sm_90", tf32=False, sm_count=132):
+        self.arch = arch
+        self.sm = int(arch.split("_")[1].rstrip("a"))
+        self.tf32 = bool(tf32) and self.sm >= 80   # mma.sync with tf32 operands needs Ampere or newer
+        self.sm_count = sm_count
+        self.launch = None
+
+    # -- planning
+    def render(self, kernel) -> str:
+        self.ranges_of = _range_sets(kernel.store)
+        self.launch = self.plan(kernel)
+        self.preamble = self.cuda_preamble + (self.mma_helpers if self.launch.kind == "mma" else "")
+        return super().render(kernel)
+
+    def plan(self, kernel) -> LaunchPlan:
+        n_out = kernel.out_size
+        if n_out >= 2**31:
+            raise ValueError(f"kernel {kernel.name}: {n_out} output elements do not fit 32-bit indexing")
+        if n_out == 0:
+            return LaunchPlan("empty", 32, 0)   # never launched
+        accs = [n for n in kernel.store.toposort() if n.op is Ops.ACC]
+        if not accs:
+            if self.wide_ok(kernel):
+                return LaunchPlan("wide", self.THREADS, _cdiv(n_out // 4, self.THREADS))
+            return LaunchPlan("elementwise", self.THREADS, _cdiv(n_out, self.THREADS))
+        c = compiler.match_contraction(kernel)
+        if c is not None and c.m is not None and c.n is not None:
+            return self.plan_matmul(c)
+        outputs = set(kernel.ranges)
+        top = [a for a in accs if self.ranges_of[a] <= outputs]
+        size = max((_acc_size(a) for a in top), default=1)
+        if size >= 32 and all(self.contiguous_range(a) is not None for a in top):
+            if size <= 1024:
+                return LaunchPlan("warp", self.THREADS, _cdiv(n_out, self.THREADS // 32), group=32)
+            group = max(64, min(1024, _next_pow2(_cdiv(size, 16))))
+            if n_out >= 2 * self.sm_count:
+                group = min(group, 256)
+            return LaunchPlan("block", group, n_out, group=group)
+        if size >= 32:
+            # strided: 32 adjacent outputs per block along the lanes, their reductions cut into `by` slices
+            by = min(32, _next_pow2(_cdiv(65536, n_out)), _floor_pow2(max(1, size // 16)))
+            if by > 1:
+                return LaunchPlan("split", 32 * by, _cdiv(n_out, 32), group=by)
+        return LaunchPlan("serial", self.THREADS, _cdiv(n_out, self.THREADS))
+
+    def plan_matmul(self, c) -> LaunchPlan:
+        tiles = TF32_TILES if self.tf32 else FP32_TILES
+        n_batch = prod(r.arg[1] for r in c.batch)
+        big, small = tiles
+        tile = big if _cdiv(c.M, big.BM) * _cdiv(c.N, big.BN) * n_batch >= self.sm_count else small
+        grid = _cdiv(c.M, tile.BM) * _cdiv(c.N, tile.BN) * n_batch
+        return LaunchPlan("mma" if self.tf32 else "sgemm", tile.threads, grid, contraction=c, tile=tile)
+
+    def contiguous_range(self, acc):
+        """The reduce range of acc along which some load walks memory with stride 1, if any."""
+        for r in reversed(acc.arg[1]):
+            if r.arg[1] == 1:
+                continue
+            for node in acc.src[0].toposort():
+                if node.op is Ops.LOAD and r in self.ranges_of.get(node.src[1], ()):
+                    if compiler._coeff(node.src[1], r) in (1, -1):
+                        return r
+        return None
+
+    def wide_ok(self, kernel) -> bool:
+        """16-byte loads and stores: the innermost output range has a multiple of 4 elements, the store and every
+        load that moves with it walk it contiguously from a multiple of 4 (so addresses are 16-byte aligned), and
+        no load's validity changes along it. Loads that do not move with it are read once for the 4 lanes."""
+        if not kernel.ranges or kernel.ranges[-1].arg[1] % 4:
+            return False
+        last = kernel.ranges[-1]
+        if not self.aligned_walk(kernel.store.src[1], last):
+            return False
+        for node in kernel.store.toposort():
+            if node.op is Ops.LOAD and last in self.ranges_of[node]:
+                if last in self.ranges_of[node.src[2]] or not self.aligned_walk(node.src[1], last):
+                    return False
+        return True
+
+    def aligned_walk(self, index, r) -> bool:
+        terms, const = compiler._linear(index)
+        if terms.get(r) != 1 or const % 4:
+            return False
+        for term, coeff in terms.items():
+            if term is r:
+                continue
+            if r in self.ranges_of.get(term, frozenset([r])) or coeff % 4:
+                return False
+        return True
+
+    # -- the frame
+    def signature(self, kernel) -> str:
+        c_signature = super().signature(kernel)
+        return f'extern "C" __global__ void __launch_bounds__({self.launch.threads}) ' + c_signature[len("void "):]
+
+    def render_body(self, kernel):
+        self.loop_stack, self.reduce_depth, self.store_guard, self.group = [], 0, None, None
+        self.outputs = frozenset(kernel.ranges)
+        getattr(self, "body_" + self.launch.kind)(kernel)
+
+    def decompose(self, var, dims, depth):
+        """`int name = ...;` for each (name, size) in dims (outermost first) from the linear index var."""
+        stride = 1
+        for i in reversed(range(len(dims))):
+            name, size = dims[i]
+            value = var if stride == 1 else f"({var} / {stride})"
+            if i > 0:
+                value = f"({value} % {size})"
+            self.emit(f"int {name} = {value};", depth)
+            stride *= size
+
+    @staticmethod
+    def dims(ranges):
+        return [(r.arg[0], r.arg[1]) for r in ranges]
+
+    def body_elementwise(self, kernel):
+        self.emit(f"int pg_gid = blockIdx.x * {self.launch.threads} + threadIdx.x;", 1)
+        self.emit(f"if (pg_gid >= {kernel.out_size}) return;", 1)
+        self.decompose("pg_gid", self.dims(kernel.ranges), 1)
+        self.store(kernel.store, 1)
+
+    body_serial = body_elementwise   # a thread per output; its reductions are loops (accumulate below)
+
+    def body_empty(self, kernel):
+        pass
+
+    def body_wide(self, kernel):
+        last = kernel.ranges[-1]
+        name, size = last.arg
+        base = f"{name}_4"
+        self.emit(f"int pg_gid = blockIdx.x * {self.launch.threads} + threadIdx.x;", 1)
+        self.emit(f"if (pg_gid >= {kernel.out_size // 4}) return;", 1)
+        self.decompose("pg_gid", self.dims(kernel.ranges[:-1]) + [(base + "q", size // 4)], 1)
+        self.emit(f"int {base} = {base}q * 4;", 1)
+        loads = [n for n in kernel.store.toposort() if n.op is Ops.LOAD]
+        for load in loads:
+            if last not in self.ranges_of[load]:
+                self.expr(load, 1)   # the same element for all 4 lanes
+        lanes = {}
+        for load in loads:
+            if last not in self.ranges_of[load]:
+                continue
+            vtype = VECTOR_TYPES[self.ctype(load.dtype)]
+            vec = f"w{self.counter}"
+            self.counter += 1
+            self.emit(f"{vtype} {vec};", 1)
+            self.open_block(f"int {name} = {base};", 1)
+            param, index, valid = load.src
+            code = f"*(const {vtype}*)(d{param.arg[0]} + {self.expr(index, 2)})"
+            if valid.op is not Ops.CONST:
+                zero = self.literal(0, load.dtype)
+                code = f"({self.expr(valid, 2)} ? {code} : make_{vtype}({', '.join([zero] * 4)}))"
+            self.emit(f"{vec} = {code};", 2)
+            self.close_block(1)
+            lanes[load] = vec
+        param, index, value = kernel.store.src
+        out_type = self.ctype(param.dtype)
+        outs = [f"o{self.counter}_{j}" for j in range(4)]
+        self.counter += 1
+        self.emit(f"{out_type} {', '.join(outs)};", 1)
+        for j, lane in enumerate("xyzw"):
+            self.open_block(f"int {name} = {base} + {j};", 1)
+            self.scopes[-1].update({load: f"{vec}.{lane}" for load, vec in lanes.items()})
+            self.emit(f"{outs[j]} = {self.expr(value, 2)};", 2)
+            self.close_block(1)
+        self.open_block(f"int {name} = {base};", 1)
+        vtype = VECTOR_TYPES[out_type]
+        self.emit(f"*({vtype}*)(d{param.arg[0]} + {self.expr(index, 2)}) = make_{vtype}({', '.join(outs)});", 2)
+        self.close_block(1)
+
+    def body_warp(self, kernel):
+        per_block = self.launch.threads // 32
+        self.emit(f"int pg_gid = blockIdx.x * {per_block} + (threadIdx.x >> 5);", 1)
+        self.emit("int pg_lane = threadIdx.x & 31;", 1)
+        self.emit(f"if (pg_gid >= {kernel.out_size}) return;", 1)   # whole warps leave together
+        self.decompose("pg_gid", self.dims(kernel.ranges), 1)
+        self.group, self.store_guard = ("pg_lane", 32), "pg_lane == 0"
+        self.store(kernel.store, 1)
+
+    def body_block(self, kernel):
+        for ctype, tag in SHARED_NAMES.items():
+            self.emit(f"__shared__ {ctype} pg_red_{tag}[32];", 1)
+        self.emit("int pg_gid = blockIdx.x;", 1)
+        self.emit("int pg_lane = threadIdx.x;", 1)
+        self.decompose("pg_gid", self.dims(kernel.ranges), 1)
+        self.group, self.store_guard = ("pg_lane", self.launch.group), "pg_lane == 0"
+        self.store(kernel.store, 1)
+
+    def body_split(self, kernel):
+        by, n_out = self.launch.group, kernel.out_size
+        for ctype, tag in SHARED_NAMES.items():
+            self.emit(f"__shared__ {ctype} pg_split_{tag}[{by}][32];", 1)
+        self.emit("int pg_tx = threadIdx.x & 31;", 1)
+        self.emit("int pg_ty = threadIdx.x >> 5;", 1)
+        self.emit("int pg_gid = blockIdx.x * 32 + pg_tx;", 1)
+        # every thread takes part in the block's barriers, so past-the-end lanes compute a copy of the last output
+        self.emit(f"int pg_out = pg_gid < {n_out} ? pg_gid : {n_out - 1};", 1)
+        self.decompose("pg_out", self.dims(kernel.ranges), 1)
+        self.group, self.store_guard = ("pg_ty", by), f"pg_ty == 0 && pg_gid < {n_out}"
+        self.store(kernel.store, 1)
+
+    def open_block(self, first_line, depth):
+        self.emit("{", depth)
+        self.scopes.append({})
+        self.emit(first_line, depth + 1)
+
+    def close_block(self, depth):
+        self.scopes.pop()
+        self.emit("}", depth)
+
+    def store(self, store, depth):
+        if self.store_guard is None:
+            return super().store(store, depth)
+        param, index, value = store.src
+        v = self.expr(value, depth)
+        self.emit(f"if ({self.store_guard}) d{param.arg[0]}[{self.expr(index, depth)}] = {v};", depth)
+
+    # -- reductions
+    def available(self):
+        return self.outputs | frozenset(self.loop_stack)
+
+    def hoist(self, body, depth):
+        """Emit, before a reduction's loop, the loads and inner reductions of its body that do not move with it."""
+        avail = self.available()
+        for node in body.toposort():
+            if node.op in (Ops.LOAD, Ops.ACC) and self.lookup(node) is None and self.ranges_of[node] <= avail:
+                self.expr(node, depth)
+
+    def accumulate(self, u, depth):
+        self.hoist(u.src[0], depth)
+        if self.group is not None and self.reduce_depth == 0:
+            return self.accumulate_group(u, depth)
+        reduce_op, ranges = u.arg
+        acc = f"acc{self.counter}"
+        self.counter += 1
+        self.emit(f"{self.ctype(u.dtype)} {acc} = {self.acc_init(reduce_op, u.dtype)};", depth)
+        self.reduce_depth += 1
+        for r in ranges:
+            self.open_loop(r, depth)
+            self.loop_stack.append(r)
+            depth += 1
+        value = self.expr(u.src[0], depth)
+        self.emit(f"{acc} = {self.acc_update(reduce_op, acc, value, u.dtype)};", depth)
+        for _ in ranges:
+            depth -= 1
+            self.loop_stack.pop()
+            self.close_loop(depth)
+        self.reduce_depth -= 1
+        self.scopes[-1][u] = acc
+        return acc
+
+    def accumulate_group(self, u, depth):
+        """The group's threads stride over the reduction (its contiguous range fastest), then combine: butterfly
+        shuffles inside each warp, shared memory across warps. Every thread of the group ends with the result."""
+        reduce_op, ranges = u.arg
+        lane, size = self.group
+        kind = self.launch.kind
+        ctype = self.ctype(u.dtype)
+        order = list(ranges)
+        fast = self.contiguous_range(u) if kind != "split" else None
+        if fast is not None:
+            order.remove(fast)
+            order.append(fast)
+        n = self.counter
+        self.counter += 1
+        acc, rr = f"acc{n}", f"rr{n}"
+        self.emit(f"{ctype} {acc} = {self.acc_init(reduce_op, u.dtype)};", depth)
+        self.emit(f"for (int {rr} = {lane}; {rr} < {_acc_size(u)}; {rr} += {size}) {{", depth)
+        self.scopes.append({})
+        self.reduce_depth += 1
+        self.loop_stack.extend(ranges)
+        self.decompose(rr, self.dims(order), depth + 1)
+        value = self.expr(u.src[0], depth + 1)
+        self.emit(f"{acc} = {self.acc_update(reduce_op, acc, value, u.dtype)};", depth + 1)
+        del self.loop_stack[-len(ranges):]
+        self.reduce_depth -= 1
+        self.scopes.pop()
+        self.emit("}", depth)
+        other = f"o{n}"
+        combine = self.acc_update(reduce_op, acc, other, u.dtype)
+        tag = SHARED_NAMES[ctype]
+        if kind == "split":
+            self.emit(f"pg_split_{tag}[pg_ty][pg_tx] = {acc};", depth)
+            self.emit("__syncthreads();", depth)
+            self.emit(f"{acc} = pg_split_{tag}[0][pg_tx];", depth)
+            self.emit(f"for (int pg_w = 1; pg_w < {size}; pg_w++) {{", depth)
+            self.emit(f"{ctype} {other} = pg_split_{tag}[pg_w][pg_tx];", depth + 1)
+            self.emit(f"{acc} = {combine};", depth + 1)
+            self.emit("}", depth)
+            self.emit("__syncthreads();", depth)   # all read before the buffer is reused
+        else:
+            if ctype == "unsigned char":
+                shuffle = f"(unsigned char)__shfl_xor_sync(0xffffffffu, (int){acc}, pg_off)"
+            else:
+                shuffle = f"__shfl_xor_sync(0xffffffffu, {acc}, pg_off)"
+            self.emit("for (int pg_off = 16; pg_off > 0; pg_off >>= 1) {", depth)
+            self.emit(f"{ctype} {other} = {shuffle};", depth + 1)
+            self.emit(f"{acc} = {combine};", depth + 1)
+            self.emit("}", depth)
+            if kind == "block":
+                self.emit(f"if ((threadIdx.x & 31) == 0) pg_red_{tag}[threadIdx.x >> 5] = {acc};", depth)
+                self.emit("__syncthreads();", depth)
+                self.emit(f"{acc} = pg_red_{tag}[0];", depth)
+                self.emit(f"for (int pg_w = 1; pg_w < {size // 32}; pg_w++) {{", depth)
+                self.emit(f"{ctype} {other} = pg_red_{tag}[pg_w];", depth + 1)
+                self.emit(f"{acc} = {combine};", depth + 1)
+                self.emit("}", depth)
+                self.emit("__syncthreads();", depth)
+        self.scopes[-1][u] = acc
+        return acc
+
+    # -- matmul
+    def body_sgemm(self, kernel):
+        self.matmul_frame(kernel, tensor_cores=False)
+
+    def body_mma(self, kernel):
+        self.matmul_frame(kernel, tensor_cores=True)
+
+    def matmul_frame(self, kernel, tensor_cores):
+        """C[batch, m, n] = epilogue(sum_k A[batch, m, k] * B[batch, k, n]) over BM x BN block tiles: the block stages
+        BK-deep slices of A and B in shared memory (the next slice is fetched into registers while this one is
+        used), every thread accumulates its part of the tile in registers, and each finished sum goes through the
+        kernel's own epilogue and store. Edges are predicated, so any M, N, K works."""
+        c, t = self.launch.contraction, self.launch.tile
+        emit = self.emit
+        M, N, K = c.M, c.N, c.K
+        BM, BN, BK, T = t.BM, t.BN, t.BK, t.threads
+        tiles_m, tiles_n = _cdiv(M, BM), _cdiv(N, BN)
+        a_op = _Operand("A", c.a, c.a_strides, c.a_offset, c.m, c.k, BM, BK, M, c.batch)
+        b_op = _Operand("B", c.b, c.b_strides, c.b_offset, c.n, c.k, BN, BK, N, c.batch)
+        stype = "unsigned" if tensor_cores else "float"
+        for op in (a_op, b_op):
+            emit(f"__shared__ __align__(16) {stype} pg_{op.name}s[{op.smem_size}];", 1)
+        emit("int pg_bid = blockIdx.x;", 1)
+        emit(f"int pg_tn = pg_bid % {tiles_n};", 1)
+        emit(f"pg_bid /= {tiles_n};", 1)
+        emit(f"int pg_tm = pg_bid % {tiles_m};", 1)
+        emit(f"int pg_z = pg_bid / {tiles_m};", 1)
+        self.decompose("pg_z", self.dims(c.batch), 1)
+        for op in (a_op, b_op):
+            emit(f"const float* __restrict__ pg_{op.name}g = d{op.param} + ({op.base_expr()});", 1)
+        emit(f"int pg_m0 = pg_tm * {BM};", 1)
+        emit(f"int pg_n0 = pg_tn * {BN};", 1)
+        emit("int pg_tid = threadIdx.x;", 1)
+        for op in (a_op, b_op):
+            emit(f"float pg_r{op.name}[{op.loads_per_thread(T)}];", 1)
+        for op, x0 in ((a_op, "pg_m0"), (b_op, "pg_n0")):
+            op.emit_fetch(emit, 1, T, x0, "0")
+        if tensor_cores:
+            wm_tile, wn_tile = BM // t.warps_m, BN // t.warps_n
+            mi_n, ni_n = wm_tile // 16, wn_tile // 8
+            emit("int pg_warp = pg_tid >> 5;", 1)
+            emit("int pg_g = (pg_tid & 31) >> 2;", 1)
+            emit("int pg_t = pg_tid & 3;", 1)
+            emit(f"int pg_wm = (pg_warp / {t.warps_n}) * {wm_tile};", 1)
+            emit(f"int pg_wn = (pg_warp % {t.warps_n}) * {wn_tile};", 1)
+            emit(f"float pg_acc[{mi_n}][{ni_n}][4];", 1)
+            loops = [("pg_i", mi_n), ("pg_j", ni_n), ("pg_q", 4)]
+            target = "pg_acc[pg_i][pg_j][pg_q]"
+        else:
+            threads_n = BN // t.TN
+            emit(f"int pg_ty = pg_tid / {threads_n};", 1)
+            emit(f"int pg_tx = pg_tid % {threads_n};", 1)
+            emit(f"float pg_acc[{t.TM}][{t.TN}];", 1)
+            loops = [("pg_i", t.TM), ("pg_j", t.TN)]
+            target = "pg_acc[pg_i][pg_j]"
+        depth = self.open_unrolled(loops, 1)
+        emit(f"{target} = 0.0f;", depth)
+        self.close_unrolled(loops, depth)
+        emit(f"for (int pg_k0 = 0; pg_k0 < {K}; pg_k0 += {BK}) {{", 1)
+        emit("__syncthreads();", 2)   # everyone is done reading the previous slice
+        for op in (a_op, b_op):
+            op.emit_stage(emit, 2, T, "pg_tf32" if tensor_cores else "")
+        emit("__syncthreads();", 2)
+        emit(f"if (pg_k0 + {BK} < {K}) {{", 2)
+        for op, x0 in ((a_op, "pg_m0"), (b_op, "pg_n0")):
+            op.emit_fetch(emit, 3, T, x0, f"pg_k0 + {BK}")
+        emit("}", 2)
+        if tensor_cores:
+            self.mma_steps(t, a_op, b_op, mi_n, ni_n)
+        else:
+            self.fma_steps(t, a_op, b_op)
+        emit("}", 1)
+        # epilogue: each finished sum, at its own (m, n), through the kernel's elementwise tail and store
+        depth = self.open_unrolled(loops, 1)
+        if tensor_cores:
+            emit("int pg_row = pg_m0 + pg_wm + pg_i * 16 + pg_g + ((pg_q >> 1) << 3);", depth)
+            emit("int pg_col = pg_n0 + pg_wn + pg_j * 8 + pg_t * 2 + (pg_q & 1);", depth)
+        else:
+            emit(f"int pg_row = pg_m0 + pg_ty * {t.TM} + pg_i;", depth)
+            emit(f"int pg_col = pg_n0 + pg_tx + pg_j * {BN // t.TN};", depth)
+        emit(f"if (pg_row < {M} && pg_col < {N}) {{", depth)
+        self.scopes.append({})
+        emit(f"int {c.m.arg[0]} = pg_row;", depth + 1)
+        emit(f"int {c.n.arg[0]} = pg_col;", depth + 1)
+        emit(f"float pg_sum = {target};", depth + 1)
+        self.scopes[-1][c.acc] = "pg_sum"
+        self.store(kernel.store, depth + 1)
+        self.scopes.pop()
+        emit("}", depth)
+        self.close_unrolled(loops, depth)
+
+    def open_unrolled(self, loops, depth):
+        for var, n in loops:
+            self.emit("#pragma unroll", depth)
+            self.emit(f"for (int {var} = 0; {var} < {n}; {var}++) {{", depth)
+            depth += 1
+        return depth
+
+    def close_unrolled(self, loops, depth):
+        for _ in loops:
+            depth -= 1
+            self.emit("}", depth)
+
+    def mma_steps(self, t, a_op, b_op, mi_n, ni_n):
+        emit = self.emit
+        emit("#pragma unroll", 2)
+        emit(f"for (int pg_kk = 0; pg_kk < {t.BK}; pg_kk += 8) {{", 2)
+        emit(f"unsigned pg_af[{mi_n}][4];", 3)
+        emit(f"unsigned pg_bf[{ni_n}][2];", 3)
+        emit("#pragma unroll", 3)
+        emit(f"for (int pg_i = 0; pg_i < {mi_n}; pg_i++) {{", 3)
+        emit("int pg_r = pg_wm + pg_i * 16 + pg_g;", 4)
+        for reg, (dr, dk) in enumerate(((0, 0), (8, 0), (0, 4), (8, 4))):
+            emit(f"pg_af[pg_i][{reg}] = pg_As[{a_op.smem_index(f'pg_r + {dr}', f'pg_kk + pg_t + {dk}')}];", 4)
+        emit("}", 3)
+        emit("#pragma unroll", 3)
+        emit(f"for (int pg_j = 0; pg_j < {ni_n}; pg_j++) {{", 3)
+        emit("int pg_c = pg_wn + pg_j * 8 + pg_g;", 4)
+        for reg, dk in enumerate((0, 4)):
+            emit(f"pg_bf[pg_j][{reg}] = pg_Bs[{b_op.smem_index('pg_c', f'pg_kk + pg_t + {dk}')}];", 4)
+        emit("}", 3)
+        emit("#pragma unroll", 3)
+        emit(f"for (int pg_i = 0; pg_i < {mi_n}; pg_i++) {{", 3)
+        emit("#pragma unroll", 4)
+        emit(f"for (int pg_j = 0; pg_j < {ni_n}; pg_j++) pg_mma_tf32(pg_acc[pg_i][pg_j], pg_af[pg_i], pg_bf[pg_j]);", 4)
+        emit("}", 3)
+        emit("}", 2)
+
+    def fma_steps(self, t, a_op, b_op):
+        emit = self.emit
+        emit("#pragma unroll", 2)
+        emit(f"for (int pg_kk = 0; pg_kk < {t.BK}; pg_kk++) {{", 2)
+        emit(f"float pg_a[{t.TM}];", 3)
+        emit(f"float pg_b[{t.TN}];", 3)
+        emit("#pragma unroll", 3)
+        emit(f"for (int pg_i = 0; pg_i < {t.TM}; pg_i++) "
+             f"pg_a[pg_i] = pg_As[{a_op.smem_index(f'pg_ty * {t.TM} + pg_i', 'pg_kk')}];", 3)
+        emit("#pragma unroll", 3)
+        emit(f"for (int pg_j = 0; pg_j < {t.TN}; pg_j++) "
+             f"pg_b[pg_j] = pg_Bs[{b_op.smem_index(f'pg_tx + pg_j * {t.BN // t.TN}', 'pg_kk')}];", 3)
+        emit("#pragma unroll", 3)
+        emit(f"for (int pg_i = 0; pg_i < {t.TM}; pg_i++) {{", 3)
+        emit("#pragma unroll", 4)
+        emit(f"for (int pg_j = 0; pg_j < {t.TN}; pg_j++) "
+             "pg_acc[pg_i][pg_j] = fmaf(pg_a[pg_i], pg_b[pg_j], pg_acc[pg_i][pg_j]);", 4)
+        emit("}", 3)
+        emit("}", 2)
+
+
+class _Operand:
+    """One matmul input as the templates see it: element (x, k) of the current tile, x being m for A and n for B,
+    lives at x * sx + k * sk past the batch's base. In shared memory it is stored k-fastest ([BX][BK + 4]) when
+    k is its contiguous axis in global memory, else x-fastest ([BK][BX + 8]); either way the global fetch walks
+    the contiguous axis with consecutive threads, and the paddings keep mma fragment reads free of bank
+    conflicts."""
+
+    def __init__(self, name, load, strides, offset, x_range, k_range, bx, bk, extent, batch):
+        self.name, self.param = name, load.src[0].arg[0]
+        self.sx, self.sk = strides.get(x_range, 0), strides[k_range]
+        self.offset, self.strides, self.batch = offset, strides, batch
+        self.bx, self.bk, self.extent, self.k_size = bx, bk, extent, k_range.arg[1]
+        self.k_fast = self.sk == 1 and self.sx != 1
+        self.smem_size = bx * (bk + 4) if self.k_fast else bk * (bx + 8)
+
+    def base_expr(self) -> str:
+        parts = [f"(long long){self.offset}"] + [f"(long long){r.arg[0]} * {self.strides[r]}"
+                                                 for r in self.batch if self.strides.get(r, 0)]
+        return " + ".join(parts)
+
+    def smem_index(self, x, k) -> str:
+        if self.k_fast:
+            return f"({x}) * {self.bk + 4} + ({k})"
+        return f"({k}) * {self.bx + 8} + ({x})"
+
+    def loads_per_thread(self, threads) -> int:
+        n = self.bx * self.bk
+        assert n % threads == 0, (self.bx, self.bk, threads)
+        return n // threads
+
+    def coords(self, emit, depth, threads):
+        emit(f"int pg_e = pg_tid + pg_l * {threads};", depth)
+        if self.k_fast:
+            emit(f"int pg_x = pg_e / {self.bk};", depth)
+            emit(f"int pg_kx = pg_e % {self.bk};", depth)
+        else:
+            emit(f"int pg_x = pg_e % {self.bx};", depth)
+            emit(f"int pg_kx = pg_e / {self.bx};", depth)
+
+    def emit_fetch(self, emit, depth, threads, x0, k0):
+        """Global -> registers: this thread's share of the BX x BK slice starting at (x0, k0), zero past the edges."""
+        emit("#pragma unroll", depth)
+        emit(f"for (int pg_l = 0; pg_l < {self.loads_per_thread(threads)}; pg_l++) {{", depth)
+        self.coords(emit, depth + 1, threads)
+        emit(f"int pg_gx = {x0} + pg_x;", depth + 1)
+        emit(f"int pg_gk = {k0} + pg_kx;", depth + 1)
+        emit(f"pg_r{self.name}[pg_l] = (pg_gx < {self.extent} && pg_gk < {self.k_size}) ? "
+             f"pg_{self.name}g[pg_gx * {self.sx} + pg_gk * {self.sk}] : 0.0f;", depth + 1)
+        emit("}", depth)
+
+    def emit_stage(self, emit, depth, threads, convert):
+        """Registers -> shared memory (converted to tf32 once here for the tensor-core template)."""
+        emit("#pragma unroll", depth)
+        emit(f"for (int pg_l = 0; pg_l < {self.loads_per_thread(threads)}; pg_l++) {{", depth)
+        self.coords(emit, depth + 1, threads)
+        emit(f"pg_{self.name}s[{self.smem_index('pg_x', 'pg_kx')}] = {convert}(pg_r{self.name}[pg_l]);", depth + 1)
+        emit("}", depth)
+
+
+def _acc_size(acc) -> int:
+    return prod(r.arg[1] for r in acc.arg[1])
+
+
+def _range_sets(store):
+    """For every node under the store: the loop variables its value depends on (a reduction's own ranges are
+    bound inside it, so an ACC depends only on the ranges its body uses besides them)."""
+    out = {}
+    for node in store.toposort():
+        if node.op is Ops.RANGE:
+            deps = frozenset((node,))
+        elif node.src:
+            deps = frozenset().union(*(out[s] for s in node.src))
+        else:
+            deps = frozenset()
+        if node.op is Ops.ACC:
+            deps = deps - frozenset(node.arg[1])
+        out[node] = deps
+    return out
+
+
+def render_cuda(kernel, arch="sm_90", tf32=None, sm_count=132):
+    """(source, launch plan) for a lowered kernel; tf32 defaults to pg.TF32."""
+    renderer = CUDARenderer(arch, pg.TF32 if tf32 is None else tf32, sm_count)
+    source = renderer.render(kernel)
+    return source, renderer.launch
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 3. NVRTC
+
+
+def _bindings():
+    """cuda.bindings' driver and nvrtc modules, or a RuntimeError that says what to install."""
+    try:
+        from cuda.bindings import driver, nvrtc
+    except ImportError as e:
+        raise RuntimeError(f"picograd's CUDA backend needs NVIDIA's cuda-python, which is not installed ({e}); "
+                           f"pip install 'cuda-bindings>=12.8' nvidia-cuda-nvrtc") from None
+    return driver, nvrtc
+
+
+@functools.lru_cache(maxsize=None)
+def nvrtc_version() -> str:
+    _, nvrtc = _bindings()
+    try:
+        err, major, minor = nvrtc.nvrtcVersion()
+    except Exception as e:   # libnvrtc itself is missing
+        raise RuntimeError(f"picograd's CUDA backend cannot load NVRTC ({e}); pip install nvidia-cuda-nvrtc or "
+                           f"install the CUDA toolkit") from None
+    return f"{major}.{minor}"
+
+
+@functools.lru_cache(maxsize=None)
+def nvrtc_archs() -> tuple:
+    """The real architectures this NVRTC compiles cubins for (as ints: 90 for sm_90)."""
+    _, nvrtc = _bindings()
+    nvrtc_version()
+    try:
+        err, archs = nvrtc.nvrtcGetSupportedArchs()
+        return tuple(int(a) for a in archs)
+    except Exception:
+        return ()
+
+
+def nvrtc_options(arch: str) -> list:
+    return [f"--gpu-architecture={arch}", "--fmad=true"]
+
+
+def _nvrtc_text(nvrtc, prog, size_fn, get_fn) -> str:
+    _, size = size_fn(prog)
+    if size <= 1:
+        return ""
+    try:
+        buf = bytearray(size)
+        get_fn(prog, buf)
+    except TypeError:   # older bindings fill a bytes object
+        buf = b" " * size
+        get_fn(prog, buf)
+    return bytes(buf).rstrip(b"\0").decode(errors="replace")
+
+
+def compile_cuda(source: str, arch: str = "sm_90", name: str = "kernel") -> str:
+    """NVRTC source into a cubin for arch, through the disk cache (keyed by source, NVRTC version, options and
+    arch); returns the cache file's path (compile.cached_payload reads the cubin back). A failed compilation
+    raises RuntimeError with NVRTC's log and the source."""
+    _, nvrtc = _bindings()
+    version = nvrtc_version()
+    options = nvrtc_options(arch)
+    success = nvrtc.nvrtcResult.NVRTC_SUCCESS
+
+    def build() -> bytes:
+        err, prog = nvrtc.nvrtcCreateProgram(source.encode(), f"{name}.cu".encode(), 0, [], [])
+        if err != success:
+            raise RuntimeError(f"nvrtcCreateProgram failed for kernel {name}: {err}")
+        try:
+            (err,) = nvrtc.nvrtcCompileProgram(prog, len(options), [o.encode() for o in options])
+            if err != success:
+                log = _nvrtc_text(nvrtc, prog, nvrtc.nvrtcGetProgramLogSize, nvrtc.nvrtcGetProgramLog)
+                raise RuntimeError(f"NVRTC {version} failed to compile kernel {name} for {arch} ({err.name}):\n"
+                                   f"{log}\n--- source ---\n{source}")
+            err, size = nvrtc.nvrtcGetCUBINSize(prog)
+            if err != success or size == 0:
+                raise RuntimeError(f"NVRTC produced no cubin for kernel {name} ({arch}); is {arch} a real "
+                                   f"architecture this NVRTC {version} supports?")
+            buf = bytearray(size)
+            try:
+                nvrtc.nvrtcGetCUBIN(prog, buf)
+            except TypeError:
+                buf = b" " * size
+                nvrtc.nvrtcGetCUBIN(prog, buf)
+            return bytes(buf)
+        finally:
+            nvrtc.nvrtcDestroyProgram(prog)
+    return compiler.disk_cached((source, f"nvrtc {version}", " ".join(options), arch), ".cubin", build)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 4. Programs and the device
+
+
+class CUDAProgram:
+    """A compiled kernel: call with buffers and variable values to launch it on the buffers' device's stream.
+
+    The cubin is loaded into a device's context at its first launch there (on the launching thread: programs are
+    built on compile.py's worker threads, which have no context). Arguments go through fixed ctypes slots that
+    kernelParams points at (the driver copies them at launch, so the slots are free again when it returns)."""
+
+    def __init__(self, device, kernel, source, cubin_path, launch):
+        self.kernel, self.source, self.launch = kernel, source, launch
+        self.image = compiler.cached_payload(cubin_path)
+        self.name = kernel.name
+        self.home = device
+        self.functions = {}   # device name -> (device, module, function)
+        self.param_index = [p.index for p in kernel.params]
+        self.var_order = [name for name, _, _ in kernel.var_names]
+        self.ptr_slots = [ctypes.c_uint64(0) for _ in self.param_index]
+        self.int_slots = [ctypes.c_int(0) for _ in self.var_order]
+        self.err_slot = ctypes.c_uint64(0)
+        slots = self.ptr_slots + self.int_slots + ([self.err_slot] if kernel.uses_check else [])
+        self.arg_array = (ctypes.c_void_p * max(1, len(slots)))(*[ctypes.addressof(s) for s in slots])
+        self.arg_address = ctypes.addressof(self.arg_array)
+        self.lock = threading.Lock()
+
+    def function_on(self, device):
+        with self.lock:
+            entry = self.functions.get(device.name)
+            if entry is None:
+                driver = device.driver
+                device.activate()
+                module = device.check(driver.cuModuleLoadData(self.image), f"loading kernel {self.name}")
+                fn = device.check(driver.cuModuleGetFunction(module, self.name.encode()), f"finding {self.name}")
+                entry = self.functions[device.name] = (device, module, fn)
+            return entry
+
+    def __call__(self, bufs, var_vals):
+        where = bufs[self.param_index[0]].device if self.param_index else self.home.name
+        entry = self.functions.get(where)
+        if entry is None:
+            entry = self.function_on(pg.Device[where])
+        device, _, fn = entry
+        try:
+            for slot, i in zip(self.ptr_slots, self.param_index):
+                slot.value = bufs[i].mem.ptr
+        except AttributeError:
+            foreign = [f"{bufs[i]!r}" for i in self.param_index if bufs[i].device != device.name]
+            raise RuntimeError(f"kernel {self.name} on {device.name} was given buffers on another device: "
+                               f"{', '.join(foreign)} (the schedule mixed devices)") from None
+        for slot, name in zip(self.int_slots, self.var_order):
+            slot.value = var_vals[name]
+        if self.kernel.uses_check:
+            self.err_slot.value = device.error_mem.ptr
+            device.checked = True
+        launch = self.launch
+        if launch.grid == 0:
+            return
+        device.activate()
+        err = device.driver.cuLaunchKernel(fn, launch.grid, 1, 1, launch.threads, 1, 1, 0, device.stream,
+                                           self.arg_address, 0)[0]
+        if err != device.success:
+            device.check((err,), f"launching {self.name} (grid {launch.grid}, {launch.threads} threads)")
+
+
+class CUDAMemory:
+    """A block of device memory: its address and its real (rounded) size."""
+    __slots__ = ("ptr", "nbytes")
+
+    def __init__(self, ptr, nbytes):
+        self.ptr, self.nbytes = ptr, nbytes
+
+    def __repr__(self):
+        return f"<CUDAMemory 0x{self.ptr:x} {self.nbytes} bytes>"
+
+
+def _round_size(nbytes: int) -> int:
+    """Sizes are rounded up so that nearby requests share cached blocks: 512 B steps below 1 MiB, 64 KiB steps
+    below 32 MiB, 2 MiB steps above."""
+    if nbytes <= 0:
+        return 512
+    step = 512 if nbytes < 1 << 20 else (64 << 10 if nbytes < 32 << 20 else 2 << 20)
+    return _cdiv(nbytes, step) * step
+
+
+_tls = threading.local()   # per host thread: the context picograd last made current on it
+
+
+class CUDADevice:
+    """One GPU: its primary context, one stream that every kernel and copy of this device goes through (so work
+    runs in issue order, and memory freed on the host may be reused by the next operation at once), a caching
+    allocator, and the error flag that checked kernels set."""
+    kind = "CUDA"
+
+    def __init__(self, name="CUDA:0"):
+        self.name = name
+        self.index = int(name.split(":")[1]) if ":" in name else 0
+        driver, _ = _bindings()
+        self.driver = driver
+        self.success = driver.CUresult.CUDA_SUCCESS
+        try:
+            (err,) = driver.cuInit(0)
+        except Exception as e:   # libcuda.so.1 could not be loaded
+            raise RuntimeError(f"{name}: no NVIDIA driver found (libcuda could not be loaded: {e}); CUDA needs an "
+                               f"NVIDIA GPU with its driver installed, the CPU device still works") from None
+        if err == driver.CUresult.CUDA_ERROR_NO_DEVICE:
+            raise RuntimeError(f"{name}: the NVIDIA driver found no GPU (cuInit: CUDA_ERROR_NO_DEVICE)")
+        self.check((err,), "cuInit")
+        count = self.check(driver.cuDeviceGetCount(), "cuDeviceGetCount")
+        if self.index >= count:
+            raise RuntimeError(f"{name} requested, but this machine has {count} CUDA device{'s' * (count != 1)}")
+        self.device = self.check(driver.cuDeviceGet(self.index), "cuDeviceGet")
+        self.context = self.check(driver.cuDevicePrimaryCtxRetain(self.device), "cuDevicePrimaryCtxRetain")
+        self.activate()
+        attr = driver.CUdevice_attribute
+        major = self.attribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)
+        minor = self.attribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)
+        self.sm_count = self.attribute(attr.CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+        self.arch = f"sm_{major}{minor}"
+        self.compile_arch = self.pick_arch(major, minor)
+        self.stream = self.check(driver.cuStreamCreate(int(driver.CUstream_flags.CU_STREAM_NON_BLOCKING)),
+                                 "cuStreamCreate")
+        # allocator: free blocks by size (`cache`), their sizes sorted for best-fit search
+        self.cache, self.cache_sizes = {}, []
+        self.in_use = self.cached = self.reserved = self.device_allocs = 0
+        self.lock = threading.RLock()   # a Buffer may be garbage-collected on one of compile.py's worker threads
+        self.error_mem = self.raw_alloc(512)
+        self.check(driver.cuMemsetD32Async(self.error_mem.ptr, 0, 3, self.stream), "clearing the error flag")
+        self.checked = False   # a kernel with bounds checks ran since the last check_errors()
+
+    # -- driver plumbing
+    def check(self, result, what):
+        """The values of a driver call's result tuple, or a RuntimeError naming the call and the error."""
+        err = result[0]
+        if err != self.success:
+            try:
+                detail = self.driver.cuGetErrorString(err)[1].decode()
+            except Exception:
+                detail = ""
+            raise RuntimeError(f"{self.name}: {what} failed: {getattr(err, 'name', err)} {detail}".rstrip())
+        if len(result) == 1:
+            return None
+        return result[1] if len(result) == 2 else result[1:]
+
+    def activate(self):
+        """Make this device's context current on the calling thread (contexts are per thread)."""
+        if getattr(_tls, "context", None) is not self.context:
+            self.check(self.driver.cuCtxSetCurrent(self.context), "cuCtxSetCurrent")
+            _tls.context = self.context
+
+    def attribute(self, attr) -> int:
+        return int(self.check(self.driver.cuDeviceGetAttribute(attr, self.device), f"reading {attr.name}"))
+
+    def pick_arch(self, major, minor) -> str:
+        """The device's own sm_XY if NVRTC can target it, else the newest of the same major version it can
+        (cubins run on later minor versions of their major)."""
+        archs = nvrtc_archs()
+        own = major * 10 + minor
+        if not archs or own in archs:
+            return f"sm_{own}"
+        same_major = [a for a in archs if a // 10 == major and a <= own]
+        if not same_major:
+            raise RuntimeError(f"{self.name} is sm_{own}, which NVRTC {nvrtc_version()} cannot compile for "
+                               f"(it supports {', '.join(f'sm_{a}' for a in archs)}); install a matching "
+                               f"nvidia-cuda-nvrtc")
+        return f"sm_{max(same_major)}"
+
+    def mem_info(self):
+        self.activate()
+        free, total = self.check(self.driver.cuMemGetInfo(), "cuMemGetInfo")
+        return int(free), int(total)
+
+    # -- memory
+    def raw_alloc(self, size, requested=None) -> CUDAMemory:
+        """cuMemAlloc; when the GPU is full, the cache goes back to the driver and the call is retried once."""
+        self.activate()
+        oom = self.driver.CUresult.CUDA_ERROR_OUT_OF_MEMORY
+        err, ptr = self.driver.cuMemAlloc(size)
+        if err == oom:
+            self.empty_cache()
+            err, ptr = self.driver.cuMemAlloc(size)
+        if err == oom:
+            free, total = self.mem_info()
+            want = size if requested is None else requested
+            raise MemoryError(f"{self.name} is out of memory: tried to allocate {want} bytes "
+                              f"({want / 2**30:.2f} GiB) with {free} bytes ({free / 2**30:.2f} GiB) free of "
+                              f"{total / 2**30:.2f} GiB; picograd holds {self.in_use} bytes in live tensors")
+        self.check((err,), f"cuMemAlloc({size})")
+        self.reserved += size
+        self.device_allocs += 1
+        return CUDAMemory(int(ptr), size)
+
+    def alloc(self, nbytes) -> CUDAMemory:
+        """A block of at least nbytes: the smallest cached one that fits with little slack, else a new one."""
+        size = _round_size(nbytes)
+        with self.lock:
+            k = bisect.bisect_left(self.cache_sizes, size)
+            if k < len(self.cache_sizes) and self.cache_sizes[k] <= size + size // 8:
+                have = self.cache_sizes[k]
+                blocks = self.cache[have]
+                mem = blocks.pop()
+                if not blocks:
+                    del self.cache[have]
+                    del self.cache_sizes[k]
+                self.cached -= have
+            else:
+                mem = self.raw_alloc(size, nbytes)
+            self.in_use += mem.nbytes
+        return mem
+
+    def free(self, mem, nbytes):
+        """Back to the cache: the stream runs in order, so the next operation may reuse the block at once."""
+        with self.lock:
+            self.in_use -= mem.nbytes
+            blocks = self.cache.get(mem.nbytes)
+            if blocks is None:
+                blocks = self.cache[mem.nbytes] = []
+                bisect.insort(self.cache_sizes, mem.nbytes)
+            blocks.append(mem)
+            self.cached += mem.nbytes
+
+    def empty_cache(self):
+        """Give every cached block back to the driver (after the stream has finished with them)."""
+        self.synchronize()
+        with self.lock:
+            for blocks in self.cache.values():
+                for mem in blocks:
+                    self.check(self.driver.cuMemFree(mem.ptr), "cuMemFree")
+                    self.reserved -= mem.nbytes
+            self.cache, self.cache_sizes, self.cached = {}, [], 0
+
+    def memory_stats(self) -> dict:
+        """Bytes in live buffers (in_use), in the cache (cached), taken from the driver (reserved), and how many
+        cuMemAlloc calls were made (device_allocs)."""
+        return {"in_use": self.in_use, "cached": self.cached, "reserved": self.reserved,
+                "device_allocs": self.device_allocs}
+
+    # -- copies
+    def copyin(self, mem, array: np.ndarray):
+        """Host -> device, ordered on the stream. The driver stages pageable memory before returning, so the
+        array may be dropped at once."""
+        if array.nbytes:
+            self.activate()
+            self.check(self.driver.cuMemcpyHtoDAsync(mem.ptr, array.ctypes.data, array.nbytes, self.stream),
+                       "copy to the device")
+
+    def copyout(self, out: np.ndarray, mem):
+        """Device -> host after everything queued before it; returns when the data is in out."""
+        if out.nbytes:
+            self.activate()
+            self.check(self.driver.cuMemcpyDtoHAsync(out.ctypes.data, mem.ptr, out.nbytes, self.stream),
+                       "copy from the device")
+        self.synchronize()
+
+    def copy_within(self, dst, src, nbytes):
+        if nbytes:
+            self.activate()
+            self.check(self.driver.cuMemcpyDtoDAsync(dst.ptr, src.ptr, nbytes, self.stream), "device copy")
+
+    def copy_from_peer(self, dst, src):
+        """Buffer src on another GPU -> buffer dst here, without a trip through the host."""
+        src_dev = pg.Device[src.device]
+        src_dev.synchronize()   # its kernels have written src
+        self.activate()
+        self.check(self.driver.cuMemcpyPeerAsync(dst.mem.ptr, self.context, src.mem.ptr, src_dev.context,
+                                                 dst.nbytes, self.stream), "peer copy")
+        self.synchronize()      # src may be freed and reused on its own stream right after this returns
+
+    def synchronize(self):
+        self.activate()
+        self.check(self.driver.cuStreamSynchronize(self.stream), "running kernels (cuStreamSynchronize)")
+
+    # -- kernels
+    def build(self, kernel) -> CUDAProgram:
+        renderer = CUDARenderer(self.compile_arch, tf32=pg.TF32, sm_count=self.sm_count)
+        source = renderer.render(kernel)
+        return CUDAProgram(self, kernel, source, compile_cuda(source, self.compile_arch, kernel.name),
+                           renderer.launch)
+
+    def check_errors(self):
+        """IndexError if a bounds-checked kernel saw an index out of range since the last check (the flag is
+        read only when such a kernel ran, so unchecked work never waits for the GPU here)."""
+        if not self.checked:
+            return
+        self.checked = False
+        flags = np.zeros(3, dtype=np.int32)
+        self.copyout(flags, self.error_mem)
+        if flags[0]:
+            self.check(self.driver.cuMemsetD32Async(self.error_mem.ptr, 0, 3, self.stream), "clearing the error flag")
+            raise IndexError(f"index {int(flags[1])} is out of bounds for a dimension of size {int(flags[2])}")
