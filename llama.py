@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import codecs
 import dataclasses
+import functools
 import heapq
 import json
 import math
@@ -30,6 +31,7 @@ import unicodedata
 
 import numpy as np
 
+import dist
 import picograd as pg
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -450,27 +452,36 @@ class Llama:
     """
 
     def __init__(self, config: LlamaConfig, weights: dict[str, np.ndarray], device=None, max_seq_len=None,
-                 requires_grad=False):
+                 requires_grad=False, mesh=None):
         self.config = config
         # the context window the cache and RoPE tables cover; Llama 3 claims 131072 positions, whose cache alone
         # would need tens of GB, so callers may ask for less
         self.max_seq_len = min(config.max_seq_len, max_seq_len or config.max_seq_len)
+        # with a mesh, this process holds one pipeline stage's layers and a tensor-parallel slice of each (weights
+        # is then that shard, see shard_weights); without one, the whole model
+        self.mesh = mesh
+        self.tp = dist.LOCAL if mesh is None else mesh.tp_group
+        self.layers = range(config.n_layers) if mesh is None else stage_layers(config, mesh.pp, mesh.pp_rank)
+        self.n_heads = config.n_heads // self.tp.size
+        self.n_kv_heads = config.n_kv_heads // self.tp.size
+        # a tied head is the embedding itself, unless pipeline stages hold the two on different ranks
+        tied = config.tie_word_embeddings and "model.embed_tokens.weight" in weights
         self.weights = {}
         for name, array in weights.items():
-            if name == "lm_head.weight" and config.tie_word_embeddings:
+            if name == "lm_head.weight" and tied:
                 continue
             # a contiguous float32 copy: loaders hand out read-only memory maps
             self.weights[name] = pg.Tensor(np.ascontiguousarray(array, dtype=np.float32), device=device,
                                            requires_grad=requires_grad)
-        if config.tie_word_embeddings:
+        if tied:
             # one tensor in both places, so training updates (and differentiates) it as one parameter
             self.weights["lm_head.weight"] = self.weights["model.embed_tokens.weight"]
-        self.device = self.weights["model.embed_tokens.weight"].device
+        self.device = next(iter(self.weights.values())).device
         cos, sin = rope_tables(config, self.max_seq_len)
         # laid out for rotate(): both halves of a head turn by the same angles
         self.cos = pg.Tensor(np.concatenate([cos, cos], axis=1), device=self.device)
         self.sin = pg.Tensor(np.concatenate([-sin, sin], axis=1), device=self.device)
-        self.cache = []        # per layer, (keys, values) as [batch, max_seq_len, n_kv_heads, head_dim]
+        self.cache = {}        # per layer, (keys, values) as [batch, max_seq_len, n_kv_heads, head_dim]
         self.cache_batch = 0
         self.decode_step = pg.compile(self._decode_step, max_traces=32)
 
@@ -508,43 +519,60 @@ class Llama:
     def state_dict(self) -> dict[str, pg.Tensor]:
         """Weights under Hugging Face names; a tied head is left out, as transformers saves it."""
         return {name: t for name, t in self.weights.items()
-                if not (name == "lm_head.weight" and self.config.tie_word_embeddings)}
+                if not (name == "lm_head.weight" and t is self.weights.get("model.embed_tokens.weight"))}
 
     # -- the transformer, shared by every entry point; `attend` decides where keys and values come from
     def _transformer(self, tokens: pg.Tensor, cos: pg.Tensor, sin: pg.Tensor, attend, last_only=False):
-        c = self.config
-        w = self.weights
-        if tokens.dtype is not pg.int32 or tokens.ndim != 2:
-            raise TypeError(f"tokens must be an int32 tensor [batch, seq], got {tokens.dtype.name} {tokens.shape}")
-        batch, seq = tokens.shape
-        x = w["model.embed_tokens.weight"][tokens]
-        for i in range(c.n_layers):
-            p = f"model.layers.{i}."
-            h = pg.rms_norm(x, w[p + "input_layernorm.weight"], c.norm_eps)
-            # contiguous: RoPE reads q and k at two places each, and the scheduler would otherwise fuse (and
-            # repeat) the whole matmul into each read
-            q = (h @ w[p + "self_attn.q_proj.weight"].T).contiguous().reshape(batch, seq, c.n_heads, c.head_dim)
-            k = (h @ w[p + "self_attn.k_proj.weight"].T).contiguous().reshape(batch, seq, c.n_kv_heads, c.head_dim)
-            v = (h @ w[p + "self_attn.v_proj.weight"].T).reshape(batch, seq, c.n_kv_heads, c.head_dim)
-            out = attend(i, rotate(q, cos, sin), rotate(k, cos, sin), v)
-            x = x + out.reshape(batch, seq, c.n_heads * c.head_dim) @ w[p + "self_attn.o_proj.weight"].T
-            h = pg.rms_norm(x, w[p + "post_attention_layernorm.weight"], c.norm_eps)
-            gate = h @ w[p + "mlp.gate_proj.weight"].T
-            x = x + (gate.silu() * (h @ w[p + "mlp.up_proj.weight"].T)) @ w[p + "mlp.down_proj.weight"].T
+        if self.layers != range(self.config.n_layers):
+            raise RuntimeError("this model holds one pipeline stage: run it through ParallelTrainer's schedule")
+        x = self.embed(tokens)
+        for i in self.layers:
+            x = self.block(i, x, cos, sin, attend)
         if last_only:
             # generation needs only the next token's logits; the vocabulary projection is the biggest matmul
-            x = x[:, seq - 1:]
-        return pg.rms_norm(x, w["model.norm.weight"], c.norm_eps) @ w["lm_head.weight"].T
+            x = x[:, x.shape[1] - 1:]
+        return self.head(x)
+
+    def embed(self, tokens: pg.Tensor) -> pg.Tensor:
+        if tokens.dtype is not pg.int32 or tokens.ndim != 2:
+            raise TypeError(f"tokens must be an int32 tensor [batch, seq], got {tokens.dtype.name} {tokens.shape}")
+        return self.weights["model.embed_tokens.weight"][tokens]
+
+    def block(self, i: int, x: pg.Tensor, cos: pg.Tensor, sin: pg.Tensor, attend) -> pg.Tensor:
+        """Layer i on the residual stream x [batch, seq, dim]. Under tensor parallelism this rank holds
+        n_heads / tp heads and hidden_dim / tp MLP units: copy_to_parallel marks where the replicated stream
+        enters the column-parallel projections (its gradient is summed over the group), and all_reduce sums the
+        row-parallel outputs (one all-reduce for attention, one for the MLP). Both are the identity without tp."""
+        c = self.config
+        w = self.weights
+        tp = self.tp
+        batch, seq = x.shape[0], x.shape[1]
+        p = f"model.layers.{i}."
+        h = tp.copy_to_parallel(pg.rms_norm(x, w[p + "input_layernorm.weight"], c.norm_eps))
+        # contiguous: RoPE reads q and k at two places each, and the scheduler would otherwise fuse (and
+        # repeat) the whole matmul into each read
+        q = (h @ w[p + "self_attn.q_proj.weight"].T).contiguous().reshape(batch, seq, self.n_heads, c.head_dim)
+        k = (h @ w[p + "self_attn.k_proj.weight"].T).contiguous().reshape(batch, seq, self.n_kv_heads, c.head_dim)
+        v = (h @ w[p + "self_attn.v_proj.weight"].T).reshape(batch, seq, self.n_kv_heads, c.head_dim)
+        out = attend(i, rotate(q, cos, sin), rotate(k, cos, sin), v)
+        x = x + tp.all_reduce(out.reshape(batch, seq, self.n_heads * c.head_dim) @ w[p + "self_attn.o_proj.weight"].T)
+        h = tp.copy_to_parallel(pg.rms_norm(x, w[p + "post_attention_layernorm.weight"], c.norm_eps))
+        gate = h @ w[p + "mlp.gate_proj.weight"].T
+        return x + tp.all_reduce((gate.silu() * (h @ w[p + "mlp.up_proj.weight"].T)) @ w[p + "mlp.down_proj.weight"].T)
+
+    def head(self, x: pg.Tensor) -> pg.Tensor:
+        """Logits from the residual stream: the final norm and the (replicated) vocabulary projection."""
+        w = self.weights
+        return pg.rms_norm(x, w["model.norm.weight"], self.config.norm_eps) @ w["lm_head.weight"].T
 
     # -- inference: the KV cache
     def _ensure_cache(self, batch: int):
         if self.cache_batch == batch:
             return
-        c = self.config
-        shape = (batch, self.max_seq_len, c.n_kv_heads, c.head_dim)
+        shape = (batch, self.max_seq_len, self.n_kv_heads, self.config.head_dim)
         # realized now, so the compiled decode step sees the cache as long-lived state, not as its own memory
-        self.cache = [(pg.zeros(shape, device=self.device).contiguous().realize(),
-                       pg.zeros(shape, device=self.device).contiguous().realize()) for _ in range(c.n_layers)]
+        self.cache = {i: (pg.zeros(shape, device=self.device).contiguous().realize(),
+                          pg.zeros(shape, device=self.device).contiguous().realize()) for i in self.layers}
         self.cache_batch = batch
 
     def __call__(self, tokens: pg.Tensor, start_pos: int = 0, last_only: bool = False) -> pg.Tensor:
@@ -596,9 +624,8 @@ class Llama:
             return self.decode_step(tokens, pg.Variable("pos", 0, self.max_seq_len - 1).bind(pos), ctx)
 
     # -- training: no cache, every position attends causally within its own sequence
-    def logits(self, tokens: pg.Tensor) -> pg.Tensor:
-        """Logits [batch, seq, vocab] of a whole sequence from position 0, without touching the cache."""
-        seq = tokens.shape[1]
+    def causal(self, seq: int):
+        """cos, sin and the attend function of a cache-free causal pass over seq positions."""
         if seq > self.max_seq_len:
             raise ValueError(f"a sequence of {seq} tokens is longer than the context window of {self.max_seq_len}")
         mask = pg.arange(seq, device=self.device).reshape(1, seq) <= pg.arange(seq, device=self.device).reshape(seq, 1)
@@ -606,7 +633,11 @@ class Llama:
         def attend(layer, q, k, v):
             return attention(q, k, v, mask)
 
-        return self._transformer(tokens, self.cos[:seq], self.sin[:seq], attend)
+        return self.cos[:seq], self.sin[:seq], attend
+
+    def logits(self, tokens: pg.Tensor) -> pg.Tensor:
+        """Logits [batch, seq, vocab] of a whole sequence from position 0, without touching the cache."""
+        return self._transformer(tokens, *self.causal(tokens.shape[1]))
 
     def loss(self, tokens: pg.Tensor, targets: pg.Tensor) -> pg.Tensor:
         """Mean cross entropy of predicting targets [batch, seq] from tokens [batch, seq]."""
@@ -1577,15 +1608,23 @@ def save_checkpoint(folder: str, model: Llama, tokenizer: ByteTokenizer | None =
     never holds a half-written file. Weights that are not all finite are not written (returns False): a diverged
     run must not overwrite its last good checkpoint."""
     weights = {name: t.numpy() for name, t in model.state_dict().items()}
+    optimizer_state = None if optimizer is None else optimizer.state_dict()
+    return write_checkpoint(folder, model.config, weights, tokenizer, optimizer_state, state)
+
+
+def write_checkpoint(folder: str, config: LlamaConfig, weights: dict, tokenizer=None, optimizer_state=None,
+                     state: dict | None = None) -> bool:
+    """save_checkpoint's writer, from arrays: weights {Hugging Face name: array}, optimizer_state as
+    AdamW.state_dict() names it."""
     if not all(np.isfinite(w).all() for w in weights.values()):
         return False
     os.makedirs(folder, exist_ok=True)
-    _write_atomic(os.path.join(folder, "config.json"), json.dumps(model.config.to_hf(), indent=1))
+    _write_atomic(os.path.join(folder, "config.json"), json.dumps(config.to_hf(), indent=1))
     pg.save_safetensors(weights, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
     if tokenizer is not None:
         _write_atomic(os.path.join(folder, "tokenizer.json"), json.dumps(tokenizer.to_hf(), ensure_ascii=False))
-    if optimizer is not None:
-        pg.save_safetensors(optimizer.state_dict(), os.path.join(folder, "optimizer.safetensors"))
+    if optimizer_state is not None:
+        pg.save_safetensors(optimizer_state, os.path.join(folder, "optimizer.safetensors"))
     if state is not None:
         _write_atomic(os.path.join(folder, "trainer_state.json"), json.dumps(state, indent=1))
     return True
@@ -1623,6 +1662,7 @@ class Trainer:
         self.train_step = pg.compile(self._train_step)
         self.eval_step = pg.compile(self._eval_step)
         self.stop_requested = False
+        self.progress = sys.stdout    # where the progress bar goes
 
     def _train_step(self, tokens: pg.Tensor, targets: pg.Tensor) -> pg.Tensor:
         # tokens, targets: [accum, batch, seq]; gradients of the micro-batches add up in .grad
@@ -1641,6 +1681,19 @@ class Trainer:
         with pg.no_grad():
             return self.model.loss(tokens, targets)
 
+    def train_batch(self, x: np.ndarray, y: np.ndarray) -> float:
+        """One optimizer step on tokens and targets [accum, batch, seq]; returns the mean loss."""
+        device = self.model.device
+        return self.train_step(pg.Tensor(x, device=device), pg.Tensor(y, device=device)).item()
+
+    def stopping(self) -> bool:
+        """Whether to stop before the next step (ParallelTrainer makes every rank agree)."""
+        return self.stop_requested
+
+    def agree(self, value: float, op: str) -> float:
+        """A number every rank must use the same way (ParallelTrainer combines it over ranks with op)."""
+        return value
+
     def evaluate(self) -> float:
         """Mean loss over the fixed validation windows."""
         device = self.model.device
@@ -1656,13 +1709,16 @@ class Trainer:
         """Continue from a checkpoint written by save(): optimizer state, step, data order, history."""
         with open(os.path.join(folder, "trainer_state.json")) as f:
             state = json.load(f)
-        saved = pg.load_safetensors(os.path.join(folder, "optimizer.safetensors"), device=self.model.device)
-        # the scalars (lr, b1_t, b2_t) come back from pg.load_safetensors as shape (1,); load_state_dict wants ()
-        shapes = {name: t.shape for name, t in self.opt.state_dict().items()}
-        self.opt.load_state_dict({name: t.reshape(shapes.get(name, t.shape)) for name, t in saved.items()})
+        self.opt.load_state_dict(self.read_optimizer(folder))
         self.step = state["step"]
         self.rng.bit_generator.state = state["rng"]
         self.history = state["history"]
+
+    def read_optimizer(self, folder: str) -> dict:
+        saved = pg.load_safetensors(os.path.join(folder, "optimizer.safetensors"), device=self.model.device)
+        # the scalars (lr, b1_t, b2_t) come back from pg.load_safetensors as shape (1,); load_state_dict wants ()
+        shapes = {name: t.shape for name, t in self.opt.state_dict().items()}
+        return {name: t.reshape(shapes.get(name, t.shape)) for name, t in saved.items()}
 
     def save(self) -> bool:
         return save_checkpoint(self.out, self.model, self.tokenizer, self.opt, self.state())
@@ -1677,9 +1733,8 @@ class Trainer:
         """Train until cfg.steps; returns "done", "interrupted" (Ctrl-C, checkpoint saved) or "diverged" (a
         non-finite loss; the last good checkpoint is left as it was)."""
         cfg = self.cfg
-        device = self.model.device
         tokens_per_step = cfg.accum * cfg.batch_size * cfg.seq_len
-        bar = ProgressBar(cfg.steps, self.step)
+        bar = ProgressBar(cfg.steps, self.step, self.progress)
         began = time.perf_counter()
         # a time budget is turned into a step count once a few steps are timed, while the warmup still runs, so
         # the cosine schedule knows its length before it starts; the first step (tracing, compiling) is not timed
@@ -1692,7 +1747,7 @@ class Trainer:
             previous_handler = signal.signal(signal.SIGINT, self.request_stop)
         try:
             while self.step < cfg.steps:
-                if self.stop_requested:
+                if self.stopping():
                     bar.close()
                     saved = self.save()
                     where = f"saved to {self.out}" if saved else "not saved (weights are not finite)"
@@ -1702,7 +1757,7 @@ class Trainer:
                 self.opt.lr = lr_at(self.step, cfg)
                 x, y = sample_windows(self.corpus.train, self.rng, (cfg.accum, cfg.batch_size), cfg.seq_len)
                 start = time.perf_counter()
-                loss = self.train_step(pg.Tensor(x, device=device), pg.Tensor(y, device=device)).item()
+                loss = self.train_batch(x, y)
                 took = time.perf_counter() - start
                 if not math.isfinite(loss):
                     bar.close()
@@ -1717,7 +1772,8 @@ class Trainer:
                     per_step = (time.perf_counter() - replay_began) / (calibrate_at - timed_from)
                     remaining = cfg.time_budget - (time.perf_counter() - began)
                     # a tenth of the budget is left for validation and checkpoints
-                    cfg.steps = max(self.step, min(cfg.steps, self.step + int(0.9 * remaining / per_step)))
+                    steps = max(self.step, min(cfg.steps, self.step + int(0.9 * remaining / per_step)))
+                    cfg.steps = int(self.agree(steps, "min"))
                     bar.total = cfg.steps
                 bar.update(self.step, loss, self.opt.lr, tokens_per_step / took)
                 if self.step % self.eval_every() == 0 or self.step == cfg.steps:
@@ -1837,11 +1893,17 @@ def plot_losses(history: dict, path: str | None = None, baseline: float | None =
 
 
 def train(cfg: TrainConfig | None = None, model_config: LlamaConfig | None = None, out: str = "runs/llama",
-          device=None, resume: str | None = None, steps: int | None = None, log=print, on_step=None) -> Trainer:
+          device=None, resume: str | None = None, steps: int | None = None, log=print, on_step=None, mesh=None,
+          bucket_mb: float = 25.0) -> Trainer:
     """Set up and run a training job (the `train` command); bad data or an unwritable `out` fail before any step.
 
     A new run needs cfg and model_config. resume continues a checkpoint folder with its own saved TrainConfig,
-    to its saved step count or to `steps`; the outcome is in the returned trainer's .outcome."""
+    to its saved step count or to `steps`; the outcome is in the returned trainer's .outcome. With a dist.Mesh,
+    this process trains its part of the model (see ParallelTrainer); every rank calls train() alike, rank 0 logs
+    and writes the checkpoints."""
+    if mesh is not None and mesh.rank != 0:
+        def log(*_):
+            pass
     if resume is not None:
         with open(os.path.join(resume, "trainer_state.json")) as f:
             saved = json.load(f)
@@ -1857,24 +1919,475 @@ def train(cfg: TrainConfig | None = None, model_config: LlamaConfig | None = Non
     if cfg.seq_len > model_config.max_seq_len:
         raise ValueError(f"seq_len {cfg.seq_len} is longer than the model's context window "
                          f"{model_config.max_seq_len}")
-    check_writable(out)
+    if mesh is None:
+        check_writable(out)
+    else:
+        check_parallel(model_config, cfg, mesh)
+        # rank 0 writes the checkpoints; the others learn whether it can
+        problem = ""
+        if mesh.rank == 0:
+            try:
+                check_writable(out)
+            except ValueError as e:
+                problem = str(e)
+        if mesh.world.allreduce_number(float(bool(problem)), "max"):
+            raise ValueError(problem or f"cannot write checkpoints to {out} (on rank 0)")
     if resume is None:
         weights = Llama.init_weights(model_config, cfg.seed)
-    model = Llama(model_config, weights, device=device, requires_grad=True)
-    trainer = Trainer(model, cfg, corpus, out, log=log)
+    if mesh is None:
+        model = Llama(model_config, weights, device=device, requires_grad=True)
+        trainer = Trainer(model, cfg, corpus, out, log=log)
+    else:
+        model = Llama(model_config, shard_weights(model_config, weights, mesh), device=device, requires_grad=True,
+                      mesh=mesh)
+        trainer = ParallelTrainer(model, cfg, corpus, out, mesh, log=log, bucket_mb=bucket_mb)
     if resume is not None:
         trainer.load_state(resume)
-    n_params = sum(t.numel() for t in model.parameters())
+    n_params = sum(math.prod(shape) for name, shape in weight_shapes(model_config).items()
+                   if name in parameter_names(model_config))
     log(f"data: {corpus.description}; {len(corpus.train):,} training and {len(corpus.val):,} validation tokens")
     log(f"model: {n_params:,} parameters (dim {model_config.dim}, {model_config.n_layers} layers, "
         f"{model_config.n_heads} heads, {model_config.n_kv_heads} kv heads, hidden {model_config.hidden_dim}); "
         f"{cfg.accum} x {cfg.batch_size} x {cfg.seq_len} tokens a step on {model.device}, "
         + (f"for {cfg.time_budget:.0f} s (at most {cfg.steps} steps)" if cfg.time_budget else f"{cfg.steps} steps"))
+    if mesh is not None:
+        log(f"mesh: {mesh.size} processes, pipeline {mesh.pp} x data {mesh.dp} x tensor {mesh.tp} "
+            f"({len(trainer.chunks)} gradient bucket{'s' * (len(trainer.chunks) != 1)} on rank 0)")
     log(f"unigram baseline: {trainer.unigram:.4f} nats/token")
     if trainer.step:
         log(f"resuming at step {trainer.step} from {resume}")
     trainer.outcome = trainer.run(on_step)
     return trainer
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# parallel training: `mpiexec -n N python llama.py train --pp P --dp D --tp T` with P * D * T = N
+#
+# Ranks form a (pipeline, data, tensor) mesh (dist.py; tensor-fastest rank order). A pipeline stage holds a run of
+# consecutive layers, the first stage also the embedding and the last the final norm and head. Tensor
+# parallelism splits each layer Megatron-style (Llama.block): q, k, v, gate and up are column-parallel (each rank
+# holds whole heads and a slice of the MLP units), o and down row-parallel, summed by one all-reduce each. The
+# embedding, the norms and the head are replicated: every tensor-parallel rank computes the whole head, which
+# keeps the loss an ordinary cross entropy and costs the head's FLOPs on every rank. Data parallel replicas take
+# batch_size / dp rows of every micro-batch and sum their gradients, bucketed (one flat buffer per run of layers)
+# and started while the backward pass of earlier layers still runs. Micro-batches (--accum) flow through the
+# stages in a 1F1B schedule (ParallelTrainer._train_step). A checkpoint is one ordinary Hugging Face folder,
+# gathered to rank 0, whatever the mesh; any mesh (or one process) can load it.
+
+# the axis of each layer weight that tensor parallelism splits (absent: replicated)
+TP_SPLIT = {"self_attn.q_proj.weight": 0, "self_attn.k_proj.weight": 0, "self_attn.v_proj.weight": 0,
+            "self_attn.o_proj.weight": 1, "mlp.gate_proj.weight": 0, "mlp.up_proj.weight": 0,
+            "mlp.down_proj.weight": 1}
+
+
+def stage_layers(config: LlamaConfig, pp: int, stage: int) -> range:
+    """The layers of one pipeline stage: a run of consecutive layers, at least one, chosen so that the slowest
+    stage is as fast as it can be. Work is counted as matmul weights per token: a layer's projections, and the head
+    on the last stage (a 32000-word vocabulary costs as much as three or four layers of a small model)."""
+    return pipeline_split(config.n_layers, pp, layer_weights(config), config.vocab_size * config.dim)[stage]
+
+
+def layer_weights(config: LlamaConfig) -> int:
+    q_dim = config.n_heads * config.head_dim
+    return config.dim * (2 * q_dim + 2 * config.kv_dim) + 3 * config.dim * config.hidden_dim
+
+
+@functools.cache
+def pipeline_split(n_layers: int, pp: int, layer_cost: int, head_cost: int) -> list[range]:
+    """n_layers layers of equal cost cut into pp runs of at least one, the last run also paying head_cost: the
+    last stage's share is chosen to make the costliest stage as cheap as possible (then the stages as even as
+    possible), the other stages share the rest evenly, earlier ones taking any extra layer."""
+    if pp == 1:
+        return [range(n_layers)]
+    best = None
+    for last in range(1, n_layers - pp + 2):
+        base, extra = divmod(n_layers - last, pp - 1)
+        sizes = [base + (s < extra) for s in range(pp - 1)] + [last]
+        costs = [n * layer_cost for n in sizes[:-1]] + [last * layer_cost + head_cost]
+        key = (max(costs), max(costs) - min(costs), last)
+        if best is None or key < best[0]:
+            best = (key, sizes)
+    starts = np.cumsum([0] + best[1]).tolist()
+    return [range(starts[s], starts[s + 1]) for s in range(pp)]
+
+
+def layer_of(name: str) -> int | None:
+    """The layer a weight belongs to (model.layers.3.mlp... -> 3), None for the embedding, final norm and head."""
+    if not name.startswith("model.layers."):
+        return None
+    return int(name.split(".")[2])
+
+
+def tp_axis(name: str) -> int | None:
+    """The axis tensor parallelism splits this weight along, None if it is replicated."""
+    if layer_of(name) is None:
+        return None
+    return TP_SPLIT.get(name.split(".", 3)[3])
+
+
+def stage_of(name: str, config: LlamaConfig, pp: int) -> int:
+    layer = layer_of(name)
+    if layer is None:
+        return 0 if name == "model.embed_tokens.weight" else pp - 1
+    return next(s for s in range(pp) if layer in stage_layers(config, pp, s))
+
+
+def parameter_names(config: LlamaConfig) -> list[str]:
+    """The single-process model's parameters in order (what AdamW.state_dict's m.i and v.i count)."""
+    return [name for name in weight_shapes(config) if not (name == "lm_head.weight" and config.tie_word_embeddings)]
+
+
+def check_parallel(config: LlamaConfig, cfg: TrainConfig, mesh) -> None:
+    """ValueError, the same on every rank, if the model or batch cannot be split over the mesh."""
+    problems = []
+    counts = {"n_heads": config.n_heads, "n_kv_heads": config.n_kv_heads, "hidden_dim": config.hidden_dim}
+    uneven = [f"{what} = {count}" for what, count in counts.items() if count % mesh.tp]
+    if uneven:
+        problems.append(f"--tp {mesh.tp} does not divide {', '.join(uneven)} (tensor parallelism gives each rank an "
+                        f"equal share of the attention heads, key/value heads and MLP units)")
+    if config.n_layers < mesh.pp:
+        problems.append(f"{config.n_layers} layers cannot fill --pp {mesh.pp} pipeline stages (each needs a layer)")
+    if cfg.batch_size % mesh.dp:
+        problems.append(f"batch size {cfg.batch_size} is not divisible by --dp {mesh.dp} (each data-parallel rank "
+                        f"takes an equal share of every micro-batch)")
+    if problems:
+        raise ValueError("cannot split the model over the mesh: " + "; ".join(problems))
+
+
+def shard_weights(config: LlamaConfig, weights: dict, mesh) -> dict[str, np.ndarray]:
+    """The part of a whole model's weights that this rank holds: its stage's layers, sliced for its tensor rank.
+    A tied head with pipeline stages is a copy of the embedding on the last stage (ParallelTrainer keeps the
+    two equal by summing their gradients)."""
+    shard = {}
+    for name, array in weights.items():
+        if stage_of(name, config, mesh.pp) != mesh.pp_rank:
+            continue
+        axis = tp_axis(name)
+        if axis is not None:
+            array = np.split(array, mesh.tp, axis=axis)[mesh.tp_rank]
+        shard[name] = array
+    return shard
+
+
+@dataclasses.dataclass
+class Chunk:
+    """A run of one stage's layers whose gradients are all-reduced as one bucket. first: it starts with the
+    embedding; last: it ends with the norm, head and loss. params: (name, tensor) of the weights it trains."""
+
+    layers: range
+    first: bool
+    last: bool
+    params: list
+
+
+def plan_chunks(model: Llama, bucket_bytes: float) -> list[Chunk]:
+    """Split the stage into chunks of about bucket_bytes of parameters (one chunk when there is no data
+    parallelism, since there is nothing to overlap). Backward runs chunk by chunk, last first; once a chunk's
+    gradients are complete their bucket's all-reduce starts while earlier chunks compute."""
+    mesh = model.mesh
+    first, last = mesh.pp_rank == 0, mesh.pp_rank == mesh.pp - 1
+    params = model.state_dict()
+    groups, size = [[]], 0
+    for i in model.layers:
+        if groups[-1] and size >= bucket_bytes and mesh.dp > 1:
+            groups.append([])
+            size = 0
+        groups[-1].append(i)
+        size += sum(t.numel() * 4 for name, t in params.items() if layer_of(name) == i)
+    chunks = []
+    for k, layers in enumerate(groups):
+        is_first, is_last = first and k == 0, last and k == len(groups) - 1
+        names = [name for name in params if layer_of(name) in layers
+                 or (is_first and name == "model.embed_tokens.weight")
+                 or (is_last and name in ("model.norm.weight", "lm_head.weight"))]
+        chunks.append(Chunk(range(layers[0], layers[-1] + 1), is_first, is_last, [(n, params[n]) for n in names]))
+    return chunks
+
+
+class Pipe:
+    """Activations forward and their gradients backward between neighbouring pipeline stages. The combined
+    calls (send_forward_recv_backward, send_backward_recv_forward) post a send and a receive together, which is
+    what keeps two stages that both have something to send from waiting on each other forever."""
+
+    def __init__(self, mesh, token: pg.Tensor):
+        self.group, self.stage = mesh.pp_group, mesh.pp_rank
+        self.first, self.last = mesh.pp_rank == 0, mesh.pp_rank == mesh.pp - 1
+        self.token = token
+
+    def _exchange(self, send, to, shape, source):
+        out = self.group.exchange(send, to, shape, source, token=self.token).realize()
+        return out if shape is not None else None
+
+    def recv_forward(self, shape, grad=True):
+        """The previous stage's output, as a leaf of this stage's graph (None on the first stage)."""
+        if self.first:
+            return None
+        x = self._exchange(None, None, shape, self.stage - 1)
+        return x.requires_grad_() if grad else x
+
+    def send_forward(self, y):
+        if not self.last:
+            self._exchange(y, self.stage + 1, None, None)
+
+    def send_forward_recv_backward(self, y):
+        """Send an output, receive the gradient of an earlier one (None on the last stage, whose output is a loss)."""
+        if self.last:
+            return None
+        return self._exchange(y, self.stage + 1, y.shape, self.stage + 1)
+
+    def recv_backward(self, shape):
+        return None if self.last else self._exchange(None, None, shape, self.stage + 1)
+
+    def send_backward(self, g):
+        if not self.first:
+            self._exchange(g, self.stage - 1, None, None)
+
+    def send_backward_recv_forward(self, g, shape):
+        if self.first:
+            return None
+        return self._exchange(g, self.stage - 1, shape, self.stage - 1).requires_grad_()
+
+
+class ParallelTrainer(Trainer):
+    """Trainer for one rank of a mesh: the same loop, data and checkpoints as Trainer, with a step that runs this
+    rank's pipeline stage under a 1F1B schedule, all-reduces gradients over data-parallel replicas and clips by
+    the global norm over the whole model."""
+
+    def __init__(self, model: Llama, cfg: TrainConfig, corpus: Corpus, out: str, mesh, log=print, bucket_mb=25.0):
+        self.mesh = mesh
+        super().__init__(model, cfg, corpus, out, log)
+        self.first, self.last = mesh.pp_rank == 0, mesh.pp_rank == mesh.pp - 1
+        self.chunks = plan_chunks(model, bucket_mb * 2**20)
+        # a realized scalar on this rank's device: what an exchange that only receives takes as its input
+        self.token = pg.zeros(1, device=model.device).contiguous().realize()
+        self.pipe = Pipe(mesh, self.token)
+        self.buckets = []   # (params, flat gradients, started all-reduce) of the step in progress
+        # with pipeline stages, a tied head is a copy of the embedding on the last stage: the two copies' gradients
+        # are summed over the first and last stage, so both take the same update
+        w = model.weights
+        self.tied = None
+        if model.config.tie_word_embeddings and mesh.pp > 1:
+            self.tied = w["model.embed_tokens.weight"] if self.first else w["lm_head.weight"] if self.last else None
+        # the gradient norm counts every weight of the model once: tensor-parallel slices on every rank,
+        # replicated weights on tensor rank 0, and a tied head on the first stage only
+        self.counted = [p for name, p in model.state_dict().items()
+                        if (tp_axis(name) is not None or mesh.tp_rank == 0) and not (p is self.tied and not self.first)]
+        if mesh.rank != 0:
+            self.progress = open(os.devnull, "w")  # noqa: SIM115 (the progress bar's sink for the run's length)
+
+    # -- one optimizer step on this rank
+    def _train_step(self, tokens: pg.Tensor, targets: pg.Tensor) -> pg.Tensor:
+        # tokens, targets: [accum, batch / dp, seq], this replica's rows of every micro-batch. 1F1B: stage s first
+        # runs pp - s - 1 forwards (the warmup that fills the pipeline), then alternates one forward and one
+        # backward, then drains the remaining backwards, so at most pp - s micro-batches hold activations
+        mesh, pipe = self.mesh, self.pipe
+        n = tokens.shape[0]
+        shape = (tokens.shape[1], tokens.shape[2], self.model.config.dim)
+        # the mean over all micro-batches and replicas (the data-parallel all-reduce sums)
+        scale = 1.0 / (n * mesh.dp)
+        warmup = min(mesh.pp - mesh.pp_rank - 1, n)
+        live, losses = {}, []
+
+        def forward(i, x):
+            live[i] = self._forward(x, tokens[i], targets[i], scale)
+            out = live[i][-1][1]
+            if self.last:
+                losses.append(out.detach())
+            return out
+
+        def backward(i, g):
+            return self._backward(live.pop(i), g, final=i == n - 1)
+
+        for i in range(warmup):
+            pipe.send_forward(forward(i, pipe.recv_forward(shape)))
+        x = pipe.recv_forward(shape) if warmup < n else None
+        for k in range(n - warmup):
+            g = pipe.send_forward_recv_backward(forward(warmup + k, x))
+            gx = backward(k, g)
+            if k == n - warmup - 1:
+                pipe.send_backward(gx)
+            else:
+                x = pipe.send_backward_recv_forward(gx, shape)
+        for k in range(n - warmup, n):
+            pipe.send_backward(backward(k, pipe.recv_backward(shape)))
+        self._finish_gradients()
+        self.opt.step()
+        self.opt.zero_grad()
+        total = pg.Tensor.full((), 0.0, device=self.model.device)
+        for loss in losses:
+            total = total + loss
+        return total
+
+    def _forward(self, x, tokens, targets, scale) -> list:
+        """This stage's forward pass of one micro-batch, chunk by chunk: [(chunk input leaf, chunk output)], the
+        last output being the stage's output (or, on the last stage, the scaled loss)."""
+        m = self.model
+        cos, sin, attend = m.causal(tokens.shape[-1])
+        pieces = []
+        for k, chunk in enumerate(self.chunks):
+            if k > 0:
+                # the next chunk starts from a leaf, so its backward can run (and finish its bucket) on its own
+                x = pieces[-1][1].detach().requires_grad_()
+            h = m.embed(tokens) if chunk.first else x
+            for i in chunk.layers:
+                h = m.block(i, h, cos, sin, attend)
+            if chunk.last:
+                logits = m.head(h)
+                h = pg.cross_entropy(logits.reshape(-1, m.config.vocab_size), targets.reshape(-1)) * scale
+            pieces.append((None if chunk.first else x, h))
+        return pieces
+
+    def _backward(self, pieces, g, final):
+        """Backward through the chunks of one micro-batch, last first, from the gradient g of the stage output
+        (None on the last stage: the output is the loss). In the final micro-batch a chunk's gradients are
+        complete once its backward ran: its bucket's all-reduce starts then. Returns the gradient of the stage
+        input (None on the first stage)."""
+        for k in reversed(range(len(pieces))):
+            x, out = pieces[k]
+            if g is None:
+                out.backward()
+            else:
+                out.backward(g)
+            if final and self.mesh.dp > 1:
+                self._start_bucket(self.chunks[k])
+            g = None if x is None else x.grad
+        return g
+
+    def _start_bucket(self, chunk):
+        params = [p for _, p in chunk.params]
+        with pg.no_grad():
+            flat = pg.cat([p.grad.reshape(-1) for p in params])
+            # realized here, so the collective is issued before the next chunk's backward: on a GPU it runs on
+            # NCCL's side stream while those kernels run; MPI (the CPU) progresses it only inside MPI calls
+            started = self.mesh.dp_group.all_reduce_start(flat).realize()
+        self.buckets.append((params, flat, started))
+
+    def _finish_gradients(self):
+        """Wait for the buckets, sum a tied embedding over its two stages, and clip by the global norm. Blocking
+        collectives are realized one at a time, so every rank meets them in the same order."""
+        mesh = self.mesh
+        with pg.no_grad():
+            for params, flat, started in self.buckets:
+                summed = mesh.dp_group.all_reduce_finish(started, flat).realize()
+                offset = 0
+                for p in params:
+                    p.grad = summed[offset:offset + p.numel()].reshape(p.shape)
+                    offset += p.numel()
+            self.buckets = []
+            if self.tied is not None:
+                self.tied.grad = mesh.ends_group.all_reduce(self.tied.grad).realize()
+            # pg.clip_grad_norm_, with the sum of squares completed over the ranks that hold the model's pieces
+            total = pg.Tensor.full((), 0.0, device=self.model.device)
+            for p in self.counted:
+                total = total + (p.grad * p.grad).sum()
+            norm = mesh.model_group.all_reduce(total).realize().sqrt()
+            scale = (self.cfg.grad_clip / (norm + 1e-6)).minimum(1.0)
+            for p in self.opt.params:
+                p.grad = p.grad * scale
+
+    def _eval_step(self, tokens: pg.Tensor, targets: pg.Tensor) -> pg.Tensor:
+        m = self.model
+        with pg.no_grad():
+            x = self.pipe.recv_forward((tokens.shape[0], tokens.shape[1], m.config.dim), grad=False)
+            cos, sin, attend = m.causal(tokens.shape[1])
+            h = m.embed(tokens) if self.first else x
+            for i in m.layers:
+                h = m.block(i, h, cos, sin, attend)
+            if self.last:
+                return pg.cross_entropy(m.head(h).reshape(-1, m.config.vocab_size), targets.reshape(-1))
+            self.pipe.send_forward(h)
+            return pg.Tensor.full((), 0.0, device=m.device)
+
+    # -- the loop's hooks: this replica's rows of each batch, and numbers every rank agrees on
+    def _rows(self, array: np.ndarray) -> np.ndarray:
+        rows = array.shape[-2] // self.mesh.dp
+        return np.ascontiguousarray(array[..., self.mesh.dp_rank * rows:(self.mesh.dp_rank + 1) * rows, :])
+
+    def _loss(self, local: float, scale: float) -> float:
+        """The loss every rank reports: the last stage's, summed over data replicas (tensor rank 0 only, since the
+        other tensor ranks hold the same number)."""
+        counts = self.last and self.mesh.tp_rank == 0
+        return self.mesh.world.allreduce_number(local * scale if counts else 0.0)
+
+    def train_batch(self, x: np.ndarray, y: np.ndarray) -> float:
+        device = self.model.device
+        local = self.train_step(pg.Tensor(self._rows(x), device=device), pg.Tensor(self._rows(y), device=device))
+        return self._loss(local.item(), 1.0)
+
+    def evaluate(self) -> float:
+        device = self.model.device
+        losses = []
+        for x, y in self.val_batches:
+            local = self.eval_step(pg.Tensor(self._rows(x), device=device), pg.Tensor(self._rows(y), device=device))
+            losses.append(self._loss(local.item(), 1.0 / self.mesh.dp))
+        return float(np.mean(losses))
+
+    def stopping(self) -> bool:
+        return self.agree(float(self.stop_requested), "max") > 0
+
+    def agree(self, value: float, op: str) -> float:
+        return self.mesh.world.allreduce_number(value, op)
+
+    # -- checkpoints: gathered to rank 0, which writes the same folder a single process would
+    def save(self) -> bool:
+        weights, optimizer_state = gather_checkpoint(self.model, self.opt, self.mesh)
+        ok = True
+        if self.mesh.rank == 0:
+            ok = write_checkpoint(self.out, self.model.config, weights, self.tokenizer, optimizer_state, self.state())
+        return self.agree(float(ok), "min") > 0
+
+    def read_optimizer(self, folder: str) -> dict:
+        """This rank's slice of a saved optimizer state (saved by any mesh, or by one process)."""
+        saved = pg.read_safetensors(os.path.join(folder, "optimizer.safetensors"))
+        config, device = self.model.config, self.model.device
+        names = parameter_names(config)
+        state = {key: pg.Tensor(np.asarray(saved[key], np.float32).reshape(()), device=device)
+                 for key in ("lr", "b1_t", "b2_t")}
+        for j, (name, _) in enumerate(self.model.state_dict().items()):
+            # the last stage's copy of a tied head shares the embedding's moments
+            k = names.index("model.embed_tokens.weight" if name not in names else name)
+            for moment in ("m", "v"):
+                array = saved[f"{moment}.{k}"]
+                axis = tp_axis(name)
+                if axis is not None:
+                    array = np.split(array, self.mesh.tp, axis=axis)[self.mesh.tp_rank]
+                state[f"{moment}.{j}"] = pg.Tensor(np.ascontiguousarray(array, np.float32), device=device)
+        return state
+
+
+def gather_checkpoint(model: Llama, opt, mesh) -> tuple[dict | None, dict | None]:
+    """Every weight and its AdamW moments, whole, as numpy arrays on rank 0 (None elsewhere), named as a single
+    process names them. The holders of each weight (data rank 0 of its stage; every tensor rank if it is split)
+    send their slices to rank 0 in a fixed order, which rank 0 receives and joins."""
+    config = model.config
+    local = model.state_dict()
+    index = {id(p): j for j, p in enumerate(opt.params)}
+    shapes = weight_shapes(config)
+    weights, moments = {}, {}
+    for k, name in enumerate(parameter_names(config)):
+        axis = tp_axis(name)
+        stage = stage_of(name, config, mesh.pp)
+        holders = [mesh.rank_of(stage, 0, t) for t in (range(mesh.tp) if axis is not None else [0])]
+        mine = None
+        if mesh.rank in holders:
+            j = index[id(local[name])]
+            mine = [local[name].numpy(), opt.m[j].numpy(), opt.v[j].numpy()]
+            if mesh.rank != 0:
+                for part, array in enumerate(mine):
+                    mesh.world.send_array(array, 0, tag=3 * k + part)
+        if mesh.rank != 0:
+            continue
+        shape = list(shapes[name])
+        if axis is not None:
+            shape[axis] //= mesh.tp
+        pieces = [mine if rank == 0 else [mesh.world.recv_array(shape, np.float32, rank, tag=3 * k + part)
+                                          for part in range(3)] for rank in holders]
+        whole = [np.concatenate(parts, axis=axis) if axis is not None else parts[0] for parts in zip(*pieces)]
+        weights[name], moments[f"m.{k}"], moments[f"v.{k}"] = whole
+    if mesh.rank != 0:
+        return None, None
+    state = {"lr": np.array(opt.lr, np.float32), "b1_t": opt.b1_t.numpy(), "b2_t": opt.b2_t.numpy(), **moments}
+    return weights, state
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1948,11 +2461,21 @@ def cmd_train(args) -> int:
                                    bos_token_id=ByteTokenizer.BOS, eos_token_id=ByteTokenizer.BOS)
     out = args.out or args.resume or "runs/llama"
     start = time.perf_counter()
-    trainer = train(cfg, model_config, out=out, device=args.device, resume=args.resume, steps=args.steps)
+    mesh, device = None, args.device
+    if dist.launched_size() > 1 or max(args.pp, args.tp, args.dp or 1) > 1:
+        # one process per device: the mesh, then this rank's device and its NCCL communicators
+        dp = args.dp or max(1, dist.launched_size() // (args.pp * args.tp))
+        mesh = dist.init(pp=args.pp, dp=dp, tp=args.tp)
+        device = mesh.local_device(args.device or os.environ.get("DEVICE", "CPU"))
+        mesh.connect(device)
+    trainer = train(cfg, model_config, out=out, device=device, resume=args.resume, steps=args.steps, mesh=mesh,
+                    bucket_mb=args.bucket_mb)
     if trainer.outcome == "diverged":
         return 1
     if trainer.outcome == "interrupted":
         return 130
+    if mesh is not None and mesh.rank != 0:
+        return 0
     history = trainer.history
     tail = [loss for _, loss in history["train"][-20:]]
     val = history["val"][-1][1] if history["val"] else float("nan")
@@ -1960,8 +2483,11 @@ def cmd_train(args) -> int:
           f"{len(tail)} steps), validation loss {val:.4f}, unigram baseline {trainer.unigram:.4f} nats/token")
     print(plot_losses(history, os.path.join(out, "loss.png"), trainer.unigram))
     print(f"checkpoint: {out} (try `python llama.py generate --checkpoint {out} --prompt 'def '`)")
-    print("sample:")
-    sample_text(trainer.model, trainer.tokenizer, args.prompt, args.sample_tokens, 0.8, 0.95, args.seed)
+    if args.sample_tokens > 0:
+        print("sample:")
+        # a parallel run samples from its checkpoint, loaded whole into this one process
+        model = trainer.model if mesh is None else Llama.from_pretrained(out, device=device)
+        sample_text(model, trainer.tokenizer, args.prompt, args.sample_tokens, 0.8, 0.95, args.seed)
     return 0
 
 
@@ -2008,6 +2534,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--seed", type=int, default=TrainConfig.seed)
     tr.add_argument("--prompt", default="def ", help="start of the sample written after training")
     tr.add_argument("--sample-tokens", type=int, default=200)
+    tr.add_argument("--pp", type=int, default=1, help="pipeline stages (under mpiexec; pp * dp * tp processes)")
+    tr.add_argument("--dp", type=int, default=None, help="data-parallel replicas (default: processes / (pp * tp))")
+    tr.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (split attention heads and MLP units)")
+    tr.add_argument("--bucket-mb", type=float, default=25.0, help="data-parallel gradient bucket size in MiB")
     return parser
 
 
@@ -2024,7 +2554,14 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:
         # bad input (a corrupt checkpoint, a mismatched tokenizer, an unreadable file): the message is the
         # answer, a traceback would only bury it
-        print(f"error: {e}", file=sys.stderr)
+        if dist.launched_size() == 1:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        # under mpiexec every rank usually meets the same error: each says it, and they wait briefly for one
+        # another, so that no rank's exit makes mpiexec kill the others before they have said it too
+        sys.stderr.write(f"[rank {dist.launched_rank()}] error: {e}\n")   # one write: ranks share the terminal
+        sys.stderr.flush()
+        dist.settle()
         return 2
     except KeyboardInterrupt:
         # a second Ctrl-C during training, or one during generation
