@@ -15,20 +15,30 @@ What is checked:
   - graph capture (@pg.compile): replays agree with graph and eager mode, compile nothing new, re-trace on new
     signatures and rebound state;
   - the compiler fuzzed against torch with random graphs;
-  - llama.py: loaders, tokenizers, the model against transformers and llama2.c, generation, training, the CLI.
+  - llama.py: loaders, tokenizers, the model against transformers and llama2.c, generation, training, the CLI;
+  - the CUDA backend: its kernels rendered and compiled by NVRTC for sm_90 (no GPU needed), run on a CPU emulator
+    of the CUDA execution model, and on a GPU where one is present (`make test-gpu` runs the whole file there);
+  - parallel training (dist.py): collectives and every (pipeline, data, tensor) mesh against one process, through
+    mpiexec.
 
 Inputs are drawn fresh for each call from a generator seeded by PICOGRAD_TEST_SEED (default 0), so a failure
 reproduces with the same seed and the same selection of tests.
 """
 
+import ctypes
+import hashlib
+import importlib.util
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import struct
 import subprocess
 import sys
+import tempfile
+import threading
 
 import numpy as np
 import pytest
@@ -38,8 +48,11 @@ from hypothesis import HealthCheck, given, seed, settings, strategies as st
 from safetensors.numpy import load_file as st_load_file
 from safetensors.numpy import save_file as st_save_file
 
+import compile as compiler
 import llama
+import ops_cuda
 import picograd as pg
+from picograd import Tensor
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RNG = np.random.default_rng(int(os.environ.get("PICOGRAD_TEST_SEED", "0")))
@@ -2746,3 +2759,1290 @@ def test_cli_train_then_generate(tmp_path, text_file, capsys, monkeypatch):
     assert "decode:" in capsys.readouterr().err
     assert llama.main(["train", "--data", str(tmp_path / "missing.txt"), "--out", out]) == 2
     assert "missing.txt" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Tests of the CUDA backend (ops_cuda.py), in three layers, so that most of it is checked on machines without a GPU:
+#
+#   1. NVRTC (needs cuda-bindings and nvidia-cuda-nvrtc, no GPU): the kernels of a representative set of ops, built
+#      from CPU tensors through compile.create_schedule + compile.lower_kernel, render with the launch plan we
+#      expect (16-byte loads, warp/block trees, strided splits, fp32 and tf32 matmul templates, bounds checks) and
+#      compile to sm_90 cubins; compile errors carry NVRTC's log and the source; cubins are cached on disk;
+#   2. an emulator (needs g++, no GPU): the same CUDA source compiled as C++ with one OS thread per CUDA thread,
+#      real barriers for __syncthreads, emulated warp shuffles and m16n8k8 tf32 mma fragments, and UBSan alignment
+#      checks on the 16-byte vector accesses, registered as device "CUDA:15". Whole picograd programs (training
+#      steps included) run on it and are compared with numpy in float64. This is what checks the templates'
+#      index arithmetic, edge predication, fragment layouts and reduction trees without a GPU;
+#   3. GPU (skipped without one): tf32 and fp32 matmul error against float64, copies both ways, the allocator's
+#      steady state, out-of-memory and index errors.
+# cuda_selfcheck.py runs a wider version of layer 3 with a PASS/FAIL table.
+
+
+CUDA_RNG = np.random.default_rng(int(os.environ.get("PICOGRAD_TEST_SEED", "0")))
+
+
+def randn(*shape):
+    return CUDA_RNG.standard_normal(shape).astype(np.float32)
+
+
+def _have_nvrtc():
+    try:
+        ops_cuda.nvrtc_version()
+        return True
+    except Exception:
+        return False
+
+
+def _have_gpu():
+    try:
+        pg.Device["CUDA:0"]
+        return True
+    except Exception:
+        return False
+
+
+HAVE_NVRTC = _have_nvrtc()
+HAVE_GPU = _have_gpu()
+HAVE_GXX = shutil.which(os.environ.get("CXX", "g++")) is not None
+needs_nvrtc = pytest.mark.skipif(not HAVE_NVRTC, reason="cuda-bindings / NVRTC not installed")
+needs_gpu = pytest.mark.skipif(not HAVE_GPU, reason="no CUDA GPU")
+needs_gxx = pytest.mark.skipif(not HAVE_GXX, reason="no g++ for the CUDA emulator")
+
+
+@pytest.fixture
+def tf32():
+    old = pg.TF32
+    pg.TF32 = True
+    yield
+    pg.TF32 = old
+
+
+@pytest.fixture
+def fp32():
+    old = pg.TF32
+    pg.TF32 = False
+    yield
+    pg.TF32 = old
+
+
+def lowered(*tensors):
+    """The kernels (compile.Kernel) that realizing these CPU tensors would run, in order."""
+    items = compiler.create_schedule([t.uop for t in tensors], [None] * len(tensors))
+    return [compiler.lower_kernel(item.ast, [b.size for b in item.bufs]) for item in items if item.ast is not None]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 1. Rendering and NVRTC, no GPU
+
+
+def _case_elementwise_wide():
+    a, b = Tensor(randn(64, 128)), Tensor(randn(128))
+    return [(a * b + 1.0).exp()]
+
+
+def _case_elementwise_odd():
+    return [Tensor(randn(7, 13)).relu() * 3.0]
+
+
+def _case_reduce_contiguous():
+    return [Tensor(randn(64, 300)).sum(1)]
+
+
+def _case_reduce_long_row():
+    return [Tensor(randn(8, 5000)).max(1)]
+
+
+def _case_reduce_strided():
+    return [Tensor(randn(300, 64)).sum(0)]
+
+
+def _case_reduce_all():
+    return [Tensor(randn(200, 150)).mean()]
+
+
+def _case_matmul():
+    return [(Tensor(randn(96, 80)) @ Tensor(randn(80, 72)) + Tensor(randn(72))).relu()]
+
+
+def _case_batched_matmul_transposed():
+    return [Tensor(randn(3, 40, 24)) @ Tensor(randn(3, 56, 24)).transpose(1, 2)]
+
+
+def _case_gather():
+    table = Tensor(randn(50, 16))
+    return [table[Tensor(np.array([3, 0, 49, 7], dtype=np.int32))]]
+
+
+def _case_softmax():
+    return [Tensor(randn(32, 100)).softmax(-1)]
+
+
+CUDA_CASES = {
+    "elementwise_wide": (_case_elementwise_wide, {"wide"}, ["float4"]),
+    "elementwise_odd": (_case_elementwise_odd, {"elementwise"}, []),
+    "reduce_contiguous": (_case_reduce_contiguous, {"warp"}, ["__shfl_xor_sync"]),
+    "reduce_long_row": (_case_reduce_long_row, {"block"}, ["__shfl_xor_sync", "__syncthreads"]),
+    "reduce_strided": (_case_reduce_strided, {"split"}, ["__syncthreads"]),
+    "reduce_all": (_case_reduce_all, {"block"}, ["__shfl_xor_sync"]),
+    "matmul_fp32": (_case_matmul, {"sgemm"}, ["fmaf", "__shared__"]),
+    "batched_matmul": (_case_batched_matmul_transposed, {"sgemm"}, ["fmaf"]),
+    "gather_checked": (_case_gather, None, ["pg_check", "int* err"]),
+    "softmax": (_case_softmax, {"warp", "wide"}, ["__shfl_xor_sync"]),
+}
+
+
+@needs_nvrtc
+@pytest.mark.parametrize("name", sorted(CUDA_CASES))
+def test_render_and_compile_for_sm90(name, fp32):
+    make, kinds, needles = CUDA_CASES[name]
+    kernels = lowered(*make())
+    assert kernels
+    seen, sources = set(), []
+    for k in kernels:
+        source, plan = ops_cuda.render_cuda(k, "sm_90")
+        path = ops_cuda.compile_cuda(source, "sm_90", k.name)
+        cubin = compiler.cached_payload(path)
+        assert cubin[:4] == b"\x7fELF", "NVRTC must produce a cubin, not PTX"
+        seen.add(plan.kind)
+        sources.append(source)
+    if kinds is not None:
+        assert kinds <= seen, (kinds, seen)
+    text = "\n".join(sources)
+    for needle in needles:
+        assert needle in text, needle
+
+
+@needs_nvrtc
+@pytest.mark.parametrize("make", [_case_matmul, _case_batched_matmul_transposed], ids=["matmul", "bmm"])
+def test_tf32_matmul_uses_tensor_cores(make, tf32):
+    kernels = lowered(*make())
+    plans = []
+    for k in kernels:
+        source, plan = ops_cuda.render_cuda(k, "sm_90")
+        ops_cuda.compile_cuda(source, "sm_90", k.name)
+        plans.append(plan.kind)
+        if plan.kind == "mma":
+            assert "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32" in source
+            assert "cvt.rna.tf32.f32" in source
+    assert "mma" in plans
+    # the same kernel for a GPU without tf32 tensor cores falls back to the fp32 template
+    for k in kernels:
+        _, plan = ops_cuda.render_cuda(k, "sm_75")
+        assert plan.kind != "mma"
+
+
+@needs_nvrtc
+def test_plans_for_small_and_matvec(fp32):
+    # a matrix-vector product is a reduction (no tile of 1 column), a 3-element row a serial loop
+    k, = lowered(Tensor(randn(64, 256)) @ Tensor(randn(256)))
+    assert ops_cuda.render_cuda(k, "sm_90")[1].kind == "warp"
+    k, = lowered(Tensor(randn(100, 3)).sum(1))
+    assert ops_cuda.render_cuda(k, "sm_90")[1].kind == "serial"
+
+
+@needs_nvrtc
+def test_wide_loads_need_alignment(fp32):
+    # a shifted view (offset 1) or an odd innermost size cannot use 16-byte accesses; a 4-aligned offset can
+    x = Tensor(randn(8, 36))
+    k, = lowered(x[:, 1:33] * 2.0)
+    assert ops_cuda.render_cuda(k, "sm_90")[1].kind == "elementwise"
+    k, = lowered(x[:, 4:36] * 2.0)
+    source, plan = ops_cuda.render_cuda(k, "sm_90")
+    assert plan.kind == "wide" and "float4" in source
+    k, = lowered(Tensor(randn(8, 6)) * 2.0)
+    assert ops_cuda.render_cuda(k, "sm_90")[1].kind == "wide"   # 48 elements merge into one contiguous range
+
+
+@needs_nvrtc
+def test_nvrtc_error_has_log_and_source():
+    bad = 'extern "C" __global__ void broken(float* d0) { d0[0] = no_such_name; }\n'
+    with pytest.raises(RuntimeError) as info:
+        ops_cuda.compile_cuda(bad, "sm_90", "broken")
+    text = str(info.value)
+    assert "no_such_name" in text and "undefined" in text   # NVRTC's log
+    assert bad.strip() in text                                # and the source
+
+
+@needs_nvrtc
+def test_cubins_cached_on_disk_by_source_and_arch(tmp_path, monkeypatch):
+    monkeypatch.setenv("PICOGRAD_CACHE", str(tmp_path))
+    k, = lowered(Tensor(randn(16, 16)).sum(1))
+    source, _ = ops_cuda.render_cuda(k, "sm_90")
+    before = pg.stats()["kernels_from_disk"]
+    path90 = ops_cuda.compile_cuda(source, "sm_90", k.name)
+    assert pg.stats()["kernels_from_disk"] == before
+    assert ops_cuda.compile_cuda(source, "sm_90", k.name) == path90
+    assert pg.stats()["kernels_from_disk"] == before + 1
+    path80 = ops_cuda.compile_cuda(source, "sm_80", k.name)
+    assert path80 != path90 and path80.startswith(str(tmp_path))
+
+
+def test_cuda_unavailable_is_a_clear_runtime_error(monkeypatch):
+    # without cuda-python: the import fails inside the device, naming the package; the CPU is unaffected
+    monkeypatch.setitem(sys.modules, "cuda.bindings", None)
+    monkeypatch.delitem(pg.Device._open, "CUDA:3", raising=False)
+    with pytest.raises(RuntimeError, match="cuda-bindings"):
+        pg.Device["CUDA:3"]
+    assert "CUDA:3" not in pg.Device._open
+    monkeypatch.undo()
+    if not HAVE_GPU and HAVE_NVRTC:
+        # cuda-python present, but no driver or no GPU here
+        with pytest.raises(RuntimeError, match="driver|GPU|CUDA device"):
+            Tensor([1.0, 2.0], device="CUDA").numpy()
+    np.testing.assert_allclose((Tensor([1.0, 2.0]) * 2).numpy(), [2.0, 4.0])
+
+
+def test_mixing_devices_raises_without_touching_the_gpu():
+    a = Tensor(randn(4))
+    with pytest.raises(RuntimeError, match="same device"):
+        a.to("CUDA") + a   # .to is lazy: the graph is refused before any device is opened
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 2. The emulator: the CUDA source, as C++, one OS thread per CUDA thread
+
+# The runtime, built once: launches a kernel's blocks one after another, each as a team of OS threads; barriers for
+# __syncthreads and for the warp-collective operations (shuffles, mma), which fail loudly instead of hanging.
+EMU_RUNTIME = r"""
+#include <atomic>
+#include <barrier>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+struct pg_dim3 { unsigned x, y, z; };
+thread_local pg_dim3 threadIdx, blockIdx;
+pg_dim3 blockDim, gridDim;
+static std::barrier<>* block_barrier;
+static std::vector<std::unique_ptr<std::barrier<>>> warp_barriers;
+static unsigned long long slot[1024];
+static std::atomic<bool> alive[1024];
+static unsigned mma_a[1024][4], mma_b[1024][2];
+
+void __syncthreads() { block_barrier->arrive_and_wait(); }
+
+unsigned long long pg_shfl_xor_bits(unsigned mask, unsigned long long bits, int off) {
+  unsigned t = threadIdx.x, src = t ^ (unsigned)off;
+  if (mask != 0xffffffffu) { fprintf(stderr, "emulator: partial shuffle mask\n"); abort(); }
+  slot[t] = bits;
+  warp_barriers[t / 32]->arrive_and_wait();
+  if (!alive[src]) { fprintf(stderr, "emulator: shuffle reads lane %u, which has exited\n", src); abort(); }
+  unsigned long long r = slot[src];
+  warp_barriers[t / 32]->arrive_and_wait();
+  return r;
+}
+
+static float tf32_value(unsigned u) { u &= 0xffffe000u; float f; memcpy(&f, &u, 4); return f; }
+
+/* m16n8k8 tf32 mma with the fragments laid out across the warp as the PTX ISA specifies (lane = 4 * g + t):
+   A[m][k]: a0 (g, t) a1 (g + 8, t) a2 (g, t + 4) a3 (g + 8, t + 4); B[k][n]: b0 (t, g) b1 (t + 4, g);
+   C[m][n]: c_i at (g + 8 * (i >> 1), 2 * t + (i & 1)). Written from the ISA, not from the renderer. */
+void pg_mma_tf32(float* d, const unsigned* a, const unsigned* b) {
+  unsigned t = threadIdx.x, base = t & ~31u, lane = t & 31u, g = lane >> 2, tq = lane & 3u;
+  for (int i = 0; i < 4; i++) mma_a[t][i] = a[i];
+  for (int i = 0; i < 2; i++) mma_b[t][i] = b[i];
+  warp_barriers[t / 32]->arrive_and_wait();
+  float out[4];
+  for (unsigned i = 0; i < 4; i++) {
+    unsigned row = g + 8 * (i >> 1), col = 2 * tq + (i & 1);
+    float sum = d[i];
+    for (unsigned k = 0; k < 8; k++) {
+      float av = tf32_value(mma_a[base + 4 * (row % 8) + k % 4][(row >= 8) + 2 * (k >= 4)]);
+      float bv = tf32_value(mma_b[base + 4 * col + k % 4][k >= 4]);
+      sum += av * bv;
+    }
+    out[i] = sum;
+  }
+  warp_barriers[t / 32]->arrive_and_wait();
+  for (int i = 0; i < 4; i++) d[i] = out[i];
+}
+
+extern "C" int pg_run(void (*entry)(void**), void** args, unsigned grid, unsigned threads, double timeout,
+                      const char* name) {
+  if (threads > 1024 || threads % 32) { fprintf(stderr, "emulator: bad block size %u\n", threads); abort(); }
+  gridDim = {grid, 1, 1};
+  blockDim = {threads, 1, 1};
+  std::atomic<bool> done{false};
+  std::atomic<unsigned> blocks_done{0};
+  std::thread watchdog([&] {   /* a block that takes longer than timeout seconds is taken to be stuck */
+    auto start = std::chrono::steady_clock::now();
+    unsigned seen = 0;
+    while (!done) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+      if (blocks_done != seen) {
+        seen = blocks_done;
+        start = std::chrono::steady_clock::now();
+      }
+      if (std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() > timeout) {
+        fprintf(stderr, "emulator: kernel %s hung (a barrier or shuffle that some threads never reach)\n", name);
+        abort();
+      }
+    }
+  });
+  for (unsigned b = 0; b < grid; b++) {
+    std::barrier<> barrier(threads);
+    block_barrier = &barrier;
+    warp_barriers.clear();
+    for (unsigned w = 0; w < threads / 32; w++) warp_barriers.emplace_back(new std::barrier<>(32));
+    for (unsigned t = 0; t < threads; t++) alive[t] = true;
+    std::vector<std::thread> team;
+    for (unsigned t = 0; t < threads; t++) {
+      team.emplace_back([=] {
+        threadIdx = {t, 0, 0};
+        blockIdx = {b, 0, 0};
+        entry(args);
+        alive[t] = false;   /* exited threads no longer hold up barriers, as on the GPU */
+        warp_barriers[t / 32]->arrive_and_drop();
+        block_barrier->arrive_and_drop();
+      });
+    }
+    for (auto& th : team) th.join();
+    blocks_done++;
+  }
+  done = true;
+  watchdog.join();
+  return 0;
+}
+"""
+
+# What each kernel is compiled with, ahead of its CUDA source: the CUDA names the renderer uses, over the runtime.
+EMU_HEADER = r"""
+#include <math.h>
+#include <string.h>
+struct pg_dim3 { unsigned x, y, z; };
+extern thread_local pg_dim3 threadIdx, blockIdx;
+extern pg_dim3 blockDim, gridDim;
+void __syncthreads();
+unsigned long long pg_shfl_xor_bits(unsigned mask, unsigned long long bits, int off);
+void pg_mma_tf32(float* d, const unsigned* a, const unsigned* b);
+extern "C" int pg_run(void (*entry)(void**), void** args, unsigned grid, unsigned threads, double timeout,
+                      const char* name);
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __launch_bounds__(n)
+#define __restrict__ __restrict
+#define __shared__ static   /* blocks run one after another, so function statics are the block's shared memory */
+#define __align__(n) __attribute__((aligned(n)))
+struct __attribute__((aligned(16))) float4 { float x, y, z, w; };
+struct __attribute__((aligned(16))) int4 { int x, y, z, w; };
+struct __attribute__((aligned(4))) uchar4 { unsigned char x, y, z, w; };
+static inline float4 make_float4(float a, float b, float c, float d) { return {a, b, c, d}; }
+static inline int4 make_int4(int a, int b, int c, int d) { return {a, b, c, d}; }
+static inline uchar4 make_uchar4(unsigned char a, unsigned char b, unsigned char c, unsigned char d) {
+  return {a, b, c, d};
+}
+static inline float __int_as_float(int i) { float f; memcpy(&f, &i, 4); return f; }
+static inline int atomicCAS(int* p, int expected, int value) {
+  __atomic_compare_exchange_n(p, &expected, value, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+  return expected;
+}
+template <typename T> static inline T __shfl_xor_sync(unsigned mask, T v, int off) {
+  unsigned long long bits = 0;
+  memcpy(&bits, &v, sizeof(T));
+  bits = pg_shfl_xor_bits(mask, bits, off);
+  T r;
+  memcpy(&r, &bits, sizeof(T));
+  return r;
+}
+"""
+
+# cvt.rna.tf32.f32: round to nearest, ties away from zero, keep 10 mantissa bits; the mma itself is the runtime's
+EMU_MMA = r"""
+static inline unsigned pg_tf32(float x) {
+  unsigned u;
+  memcpy(&u, &x, 4);
+  if ((u & 0x7f800000u) != 0x7f800000u) u += 0x1000u;
+  return u & 0xffffe000u;
+}
+"""
+
+EMU_ENTRY = r"""
+static void pg_entry(void** args) { %CALL%; }
+extern "C" int pg_launch(void** args, unsigned grid, unsigned threads, double timeout) {
+  return pg_run(pg_entry, args, grid, threads, timeout, "%NAME%");
+}
+"""
+
+
+class EmuRenderer(ops_cuda.CUDARenderer):
+    mma_helpers = EMU_MMA
+
+
+class EmuMemory:
+    __slots__ = ("array", "ptr", "nbytes")
+
+    def __init__(self, nbytes):
+        raw = np.zeros(nbytes + 256, dtype=np.uint8)
+        offset = (-raw.ctypes.data) % 256   # cuMemAlloc's alignment
+        self.array = raw[offset:offset + nbytes]
+        self.ptr, self.nbytes = raw.ctypes.data + offset, nbytes
+
+
+class EmuProgram:
+    def __init__(self, kernel, source, launch, path):
+        self.kernel, self.source, self.launch = kernel, source, launch
+        self.lib = ctypes.CDLL(path)
+        self.lib.pg_launch.argtypes = [ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint, ctypes.c_double]
+        self.param_index = [p.index for p in kernel.params]
+        self.var_order = [name for name, _, _ in kernel.var_names]
+
+    def __call__(self, bufs, var_vals, error_ptr=None):
+        slots = [ctypes.c_uint64(bufs[i].mem.ptr) for i in self.param_index]
+        slots += [ctypes.c_int(var_vals[name]) for name in self.var_order]
+        if self.kernel.uses_check:
+            slots.append(ctypes.c_uint64(EmuDevice.error_ptr))
+        args = (ctypes.c_void_p * max(1, len(slots)))(*[ctypes.addressof(s) for s in slots])
+        if self.launch.grid:
+            self.lib.pg_launch(args, self.launch.grid, self.launch.threads, 60.0)
+
+
+class EmuDevice:
+    """The CUDA backend's renderer and launch plans, run by the emulator on host memory."""
+    kind = "CUDAEMU"   # its own program cache, apart from a real GPU's
+    error_flags = np.zeros(3, dtype=np.int32)
+    error_ptr = error_flags.ctypes.data
+
+    def __init__(self, name, arch="sm_90"):
+        self.name, self.arch = name, arch
+        self.programs = []
+        self.in_use = 0
+
+    def alloc(self, nbytes):
+        self.in_use += nbytes
+        return EmuMemory(nbytes)
+
+    def free(self, mem, nbytes):
+        self.in_use -= nbytes
+
+    def copyin(self, mem, array):
+        mem.array[:] = array.reshape(-1).view(np.uint8)
+
+    def copyout(self, out, mem):
+        out.reshape(-1).view(np.uint8)[:] = mem.array
+
+    def copy_within(self, dst, src, nbytes):
+        dst.array[:nbytes] = src.array[:nbytes]
+
+    def synchronize(self):
+        pass
+
+    def build(self, kernel):
+        renderer = EmuRenderer(self.arch, tf32=pg.TF32, sm_count=4)   # few SMs: small tiles, like small GPUs
+        source = renderer.render(kernel)
+        prog = EmuProgram(kernel, source, renderer.launch, _emu_library(kernel, source))
+        self.programs.append(prog)
+        return prog
+
+    def check_errors(self):
+        flags = EmuDevice.error_flags
+        if flags[0]:
+            index, size = int(flags[1]), int(flags[2])
+            flags[:] = 0
+            raise IndexError(f"index {index} is out of bounds for a dimension of size {size}")
+
+
+def _emu_library(kernel, source) -> str:
+    """The path of the kernel's CUDA source built for the emulator (with an entry point that unpacks the same
+    kernelParams array the CUDA program passes to cuLaunchKernel)."""
+    params = []
+    for p in kernel.params:
+        params.append(f"({'' if p.written else 'const '}{p.dtype.ctype}*)(*(unsigned long long*)args[{len(params)}])")
+    params += [f"*(int*)args[{len(params) + i}]" for i in range(len(kernel.var_names))]
+    if kernel.uses_check:
+        params.append(f"(int*)(*(unsigned long long*)args[{len(params)}])")
+    call = f"{kernel.name}({', '.join(params)})"
+    text = EMU_HEADER + source + EMU_ENTRY.replace("%CALL%", call).replace("%NAME%", kernel.name)
+    _emu_runtime()
+    return compiler.disk_cached((text, "emulator kernel", " ".join(GXX_KERNEL)), ".so", lambda: _gxx(text))
+
+
+GXX_KERNEL = ["-std=c++17", "-O1", "-shared", "-fPIC", "-Wno-unknown-pragmas", "-fsanitize=alignment",
+              "-fno-sanitize-recover=alignment"]
+GXX_RUNTIME = ["-std=c++20", "-O1", "-pthread", "-shared", "-fPIC"]
+
+
+def _gxx(text, flags=GXX_KERNEL) -> bytes:
+    cxx = os.environ.get("CXX", "g++")
+    with tempfile.TemporaryDirectory(prefix="picograd-emu-") as tmp:
+        src, out = os.path.join(tmp, "k.cpp"), os.path.join(tmp, "k.so")
+        with open(src, "w") as f:
+            f.write(text)
+        proc = subprocess.run([cxx, *flags, src, "-o", out], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"emulator build failed:\n{proc.stderr}\n--- source ---\n{text}")
+        with open(out, "rb") as f:
+            return f.read()
+
+
+_runtime = []
+_runtime_lock = threading.Lock()   # programs are built on compile.py's worker threads
+
+
+def _emu_runtime():
+    """Load the runtime once, with its symbols global so that kernel libraries bind to them."""
+    with _runtime_lock:
+        if _runtime:
+            return _runtime[0]
+        path = compiler.disk_cached((EMU_RUNTIME, "emulator runtime", " ".join(GXX_RUNTIME)), ".so",
+                                    lambda: _gxx(EMU_RUNTIME, GXX_RUNTIME))
+        _runtime.append(ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL))
+    return _runtime[0]
+
+
+EMU = "CUDA:15"
+
+
+@pytest.fixture
+def emu():
+    """Device "CUDA:15" is the emulator for the duration of a test."""
+    old = pg.Device._open.get(EMU)
+    device = EmuDevice(EMU)
+    pg.Device._open[EMU] = device
+    yield device
+    if old is None:
+        pg.Device._open.pop(EMU, None)
+    else:
+        pg.Device._open[EMU] = old
+
+
+def kinds(device):
+    return {p.launch.kind for p in device.programs}
+
+
+def close(got, want, rtol=1e-5, atol=1e-5):
+    np.testing.assert_allclose(got, want, rtol=rtol, atol=atol)
+
+
+def on(device, array):
+    return Tensor(array, device=device.name)
+
+
+@needs_gxx
+def test_emu_elementwise_wide_and_plain(emu, fp32):
+    x, y = randn(16, 64), randn(64)
+    out = (on(emu, x) * on(emu, y) + 1.0).exp()
+    close(out.numpy(), np.exp(x.astype(np.float64) * y + 1))
+    odd = randn(5, 7)
+    close((on(emu, odd) * 2.0).relu().numpy(), np.maximum(odd * 2, 0))
+    shifted = on(emu, x)[:, 4:36] - on(emu, x)[:, 8:40]   # 4-aligned offsets: still 16-byte accesses
+    close(shifted.numpy(), x[:, 4:36] - x[:, 8:40])
+    misaligned = on(emu, x)[:, 1:33] * 2.0
+    close(misaligned.numpy(), x[:, 1:33] * 2)
+    mask = on(emu, x) > 0.0
+    np.testing.assert_array_equal(mask.numpy(), x > 0)
+    assert {"wide", "elementwise"} <= kinds(emu)
+
+
+@needs_gxx
+@pytest.mark.parametrize("shape,axis", [((40, 300), 1), ((300, 40), 0), ((8, 5000), 1), ((3, 4, 50), (0, 2)),
+                                        ((70, 90), None), ((6, 20), 1), ((2000, 3), 0)])
+def test_emu_reductions(emu, shape, axis):
+    x = randn(*shape)
+    t = on(emu, x)
+    close(t.sum(axis).numpy(), x.astype(np.float64).sum(axis), rtol=1e-4, atol=1e-3)
+    close(t.max(axis).numpy(), x.max(axis))
+
+
+@needs_gxx
+def test_emu_max_propagates_nan_and_int_sums(emu):
+    x = randn(4, 100)
+    x[2, 37] = np.nan
+    got = on(emu, x).max(1).numpy()
+    assert np.isnan(got[2]) and not np.isnan(got[[0, 1, 3]]).any()
+    ints = CUDA_RNG.integers(-50, 50, size=(33, 70)).astype(np.int32)
+    np.testing.assert_array_equal(on(emu, ints).sum(1).numpy(), ints.sum(1))
+
+
+@needs_gxx
+@pytest.mark.parametrize("use_tf32", [False, True], ids=["fp32", "tf32"])
+@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (37, 29, 45), (64, 64, 64), (130, 70, 129), (16, 300, 8)])
+def test_emu_matmul_any_size(emu, use_tf32, m, k, n):
+    old = pg.TF32
+    pg.TF32 = use_tf32
+    try:
+        a, b, bias = randn(m, k), randn(k, n), randn(n)
+        got = (on(emu, a) @ on(emu, b) + on(emu, bias)).relu().numpy()
+    finally:
+        pg.TF32 = old
+    want = np.maximum(a.astype(np.float64) @ b + bias, 0)
+    err = np.abs(got - want).max() / max(1e-6, np.abs(want).max())
+    assert err < (2e-3 if use_tf32 else 1e-5), err
+    if m > 1 and n > 1:
+        assert ("mma" if use_tf32 else "sgemm") in kinds(emu)
+
+
+@needs_gxx
+@pytest.mark.parametrize("use_tf32", [False, True], ids=["fp32", "tf32"])
+def test_emu_batched_and_transposed_matmul(emu, use_tf32):
+    old = pg.TF32
+    pg.TF32 = use_tf32
+    try:
+        a, b = randn(3, 33, 20), randn(3, 47, 20)
+        got = (on(emu, a) @ on(emu, b).transpose(1, 2)).numpy()
+        c = randn(20, 33)
+        got_t = (on(emu, c).T @ on(emu, b[0]).T).numpy()
+    finally:
+        pg.TF32 = old
+    want = a.astype(np.float64) @ b.transpose(0, 2, 1)
+    tol = 2e-3 if use_tf32 else 1e-5
+    assert np.abs(got - want).max() / np.abs(want).max() < tol
+    want_t = c.T.astype(np.float64) @ b[0].T
+    assert np.abs(got_t - want_t).max() / np.abs(want_t).max() < tol
+
+
+@needs_gxx
+def test_emu_tf32_rounding_is_visible(emu, tf32):
+    # 1 + 2^-12 is not a tf32 number: through the tensor-core template it rounds to 1
+    a = np.full((32, 32), 1 + 2**-12, dtype=np.float32)
+    b = np.eye(32, dtype=np.float32)
+    got = (on(emu, a) @ on(emu, b)).numpy()
+    np.testing.assert_array_equal(got, np.ones((32, 32), dtype=np.float32))
+
+
+@needs_gxx
+def test_emu_softmax_and_log_softmax(emu):
+    x = randn(24, 130) * 4
+    got = on(emu, x).softmax(-1).numpy()
+    e = np.exp(x - x.max(-1, keepdims=True))
+    close(got, e / e.sum(-1, keepdims=True), rtol=1e-4, atol=1e-6)
+    got = on(emu, x).log_softmax(-1).numpy()
+    close(got, np.log(e / e.sum(-1, keepdims=True)), rtol=1e-4, atol=1e-4)
+
+
+@needs_gxx
+def test_emu_embedding_forward_backward_and_bounds(emu):
+    table = randn(50, 16)
+    ids = np.array([[3, 0, 49], [7, 7, 1]], dtype=np.int32)
+    w = Tensor(table, device=emu.name, requires_grad=True)
+    out = w[on(emu, ids)]
+    close(out.numpy(), table[ids])
+    upstream = randn(2, 3, 16)
+    (out * on(emu, upstream)).sum().backward()
+    want = np.zeros_like(table, dtype=np.float64)
+    np.add.at(want, ids.reshape(-1), upstream.reshape(-1, 16))
+    close(w.grad.numpy(), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(IndexError, match="out of bounds"):
+        w[on(emu, np.array([1, 50], dtype=np.int32))].numpy()
+    close(w[on(emu, np.array([2], dtype=np.int32))].numpy(), table[[2]])   # the flag was cleared
+
+
+@needs_gxx
+def test_emu_training_steps_match_cpu(emu):
+    """A small MLP with cross entropy under AdamW: the same steps on the emulated GPU and the CPU."""
+    def run(device):
+        pg.manual_seed(0)
+        l1, l2 = pg.Linear(12, 32), pg.Linear(32, 5)   # initialized on the CPU, then copied
+        params = [l1.weight, l1.bias, l2.weight, l2.bias]
+        moved = [Tensor(p.numpy(), device=device, requires_grad=True) for p in params]
+        opt = pg.AdamW(moved, lr=1e-2)
+        x = Tensor(np.linspace(-1, 1, 8 * 12, dtype=np.float32).reshape(8, 12), device=device)
+        y = Tensor(np.arange(8, dtype=np.int32) % 5, device=device)
+        losses = []
+        for _ in range(3):
+            h = (x @ moved[0].T + moved[1]).relu()
+            loss = pg.cross_entropy(h @ moved[2].T + moved[3], y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        return losses, [p.numpy() for p in moved]
+    cpu_losses, cpu_params = run("CPU")
+    gpu_losses, gpu_params = run(emu.name)
+    close(gpu_losses, cpu_losses, rtol=1e-4, atol=1e-5)
+    for g, c in zip(gpu_params, cpu_params):
+        close(g, c, rtol=1e-3, atol=1e-4)
+
+
+@needs_gxx
+def test_emu_var_argmax_and_nested_reductions(emu):
+    x = randn(16, 1500)
+    close(on(emu, x).var(1).numpy(), x.astype(np.float64).var(1, ddof=1), rtol=1e-3, atol=1e-4)
+    np.testing.assert_array_equal(on(emu, x).argmax(1).numpy(), x.argmax(1))
+    y = randn(6, 40, 50)
+    close(on(emu, y).max(2).sum(1).numpy(), y.max(2).astype(np.float64).sum(1), rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 2b. ops_cuda's host side (CUDADevice, CUDAProgram) over a fake cuda.bindings.driver: device memory is host memory,
+# and cuLaunchKernel runs the emulator's build of the kernel with the very kernelParams array the program packed.
+
+
+class FakeDriver:
+    """The calls ops_cuda makes, with cuda-python's conventions (a tuple led by a CUresult; ints for pointers)."""
+
+    def __init__(self, capacity):
+        from cuda.bindings import driver as real
+        self.CUresult, self.CUdevice_attribute, self.CUstream_flags = real.CUresult, real.CUdevice_attribute, \
+            real.CUstream_flags
+        self.ok, self.oom = real.CUresult.CUDA_SUCCESS, real.CUresult.CUDA_ERROR_OUT_OF_MEMORY
+        self.capacity, self.used, self.blocks, self.libraries = capacity, 0, {}, {}
+        self.launches = 0
+        attr = real.CUdevice_attribute
+        self.attributes = {attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR: 9,
+                           attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR: 0,
+                           attr.CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT: 4}
+
+    def cuInit(self, flags):
+        return (self.ok,)
+
+    def cuDeviceGetCount(self):
+        return (self.ok, 16)
+
+    def cuDeviceGet(self, index):
+        return (self.ok, index)
+
+    def cuDevicePrimaryCtxRetain(self, device):
+        return (self.ok, ("context", device))
+
+    def cuCtxSetCurrent(self, context):
+        return (self.ok,)
+
+    def cuDeviceGetAttribute(self, attr, device):
+        return (self.ok, self.attributes[attr])
+
+    def cuStreamCreate(self, flags):
+        return (self.ok, "stream")
+
+    def cuStreamSynchronize(self, stream):
+        return (self.ok,)
+
+    def cuGetErrorString(self, err):
+        return (self.ok, b"(fake driver)")
+
+    def cuMemGetInfo(self):
+        return (self.ok, self.capacity - self.used, self.capacity)
+
+    def cuMemAlloc(self, size):
+        if self.used + size > self.capacity:
+            return (self.oom, 0)
+        raw = np.zeros(size + 256, dtype=np.uint8)
+        ptr = raw.ctypes.data + (-raw.ctypes.data) % 256
+        self.blocks[ptr] = (raw, size)
+        self.used += size
+        return (self.ok, ptr)
+
+    def cuMemFree(self, ptr):
+        _, size = self.blocks.pop(int(ptr))
+        self.used -= size
+        return (self.ok,)
+
+    def cuMemsetD32Async(self, ptr, value, count, stream):
+        np.ctypeslib.as_array((ctypes.c_uint32 * count).from_address(int(ptr)))[:] = value
+        return (self.ok,)
+
+    def _copy(self, dst, src, nbytes, stream):
+        ctypes.memmove(int(dst), int(src), nbytes)
+        return (self.ok,)
+
+    cuMemcpyHtoDAsync = cuMemcpyDtoHAsync = cuMemcpyDtoDAsync = _copy
+
+    def cuModuleLoadData(self, image):
+        key = hashlib.sha256(image).hexdigest()
+        if key not in self.libraries:
+            path = os.path.join(tempfile.mkdtemp(prefix="picograd-fake-"), "k.so")
+            with open(path, "wb") as f:
+                f.write(image)
+            lib = ctypes.CDLL(path)
+            lib.pg_launch.argtypes = [ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint, ctypes.c_double]
+            self.libraries[key] = lib
+        return (self.ok, self.libraries[key])
+
+    def cuModuleGetFunction(self, module, name):
+        return (self.ok, module)
+
+    def cuLaunchKernel(self, fn, gx, gy, gz, bx, by, bz, shared, stream, params, extra):
+        assert (gy, gz, by, bz, shared, extra) == (1, 1, 1, 1, 0, 0) and isinstance(params, int)
+        self.launches += 1
+        fn.pg_launch(params, gx, bx, 60.0)
+        return (self.ok,)
+
+
+class FakeCUDADevice(ops_cuda.CUDADevice):
+    kind = "CUDAFAKE"
+
+    def build(self, kernel):
+        renderer = EmuRenderer(self.compile_arch, tf32=pg.TF32, sm_count=self.sm_count)
+        source = renderer.render(kernel)
+        return ops_cuda.CUDAProgram(self, kernel, source, _emu_library(kernel, source), renderer.launch)
+
+
+FAKE = "CUDA:14"
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    """Device "CUDA:14" is an ops_cuda.CUDADevice over FakeDriver (64 MiB) for the duration of a test."""
+    _, nvrtc = ops_cuda._bindings()
+    driver = FakeDriver(64 << 20)
+    monkeypatch.setattr(ops_cuda, "_bindings", lambda: (driver, nvrtc))
+    device = FakeCUDADevice(FAKE)
+    monkeypatch.undo()
+    old = pg.Device._open.get(FAKE)
+    pg.Device._open[FAKE] = device
+    yield device
+    if old is None:
+        pg.Device._open.pop(FAKE, None)
+    else:
+        pg.Device._open[FAKE] = old
+    # programs remember the device they were loaded on; the next test's fake device is a new one
+    for key in [k for k in compiler._programs if k[0] == FakeCUDADevice.kind]:
+        del compiler._programs[key]
+
+
+@needs_nvrtc
+@needs_gxx
+def test_fake_device_runs_programs_and_copies(fake):
+    assert fake.arch == "sm_90" and fake.compile_arch == "sm_90"
+    x, y = randn(20, 36), randn(36, 12)
+    got = (Tensor(x, device=FAKE) @ Tensor(y, device=FAKE)).softmax(-1)
+    want = np.exp(x.astype(np.float64) @ y)
+    close(got.numpy(), want / want.sum(-1, keepdims=True), rtol=1e-4, atol=1e-6)
+    back = (Tensor(x).to(FAKE) * 2).to("CPU").numpy()
+    np.testing.assert_array_equal(back, x * 2)
+    assert fake.driver.launches >= 3
+
+
+@needs_nvrtc
+@needs_gxx
+def test_fake_device_bounds_flag(fake):
+    table = Tensor(randn(10, 4), device=FAKE)
+    with pytest.raises(IndexError, match="index 12 is out of bounds for a dimension of size 10"):
+        table[Tensor(np.array([3, 12], dtype=np.int32), device=FAKE)].numpy()
+    assert not fake.checked
+    table[Tensor(np.array([3, 9], dtype=np.int32), device=FAKE)].numpy()   # flag cleared on the device too
+
+
+@needs_nvrtc
+def test_fake_allocator_reuses_and_frees_on_pressure(fake):
+    stats = fake.memory_stats
+    a = fake.alloc(1000)
+    assert a.nbytes == 1024 and stats()["in_use"] == 1024
+    fake.free(a, 1000)
+    assert stats()["cached"] == 1024 and stats()["in_use"] == 0
+    b = fake.alloc(900)   # rounds to the same 1024-byte class: the cached block comes back
+    assert b is a and stats()["device_allocs"] == 2   # (the error flag was the first)
+    fake.free(b, 900)
+    big = [fake.alloc(20 << 20) for _ in range(3)]   # 60 MiB of 64
+    for m in big:
+        fake.free(m, 20 << 20)
+    assert stats()["cached"] >= 60 << 20
+    m = fake.alloc(40 << 20)   # does not fit beside the cache: the cache goes back to the driver, then it fits
+    assert stats()["cached"] == 0 and m.nbytes == 40 << 20
+    with pytest.raises(MemoryError, match=r"tried to allocate 52428800 bytes .* free"):
+        fake.alloc(50 << 20)
+    fake.free(m, 40 << 20)
+
+
+@needs_nvrtc
+@needs_gxx
+def test_fake_allocator_steady_state_in_training(fake):
+    w = Tensor(randn(16, 16), device=FAKE, requires_grad=True)
+    x = Tensor(randn(8, 16), device=FAKE)
+    opt = pg.AdamW([w], lr=1e-2)
+
+    def step():
+        loss = ((x @ w).relu() ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        return loss.item()
+    for _ in range(5):
+        step()
+    after5 = fake.memory_stats()
+    for _ in range(10):
+        step()
+    after = fake.memory_stats()
+    assert after["in_use"] == after5["in_use"]
+    assert after["device_allocs"] == after5["device_allocs"]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 3. On a GPU
+
+
+def _rel_err(got, want):
+    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
+
+
+@needs_gpu
+def test_gpu_matmul_tf32_and_fp32_error():
+    a, b = randn(257, 515), randn(515, 131)
+    want = a.astype(np.float64) @ b
+    old = pg.TF32
+    try:
+        pg.TF32 = False
+        fp32_err = _rel_err((Tensor(a, device="CUDA") @ Tensor(b, device="CUDA")).numpy(), want)
+        pg.TF32 = True
+        tf32_err = _rel_err((Tensor(a, device="CUDA") @ Tensor(b, device="CUDA")).numpy(), want)
+    finally:
+        pg.TF32 = old
+    assert tf32_err < 1e-3, tf32_err
+    assert fp32_err < 1e-5, fp32_err
+    assert tf32_err > 10 * fp32_err   # the tensor cores really ran in tf32
+
+
+@needs_gpu
+def test_gpu_copies_both_ways():
+    x = randn(1000, 37)
+    t = Tensor(x).to("CUDA")
+    assert t.device == "CUDA:0"
+    np.testing.assert_array_equal(t.numpy(), x)
+    back = (t * 2.0).to("CPU")
+    assert back.device == "CPU"
+    np.testing.assert_array_equal(back.numpy(), x * 2)
+    ints = np.arange(10, dtype=np.int32)
+    np.testing.assert_array_equal(Tensor(ints, device="CUDA").cpu().numpy(), ints)
+
+
+@needs_gpu
+def test_gpu_mixing_devices_raises():
+    with pytest.raises(RuntimeError, match="same device"):
+        Tensor(randn(3), device="CUDA") + Tensor(randn(3))
+
+
+@needs_gpu
+def test_gpu_allocator_steady_state():
+    dev = pg.Device["CUDA"]
+    w = Tensor(randn(64, 64), device="CUDA", requires_grad=True)
+    opt = pg.SGD([w], lr=1e-3)
+    x = Tensor(randn(32, 64), device="CUDA")
+
+    def step():
+        loss = ((x @ w).relu() ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        loss.item()
+    for _ in range(10):
+        step()
+    after10 = dev.memory_stats()
+    for _ in range(200):
+        step()
+    after = dev.memory_stats()
+    assert after["in_use"] == after10["in_use"]
+    assert after["device_allocs"] == after10["device_allocs"], "steady state must not call cuMemAlloc"
+
+
+@needs_gpu
+def test_gpu_out_of_memory_is_memory_error():
+    dev = pg.Device["CUDA"]
+    free, total = dev.mem_info()
+    with pytest.raises(MemoryError, match="bytes"):
+        dev.alloc(total * 4)
+    np.testing.assert_allclose((Tensor([1.0], device="CUDA") + 1).numpy(), [2.0])   # still usable
+
+
+@needs_gpu
+def test_gpu_index_error():
+    table = Tensor(randn(10, 4), device="CUDA")
+    with pytest.raises(IndexError, match="out of bounds"):
+        table[Tensor(np.array([3, 10], dtype=np.int32), device="CUDA")].numpy()
+    table[Tensor(np.array([3, 9], dtype=np.int32), device="CUDA")].numpy()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Tests of dist.py and parallel training in llama.py (issue 9), on the CPU: every multi-process test starts
+# `mpiexec -n N` in a subprocess with a timeout, so a hang fails the test instead of the run.
+#
+# - collectives (all-reduce, all-gather, reduce-scatter, broadcast, send/recv, the bucketed all-reduce) and the
+#   Megatron gradients of all_reduce / copy_to_parallel, eagerly and inside @pg.compile;
+# - training: 5 steps of a tiny byte-level Llama on meshes (pp, dp, tp) = (2,1,1), (1,2,1), (1,1,2), (2,2,2) give
+#   the single-process losses and final weights; a checkpoint saved by one mesh resumes on another;
+# - failures: a mesh that does not fit (product not N, heads not divisible by tp, fewer layers than stages) is a
+#   clear error on every rank; a rank that fails or never arrives ends the job with a message naming the
+#   collective, never a hang.
+#
+# Equality: losses within 1e-5 relative, each final weight tensor within 1e-5 relative in the L2 norm
+# (||w_mesh - w_single|| / ||w_single||). Elementwise, AdamW turns fp32 reordering noise in gradients that nearly
+# cancel into update noise, so a few elements differ by ~1e-5 of their tensor's scale; the norm measures the model.
+
+
+def mpiexec_path():
+    # the mpich wheel puts mpiexec next to the interpreter
+    local = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    return local if os.path.exists(local) else shutil.which("mpiexec")
+
+
+needs_mpi = pytest.mark.skipif(mpiexec_path() is None or importlib.util.find_spec("mpi4py") is None,
+                               reason="needs mpi4py and mpiexec (pip install mpi4py mpich)")
+
+
+def environment(timeout=60):
+    env = dict(os.environ)
+    # one thread a rank: up to 8 ranks share this machine's cores
+    env.update(OMP_NUM_THREADS="1", PICOGRAD_DIST_TIMEOUT=str(timeout), PYTHONPATH=HERE, PYTHONUNBUFFERED="1")
+    env.setdefault("PICOGRAD_CACHE", "/tmp/pgcache-dist")
+    return env
+
+
+def by_rank(output):
+    """The output cut where a "[rank r]" prefix starts (ranks print to one pipe; lines may interleave)."""
+    return re.split(r"(?=\[rank \d+\])", output)
+
+
+def run(args, n=None, timeout=240, dist_timeout=60, cwd=None):
+    """Run python args (under mpiexec -n n, unless n is None); returns the CompletedProcess, output merged."""
+    command = [sys.executable] + args
+    if n is not None:
+        command = [mpiexec_path(), "-n", str(n)] + command
+    try:
+        return subprocess.run(command, check=False, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              timeout=timeout, env=environment(dist_timeout), cwd=cwd)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"{' '.join(command)} hung for {timeout} s; output:\n{e.output}")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# collectives
+
+COLLECTIVES = """
+import numpy as np
+import picograd as pg
+import dist
+
+mesh = dist.init(pp=1, dp=2, tp=2)
+r = mesh.rank
+tp, dp = mesh.tp_group, mesh.dp_group
+assert (mesh.tp_rank, mesh.dp_rank, mesh.pp_rank) == (r % 2, r // 2, 0)
+assert tp.world_ranks == [r - r % 2, r - r % 2 + 1] and dp.world_ranks == [r % 2, r % 2 + 2]
+assert mesh.rank_of(0, mesh.dp_rank, mesh.tp_rank) == r and mesh.model_group.world_ranks == tp.world_ranks
+
+
+def const(value, shape=(2, 3)):
+    return pg.Tensor(np.full(shape, value, np.float32))
+
+
+def check(name, got, want):
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-6, err_msg=f"{name} on rank {r}")
+
+
+partner = r ^ 1   # the other rank of this tensor group
+check("all_reduce", tp.all_reduce(const(r + 1)), (r + 1) + (partner + 1))
+# Megatron f and g: copy_to_parallel sums gradients over the group, all_reduce passes them through
+x = const(1.0).requires_grad_()
+(tp.copy_to_parallel(x) * (r + 1)).sum().backward()
+check("copy_to_parallel grad", x.grad, (r + 1) + (partner + 1))
+y = const(1.0).requires_grad_()
+(tp.all_reduce(y) * (r + 1)).sum().backward()
+check("all_reduce grad", y.grad, r + 1)
+z = const(float(r), (2, 2)).requires_grad_()
+gathered = tp.all_gather(z, dim=1)
+low, high = min(r, partner), max(r, partner)
+check("all_gather", gathered, np.concatenate([np.full((2, 2), low), np.full((2, 2), high)], axis=1))
+(gathered * pg.Tensor(np.arange(8, dtype=np.float32).reshape(2, 4))).sum().backward()
+check("all_gather grad", z.grad, np.arange(8).reshape(2, 4)[:, 2 * tp.rank:2 * tp.rank + 2])
+scattered = dp.reduce_scatter(pg.Tensor(np.arange(4, dtype=np.float32) * (r + 1)))
+other = r ^ 2
+check("reduce_scatter", scattered, (np.arange(4) * ((r + 1) + (other + 1)))[2 * dp.rank:2 * dp.rank + 2])
+check("broadcast", mesh.world.broadcast(const(float(r)), root=3), 3.0)
+token = pg.zeros(1).contiguous().realize()
+check("exchange", tp.exchange(const(float(r)), tp.rank ^ 1, (2, 3), tp.rank ^ 1, token=token), float(partner))
+flat = const(float(r), (5,))
+started = mesh.world.all_reduce_start(flat)
+check("bucketed all_reduce", mesh.world.all_reduce_finish(started, flat), 0 + 1 + 2 + 3)
+
+
+@pg.compile
+def step(t):
+    started = dp.all_reduce_start(t * 2.0)
+    return dp.all_reduce_finish(started, t * 2.0) + tp.all_reduce(t)
+
+
+for i in range(4):   # warm-up, trace, two replays
+    check(f"compiled step {i}", step(const(float(r + i))), 2 * ((r + i) + (other + i)) + (r + i) + (partner + i))
+assert mesh.world.allreduce_number(r, "max") == 3 and mesh.world.allreduce_number(1.0) == 4
+print(f"rank {r} ok")
+"""
+
+
+@needs_mpi
+def test_collectives(tmp_path):
+    script = tmp_path / "collectives.py"
+    script.write_text(COLLECTIVES)
+    result = run([str(script)], n=4, timeout=120)
+    assert result.returncode == 0, result.stdout
+    for r in range(4):
+        assert f"rank {r} ok" in result.stdout, result.stdout
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# pieces of the parallel layout that need no processes
+
+
+@needs_mpi
+def test_pipeline_stages_cover_every_layer_once_and_balance():
+    for n_layers in range(1, 9):
+        for pp in range(1, n_layers + 1):
+            stages = llama.pipeline_split(n_layers, pp, 10, 0)
+            assert [i for stage in stages for i in stage] == list(range(n_layers))
+            assert min(map(len, stages)) >= 1 and max(map(len, stages)) - min(map(len, stages)) <= 1
+    # a head as costly as three layers leaves the last stage fewer layers (the 110M model of dist_gpu_check.py)
+    config = llama.LlamaConfig(dim=768, hidden_dim=2048, n_layers=12, n_heads=12, n_kv_heads=12, vocab_size=32000,
+                               max_seq_len=512)
+    assert [len(llama.stage_layers(config, 4, s)) for s in range(4)] == [4, 4, 3, 1]
+
+
+class FakeMesh:
+    def __init__(self, pp, dp, tp, pp_rank, tp_rank):
+        self.pp, self.dp, self.tp, self.pp_rank, self.tp_rank = pp, dp, tp, pp_rank, tp_rank
+
+
+@needs_mpi
+def test_shards_put_back_together_are_the_model():
+    config = llama.LlamaConfig(dim=32, hidden_dim=64, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=50,
+                               max_seq_len=16, tie_word_embeddings=False)
+    weights = llama.Llama.init_weights(config, seed=1)
+    pp, tp = 2, 2
+    shards = {(s, t): llama.shard_weights(config, weights, FakeMesh(pp, 1, tp, s, t)) for s in range(pp)
+              for t in range(tp)}
+    for name, array in weights.items():
+        stage = llama.stage_of(name, config, pp)
+        axis = llama.tp_axis(name)
+        parts = [shards[stage, t][name] for t in range(tp)]
+        assert all(name not in shards[s, t] for s in range(pp) for t in range(tp) if s != stage)
+        whole = np.concatenate(parts, axis=axis) if axis is not None else parts[0]
+        np.testing.assert_array_equal(whole, array)
+        if axis is None:
+            np.testing.assert_array_equal(parts[1], array)   # replicated
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# training on meshes against one process
+
+TRAIN = ["--steps", "5", "--dim", "32", "--n-layers", "2", "--n-heads", "4", "--n-kv-heads", "2", "--hidden-dim", "64",
+         "--seq-len", "16", "--batch-size", "4", "--accum", "2", "--eval-every", "5", "--sample-tokens", "0",
+         # a moderate learning rate: AdamW's update noise (see the header) grows with it
+         "--lr", "2e-3",
+         # buckets of about one layer, so data parallelism overlaps several of them with the backward pass
+         "--bucket-mb", "0.01"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "data.txt"
+    with open(os.path.join(HERE, "llama.py"), encoding="utf-8") as f:
+        path.write_text(f.read()[:60000])
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def single(corpus, tmp_path_factory):
+    """The single-process reference run, and the same run resumed for two more steps."""
+    out = str(tmp_path_factory.mktemp("single") / "run")
+    result = run([os.path.join(HERE, "llama.py"), "train", "--data", corpus, "--out", out] + TRAIN)
+    assert result.returncode == 0, result.stdout
+    resumed = out + "-resumed"
+    shutil.copytree(out, resumed)
+    result = run([os.path.join(HERE, "llama.py"), "train", "--resume", resumed, "--steps", "7", "--sample-tokens", "0"])
+    assert result.returncode == 0, result.stdout
+    return out, resumed
+
+
+def train_losses(folder):
+    with open(os.path.join(folder, "trainer_state.json")) as f:
+        history = json.load(f)["history"]
+    return [loss for _, loss in history["train"]], [loss for _, loss in history["val"]]
+
+
+def assert_same_run(got, want):
+    got_train, got_val = train_losses(got)
+    want_train, want_val = train_losses(want)
+    assert len(got_train) == len(want_train) and len(got_val) == len(want_val)
+    np.testing.assert_allclose(got_train, want_train, rtol=1e-5)
+    np.testing.assert_allclose(got_val, want_val, rtol=1e-5)
+    got_w = pg.read_safetensors(os.path.join(got, "model.safetensors"))
+    want_w = pg.read_safetensors(os.path.join(want, "model.safetensors"))
+    assert got_w.keys() == want_w.keys()
+    for name in want_w:
+        assert got_w[name].shape == want_w[name].shape, name
+        error = np.linalg.norm(got_w[name] - want_w[name]) / np.linalg.norm(want_w[name])
+        assert error < 1e-5, f"{name}: relative error {error:.2e}"
+    # the checkpoint is an ordinary Hugging Face folder: one process loads it
+    config, weights = llama.load_hf(got)
+    assert set(weights) == set(llama.weight_shapes(config))
+
+
+MESHES = [(2, 1, 1), (1, 2, 1), (1, 1, 2), (2, 2, 2)]
+
+
+@needs_mpi
+@pytest.mark.parametrize("pp,dp,tp", MESHES, ids=[f"pp{p}-dp{d}-tp{t}" for p, d, t in MESHES])
+def test_mesh_trains_like_one_process(pp, dp, tp, corpus, single, tmp_path):
+    out = str(tmp_path / "run")
+    result = run([os.path.join(HERE, "llama.py"), "train", "--data", corpus, "--out", out, "--pp", str(pp),
+                  "--dp", str(dp), "--tp", str(tp)] + TRAIN, n=pp * dp * tp)
+    assert result.returncode == 0, result.stdout
+    assert f"pipeline {pp} x data {dp} x tensor {tp}" in result.stdout
+    assert_same_run(out, single[0])
+    if (pp, dp, tp) == (2, 2, 2):
+        # the checkpoint of one mesh, optimizer state included, resumes on another
+        result = run([os.path.join(HERE, "llama.py"), "train", "--resume", out, "--steps", "7", "--tp", "2",
+                      "--sample-tokens", "0"], n=2)
+        assert result.returncode == 0, result.stdout
+        assert_same_run(out, single[1])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# failures: a clear error on every rank, and no hang
+
+
+@pytest.mark.parametrize("n,flags,message", [
+    (2, ["--dp", "3"], "mesh pp=1 x dp=3 x tp=1 = 3 does not match the 2 processes"),
+    (3, ["--tp", "3"], "--tp 3 does not divide n_heads = 4, n_kv_heads = 2"),
+    (3, ["--pp", "3"], "2 layers cannot fill --pp 3 pipeline stages"),
+], ids=["product-not-n", "heads-not-divisible", "too-few-layers"])
+@needs_mpi
+def test_mesh_that_does_not_fit(n, flags, message, corpus, tmp_path):
+    result = run([os.path.join(HERE, "llama.py"), "train", "--data", corpus, "--out", str(tmp_path / "run")] + TRAIN
+                 + flags, n=n, timeout=60)
+    assert result.returncode == 2, result.stdout
+    for r in range(n):
+        assert any(part.startswith(f"[rank {r}] error:") and message in part
+                   for part in by_rank(result.stdout)), result.stdout
+
+
+FAILING = """
+import sys
+import time
+import numpy as np
+import picograd as pg
+import dist
+
+mesh = dist.init(dp=3)
+for step in range(4):
+    if step == 2 and mesh.rank == 1:
+        if sys.argv[1] == "raise":
+            raise RuntimeError("rank 1 failed on purpose")
+        time.sleep(100)   # alive, but never reaches the collective
+    mesh.dp_group.all_reduce(pg.Tensor(np.ones(4, np.float32))).numpy()
+"""
+
+
+@needs_mpi
+def test_failing_rank_stops_every_rank(tmp_path):
+    script = tmp_path / "failing.py"
+    script.write_text(FAILING)
+    result = run([str(script), "raise"], n=3, timeout=60)
+    assert result.returncode != 0
+    assert "[rank 1] Traceback" in result.stdout and "RuntimeError: rank 1 failed on purpose" in result.stdout
+    for r in (0, 2):
+        assert any(part.startswith(f"[rank {r}] stopping: all_reduce on the data group abandoned: rank 1 failed: "
+                                   "RuntimeError: rank 1 failed on purpose") for part in by_rank(result.stdout)), \
+            result.stdout
+
+
+@needs_mpi
+def test_rank_that_never_arrives_times_out(tmp_path):
+    script = tmp_path / "failing.py"
+    script.write_text(FAILING)
+    result = run([str(script), "sleep"], n=3, timeout=60, dist_timeout=3)
+    assert result.returncode != 0
+    # the first rank to time out names the collective; the other one either times out too or hears about it
+    parts = [part for part in by_rank(result.stdout) if part.startswith(("[rank 0]", "[rank 2]"))]
+    assert any("DistError: all_reduce on the data group (world ranks [0, 1, 2]) timed out after 3 s" in part
+               for part in parts), result.stdout
+    assert {part[:8] for part in parts} == {"[rank 0]", "[rank 2]"}, result.stdout
