@@ -143,11 +143,13 @@ def create_schedule(targets: list, devices: list) -> list:
             consumers.setdefault(s, []).append(node)
     points = _find_realize_points(set(roots), order, consumers)
     device_of = {t: d for t, d in zip(targets, devices) if d is not None}
+    # a kernel over constants only (no buffers, so no device of its own) runs where the realize was asked for
+    fallback = next((d for d in devices if d is not None), Device.default)
     items, produced = [], {}   # produced: scheduled node -> the Buffer its kernel writes
     for node in order:
         if node not in points:
             continue
-        device = device_of.get(node) or node.device or Device.default
+        device = device_of.get(node) or node.device or fallback
         while True:
             try:
                 items.append(_build_item(node, points, produced, device))
@@ -1159,9 +1161,15 @@ def cached_payload(path) -> bytes:
         return f.read()[:-40]
 
 
+def _program_target(dev) -> str:
+    """What a compiled program is specific to: the backend, and for GPUs the architecture."""
+    arch = getattr(dev, "arch", None)
+    return f"{dev.kind}:{arch}" if arch else dev.kind
+
+
 def get_program(device: str, ast: UOp, bufs):
     dev = Device[device]
-    key = (getattr(dev, "arch", dev.kind), ast, pg.TF32)   # GPUs of different architectures need their own code
+    key = (_program_target(dev), ast, pg.TF32)
     prog = _programs.get(key)
     if prog is None:
         prog = _programs[key] = _build_program(device, ast, bufs)
@@ -1210,8 +1218,7 @@ def _compile_ahead(items):
     missing = {}
     for item in items:
         if item.ast is not None and item.bufs[0].size:
-            dev = Device[item.device]
-            key = (getattr(dev, "arch", dev.kind), item.ast, pg.TF32)
+            key = (_program_target(Device[item.device]), item.ast, pg.TF32)
             if key not in _programs and key not in missing:
                 missing[key] = item
     if len(missing) < 2:
@@ -1446,9 +1453,45 @@ class Trace:
                     state.append(ref)
             self.launches.append((prog, slots, var_vals, device))
         self.guards += [lambda r=ref: r() is not None for ref in dict.fromkeys(state)]
+        self.input_meta = {k: (meta[s][3], meta[s][1], meta[s][2]) for s, k in input_serials.items() if s in meta}
+        self.kernel_count = sum(1 for prog, *_ in self.launches if prog is not None)
+        self.graph, self.graph_device = None, self._graph_device()
 
     def is_stale(self):
         return not all(guard() for guard in self.guards)
+
+    def _graph_device(self):
+        """The device whose CUDA graph can replay the whole step: every launch a kernel or copy on one device that
+        captures graphs (Python steps, such as MPI collectives, cannot be captured)."""
+        devices = {device for _, _, _, device in self.launches}
+        if len(devices) != 1 or any(isinstance(prog, CustomProgram) for prog, *_ in self.launches):
+            return None
+        device = Device[devices.pop()]
+        return device if hasattr(device, "capture_graph") else None
+
+    def _capture_graph(self, device):
+        """Bind every slot to fixed memory (inputs and outputs get buffers of their own, copied in and out around
+        each launch) and record the launches into a graph."""
+        self.graph_inputs, self.graph_outputs = {}, {}
+        launches = []
+        for prog, slots, recorded_vars, dev in self.launches:
+            bufs = []
+            for kind, ref in slots:
+                if kind == "input":
+                    if ref not in self.graph_inputs:
+                        meta = self.input_meta[ref]
+                        self.graph_inputs[ref] = Buffer(*meta)
+                    bufs.append(self.graph_inputs[ref])
+                elif kind == "output":
+                    if ref not in self.graph_outputs:
+                        self.graph_outputs[ref] = Buffer(*self.outputs[ref][1])
+                    bufs.append(self.graph_outputs[ref])
+                else:
+                    bufs.append(ref if kind == "fixed" else ref())
+            launches.append(functools.partial(ExecItem(prog, bufs, recorded_vars, dev).run))
+            for b in bufs:
+                b.mem   # allocate now: memory cannot be allocated while the stream is being captured
+        return device.capture_graph(launches)
 
     def replay(self, flat):
         pg._STATS["replays"] += 1
@@ -1465,6 +1508,10 @@ class Trace:
                 if isinstance(a, Variable):
                     for node, _ in a.terms:
                         var_vals[node.src[0].arg[0]] = node.src[1].arg
+        if self.graph is None and self.graph_device is not None:
+            self.graph = self._capture_graph(self.graph_device)
+        if self.graph is not None:
+            return self._replay_graph(inputs, var_vals)
         outs = [Buffer(*spec) if kind == "fresh" else None for kind, spec in self.outputs]
         devices = set()
         for prog, slots, recorded_vars, device in self.launches:
@@ -1479,6 +1526,27 @@ class Trace:
             if kind == "copy":
                 outs[k] = Buffer(src.device, src.size, src.dtype)
                 _copy(outs[k], src)
+        fresh = [pg.Tensor._wrap(UOp(Ops.BUFFER, b.dtype, (), (b, 0)).reshape(shape), b.device)
+                 for b, shape in zip(outs, self.out_shapes)]
+        return _unflatten_outputs(self.structure, iter(fresh))
+
+
+    def _replay_graph(self, inputs, var_vals):
+        for k, buf in self.graph_inputs.items():
+            _copy(buf, inputs[k])
+        names = {name for _, _, recorded, _ in self.launches for name in recorded}
+        recorded = {}
+        for _, _, vv, _ in self.launches:
+            recorded.update(vv)
+        self.graph.launch({name: var_vals.get(name, recorded[name]) for name in names})
+        pg._STATS["kernels_launched"] += self.kernel_count
+        self.graph_device.check_errors()
+        outs = []
+        for k, (kind, spec) in enumerate(self.outputs):
+            src = self.graph_outputs[k] if kind == "fresh" else spec
+            out = Buffer(src.device, src.size, src.dtype)
+            _copy(out, src)
+            outs.append(out)
         fresh = [pg.Tensor._wrap(UOp(Ops.BUFFER, b.dtype, (), (b, 0)).reshape(shape), b.device)
                  for b, shape in zip(outs, self.out_shapes)]
         return _unflatten_outputs(self.structure, iter(fresh))

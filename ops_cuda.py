@@ -113,6 +113,32 @@ __device__ __forceinline__ void pg_mma_tf32(float* d, const unsigned* a, const u
 """
 
 VECTOR_TYPES = {"float": "float4", "int": "int4", "unsigned char": "uchar4"}
+
+# Every variable name gets a slot in each device's variable table (a small int array in device memory).
+VAR_TABLE_SLOTS = 64
+_var_slots = {}
+
+
+def var_slot(name: str) -> int:
+    if name not in _var_slots:
+        if len(_var_slots) == VAR_TABLE_SLOTS:
+            raise RuntimeError(f"more than {VAR_TABLE_SLOTS} distinct pg.Variable names")
+        _var_slots[name] = len(_var_slots)
+    return _var_slots[name]
+
+
+class _NoVars:
+    """A kernel seen without its variables (for the C signature, which would declare them as int parameters)."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getattr__(self, name):
+        return [] if name == "var_names" else getattr(self.kernel, name)
+
+
+def replace_vars(kernel):
+    return _NoVars(kernel) if kernel.var_names else kernel
 SHARED_NAMES = {"float": "f", "int": "i", "unsigned char": "b"}
 
 
@@ -219,10 +245,16 @@ class CUDARenderer(CRenderer):
 
     # -- the frame
     def signature(self, kernel) -> str:
-        c_signature = super().signature(kernel)
+        # variables (decode positions) are read from the device's variable table rather than passed by value, so
+        # a captured CUDA graph serves every value: the table is refreshed before each replay
+        c_signature = super().signature(replace_vars(kernel))
+        if kernel.var_names:
+            c_signature = c_signature[:-1] + ", const int* __restrict__ pg_vars)"
         return f'extern "C" __global__ void __launch_bounds__({self.launch.threads}) ' + c_signature[len("void "):]
 
     def render_body(self, kernel):
+        for name, _, _ in kernel.var_names:
+            self.emit(f"const int {name} = pg_vars[{var_slot(name)}];", 1)
         self.loop_stack, self.reduce_depth, self.store_guard, self.group = [], 0, None, None
         self.outputs = frozenset(kernel.ranges)
         getattr(self, "body_" + self.launch.kind)(kernel)
@@ -783,9 +815,10 @@ class CUDAProgram:
         self.param_index = [p.index for p in kernel.params]
         self.var_order = [name for name, _, _ in kernel.var_names]
         self.ptr_slots = [ctypes.c_uint64(0) for _ in self.param_index]
-        self.int_slots = [ctypes.c_int(0) for _ in self.var_order]
         self.err_slot = ctypes.c_uint64(0)
-        slots = self.ptr_slots + self.int_slots + ([self.err_slot] if kernel.uses_check else [])
+        self.vars_slot = ctypes.c_uint64(0)
+        slots = self.ptr_slots + ([self.err_slot] if kernel.uses_check else []) + (
+            [self.vars_slot] if self.var_order else [])
         self.arg_array = (ctypes.c_void_p * max(1, len(slots)))(*[ctypes.addressof(s) for s in slots])
         self.arg_address = ctypes.addressof(self.arg_array)
         self.lock = threading.Lock()
@@ -814,8 +847,9 @@ class CUDAProgram:
             foreign = [f"{bufs[i]!r}" for i in self.param_index if bufs[i].device != device.name]
             raise RuntimeError(f"kernel {self.name} on {device.name} was given buffers on another device: "
                                f"{', '.join(foreign)} (the schedule mixed devices)") from None
-        for slot, name in zip(self.int_slots, self.var_order):
-            slot.value = var_vals[name]
+        if self.var_order:
+            device.set_vars({name: var_vals[name] for name in self.var_order})
+            self.vars_slot.value = device.var_table.ptr
         if self.kernel.uses_check:
             self.err_slot.value = device.error_mem.ptr
             device.checked = True
@@ -827,6 +861,58 @@ class CUDAProgram:
                                            self.arg_address, 0)[0]
         if err != device.success:
             device.check((err,), f"launching {self.name} (grid {launch.grid}, {launch.threads} threads)")
+
+
+class CUDAGraph:
+    """Recorded kernel launches and copies, replayed with one cuGraphLaunch. Buffers are fixed at capture; the
+    variable table is refreshed from pinned host memory by the graph's first node."""
+
+    def __init__(self, device, launches):
+        driver = device.driver
+        self.device = device
+        device.activate()
+        self.pinned = device.check(driver.cuMemHostAlloc(4 * VAR_TABLE_SLOTS, 0), "cuMemHostAlloc")
+        self.pinned_values = np.ctypeslib.as_array(ctypes.cast(int(self.pinned), ctypes.POINTER(ctypes.c_int32)),
+                                                   shape=(VAR_TABLE_SLOTS,))
+        self.pinned_values[:] = device.var_values
+        self.done = device.check(driver.cuEventCreate(0), "cuEventCreate")
+        device.synchronize()
+        mode = driver.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_RELAXED
+        device.check(driver.cuStreamBeginCapture(device.stream, mode), "cuStreamBeginCapture")
+        device.capturing = True
+        try:
+            device.check(driver.cuMemcpyHtoDAsync(device.var_table.ptr, int(self.pinned), 4 * VAR_TABLE_SLOTS,
+                                                  device.stream), "capturing the variable upload")
+            for launch in launches:
+                launch()
+        finally:
+            device.capturing = False
+            graph = device.check(driver.cuStreamEndCapture(device.stream), "cuStreamEndCapture")
+        self.graph = graph
+        self.exec = device.check(driver.cuGraphInstantiate(graph, 0), "cuGraphInstantiate")
+        self.in_flight = False
+
+    def launch(self, var_values: dict):
+        device, driver = self.device, self.device.driver
+        if self.in_flight:   # the previous replay's upload may not have read the pinned values yet
+            device.check(driver.cuEventSynchronize(self.done), "cuEventSynchronize")
+        for name, value in var_values.items():
+            device.var_values[var_slot(name)] = value
+        self.pinned_values[:] = device.var_values   # the upload rewrites the whole table
+        device.activate()
+        device.check(driver.cuGraphLaunch(self.exec, device.stream), "cuGraphLaunch")
+        device.check(driver.cuEventRecord(self.done, device.stream), "cuEventRecord")
+        self.in_flight = True
+
+    def __del__(self):
+        try:
+            driver = self.device.driver
+            driver.cuGraphExecDestroy(self.exec)
+            driver.cuGraphDestroy(self.graph)
+            driver.cuEventDestroy(self.done)
+            driver.cuMemFreeHost(self.pinned)
+        except Exception:   # interpreter shutdown
+            pass
 
 
 class CUDAMemory:
@@ -893,6 +979,9 @@ class CUDADevice:
         self.error_mem = self.raw_alloc(512)
         self.check(driver.cuMemsetD32Async(self.error_mem.ptr, 0, 3, self.stream), "clearing the error flag")
         self.checked = False   # a kernel with bounds checks ran since the last check_errors()
+        self.var_table = self.raw_alloc(4 * VAR_TABLE_SLOTS)
+        self.var_values = np.zeros(VAR_TABLE_SLOTS, dtype=np.int32)   # what the table holds (or will, in order)
+        self.capturing = False
 
     # -- driver plumbing
     def check(self, result, what):
@@ -1035,6 +1124,24 @@ class CUDADevice:
     def synchronize(self):
         self.activate()
         self.check(self.driver.cuStreamSynchronize(self.stream), "running kernels (cuStreamSynchronize)")
+
+    # -- variables and CUDA graphs
+    def set_vars(self, values: dict):
+        """Make the variable table hold these values for the kernels queued next (an upload only when they
+        change; inside a graph capture the graph's own upload from pinned memory provides them)."""
+        changed = False
+        for name, value in values.items():
+            slot = var_slot(name)
+            if self.var_values[slot] != value:
+                self.var_values[slot] = value
+                changed = True
+        if changed and not self.capturing:
+            self.copyin(self.var_table, self.var_values)
+
+    def capture_graph(self, launches) -> CUDAGraph:
+        """A CUDA graph of `launches` (callables that queue work on this device's stream), preceded by an upload
+        of the variable table from pinned host memory that each replay fills in."""
+        return CUDAGraph(self, launches)
 
     # -- kernels
     def build(self, kernel) -> CUDAProgram:

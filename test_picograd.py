@@ -3192,9 +3192,13 @@ class EmuProgram:
 
     def __call__(self, bufs, var_vals, error_ptr=None):
         slots = [ctypes.c_uint64(bufs[i].mem.ptr) for i in self.param_index]
-        slots += [ctypes.c_int(var_vals[name]) for name in self.var_order]
         if self.kernel.uses_check:
             slots.append(ctypes.c_uint64(EmuDevice.error_ptr))
+        if self.var_order:   # kernels read variables from a table, by slot
+            table = np.zeros(ops_cuda.VAR_TABLE_SLOTS, dtype=np.int32)
+            for name in self.var_order:
+                table[ops_cuda.var_slot(name)] = var_vals[name]
+            slots.append(ctypes.c_uint64(table.ctypes.data))
         args = (ctypes.c_void_p * max(1, len(slots)))(*[ctypes.addressof(s) for s in slots])
         if self.launch.grid:
             self.lib.pg_launch(args, self.launch.grid, self.launch.threads, 60.0)
@@ -3251,9 +3255,10 @@ def _emu_library(kernel, source) -> str:
     params = []
     for p in kernel.params:
         params.append(f"({'' if p.written else 'const '}{p.dtype.ctype}*)(*(unsigned long long*)args[{len(params)}])")
-    params += [f"*(int*)args[{len(params) + i}]" for i in range(len(kernel.var_names))]
     if kernel.uses_check:
         params.append(f"(int*)(*(unsigned long long*)args[{len(params)}])")
+    if kernel.var_names:   # the device's variable table, last
+        params.append(f"(const int*)(*(unsigned long long*)args[{len(params)}])")
     call = f"{kernel.name}({', '.join(params)})"
     text = EMU_HEADER + source + EMU_ENTRY.replace("%CALL%", call).replace("%NAME%", kernel.name)
     _emu_runtime()
@@ -3478,9 +3483,11 @@ class FakeDriver:
         from cuda.bindings import driver as real
         self.CUresult, self.CUdevice_attribute, self.CUstream_flags = real.CUresult, real.CUdevice_attribute, \
             real.CUstream_flags
+        self.CUstreamCaptureMode = real.CUstreamCaptureMode
         self.ok, self.oom = real.CUresult.CUDA_SUCCESS, real.CUresult.CUDA_ERROR_OUT_OF_MEMORY
         self.capacity, self.used, self.blocks, self.libraries = capacity, 0, {}, {}
         self.launches = 0
+        self.arg_counts = {}   # a program's argument array address -> its length (for capture)
         attr = real.CUdevice_attribute
         self.attributes = {attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR: 9,
                            attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR: 0,
@@ -3535,6 +3542,9 @@ class FakeDriver:
         return (self.ok,)
 
     def _copy(self, dst, src, nbytes, stream):
+        if self.recording is not None:
+            self.recording.append(lambda: ctypes.memmove(int(dst), int(src), nbytes))
+            return (self.ok,)
         ctypes.memmove(int(dst), int(src), nbytes)
         return (self.ok,)
 
@@ -3556,9 +3566,51 @@ class FakeDriver:
 
     def cuLaunchKernel(self, fn, gx, gy, gz, bx, by, bz, shared, stream, params, extra):
         assert (gy, gz, by, bz, shared, extra) == (1, 1, 1, 1, 0, 0) and isinstance(params, int)
+        if self.recording is not None:
+            # a real capture copies the argument values now: the program's argument slots are reused
+            n = self.arg_counts[params]
+            values = (ctypes.c_void_p * n).from_address(params)
+            saved = [ctypes.c_uint64(ctypes.cast(values[i], ctypes.POINTER(ctypes.c_uint64)).contents.value)
+                     for i in range(n)]
+            array = (ctypes.c_void_p * max(1, len(saved)))(*[ctypes.addressof(s) for s in saved])
+            self.recording.append(lambda: (saved, fn.pg_launch(ctypes.addressof(array), gx, bx, 60.0)))
+            return (self.ok,)
         self.launches += 1
         fn.pg_launch(params, gx, bx, 60.0)
         return (self.ok,)
+
+    # graph capture: work queued while capturing is recorded, and cuGraphLaunch runs it
+    recording = None
+
+    def cuStreamBeginCapture(self, stream, mode):
+        self.recording = []
+        return (self.ok,)
+
+    def cuStreamEndCapture(self, stream):
+        graph, self.recording = self.recording, None
+        return (self.ok, graph)
+
+    def cuGraphInstantiate(self, graph, flags):
+        return (self.ok, list(graph))
+
+    def cuGraphLaunch(self, graph, stream):
+        for op in graph:
+            op()
+        self.graph_launches = getattr(self, "graph_launches", 0) + 1
+        return (self.ok,)
+
+    def cuMemHostAlloc(self, size, flags):
+        raw = np.zeros(size + 64, dtype=np.uint8)
+        self.blocks[raw.ctypes.data] = (raw, 0)
+        return (self.ok, raw.ctypes.data)
+
+    def cuEventCreate(self, flags):
+        return (self.ok, "event")
+
+    def _ok(self, *args):
+        return (self.ok,)
+
+    cuEventRecord = cuEventSynchronize = cuEventDestroy = cuGraphExecDestroy = cuGraphDestroy = cuMemFreeHost = _ok
 
 
 class FakeCUDADevice(ops_cuda.CUDADevice):
@@ -3567,7 +3619,9 @@ class FakeCUDADevice(ops_cuda.CUDADevice):
     def build(self, kernel):
         renderer = EmuRenderer(self.compile_arch, tf32=pg.TF32, sm_count=self.sm_count)
         source = renderer.render(kernel)
-        return ops_cuda.CUDAProgram(self, kernel, source, _emu_library(kernel, source), renderer.launch)
+        program = ops_cuda.CUDAProgram(self, kernel, source, _emu_library(kernel, source), renderer.launch)
+        self.driver.arg_counts[program.arg_address] = len(program.arg_array)
+        return program
 
 
 FAKE = "CUDA:14"
@@ -3589,8 +3643,31 @@ def fake(monkeypatch):
     else:
         pg.Device._open[FAKE] = old
     # programs remember the device they were loaded on; the next test's fake device is a new one
-    for key in [k for k in compiler._programs if k[0] == FakeCUDADevice.kind]:
+    for key in [k for k in compiler._programs if k[0].startswith(FakeCUDADevice.kind)]:
         del compiler._programs[key]
+
+
+@needs_nvrtc
+@needs_gxx
+def test_fake_device_replays_through_a_cuda_graph(fake):
+    """@pg.compile on a CUDA device replays through one captured graph: inputs copied in, variables refreshed
+    from pinned memory, outputs copied out; results equal the CPU's, call after call."""
+    cache = {d: pg.zeros(16, 3, device=d).contiguous().realize() for d in ("CPU", FAKE)}
+
+    def make(device):
+        @pg.compile
+        def step(x, pos):
+            cache[device][pos:pos + 1] = x * 2
+            seen = pg.arange(16, device=device).reshape(16, 1) <= pos
+            return pg.where(seen, cache[device], 0.0).sum(0) + x.sum()
+        return step
+    steps = {d: make(d) for d in ("CPU", FAKE)}
+    for p in range(6):
+        row = CUDA_RNG.standard_normal((1, 3)).astype(np.float32)
+        outs = {d: steps[d](pg.Tensor(row, device=d), pg.Variable("pos", 0, 15).bind(p)).numpy() for d in steps}
+        np.testing.assert_allclose(outs[FAKE], outs["CPU"], rtol=1e-6)
+    assert fake.driver.graph_launches == 4   # calls 3..6 (the first two warm up and trace)
+    assert len(steps[FAKE].traces) == 1
 
 
 @needs_nvrtc
@@ -3624,7 +3701,7 @@ def test_fake_allocator_reuses_and_frees_on_pressure(fake):
     fake.free(a, 1000)
     assert stats()["cached"] == 1024 and stats()["in_use"] == 0
     b = fake.alloc(900)   # rounds to the same 1024-byte class: the cached block comes back
-    assert b is a and stats()["device_allocs"] == 2   # (the error flag was the first)
+    assert b is a and stats()["device_allocs"] == 3   # (the error flag and the variable table came first)
     fake.free(b, 900)
     big = [fake.alloc(20 << 20) for _ in range(3)]   # 60 MiB of 64
     for m in big:
