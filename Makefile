@@ -21,7 +21,7 @@ test: $(VENV)/.installed
 
 # the whole suite with CUDA as the device (on a machine with a GPU; uses the system Python there if no venv)
 test-gpu:
-	DEVICE=CUDA $(if $(wildcard $(PY)),$(PY),$(PYTHON)) -m pytest -q test_picograd.py
+	DEVICE=CUDA $(if $(wildcard $(PY)),$(PY),$(PYTHON)) -m pytest -q test_picograd.py $(PYTEST_ARGS)
 
 # the CPU tests with every generated kernel built under AddressSanitizer (the interpreter preloads its runtime)
 test-asan: $(VENV)/.installed

@@ -157,32 +157,53 @@ def numpy_matmul_gflops(sizes, coretype_env: bool):
 
 
 def bench_matmul(device, sizes):
-    mm = pg.compile(lambda x, y: x @ y)
     if device == "CPU":
         as_set = numpy_matmul_gflops(sizes, True)
         unset = numpy_matmul_gflops(sizes, False)
-    for n in sizes:
-        a = pg.Tensor(np.random.rand(n, n).astype(np.float32), device=device)
-        b = pg.Tensor(np.random.rand(n, n).astype(np.float32), device=device)
-        t = median_time(lambda: mm(a, b), reps=5, sync=pg.Device[device].synchronize)
-        ours = 2 * n ** 3 / t / 1e9
-        if device == "CPU":
-            record("matmul", f"fp32 matmul {n}x{n} (OpenBLAS env as set)", ours, as_set[n], "GFLOP/s", "numpy")
-            record("matmul", f"fp32 matmul {n}x{n} (OPENBLAS_CORETYPE unset)", ours, unset[n], "GFLOP/s", "numpy")
+    for tf32 in ([False] if device == "CPU" else [False, True]):
+        pg.TF32 = tf32
+        mm = pg.compile(lambda x, y: x @ y)
+        for n in sizes:
+            a = pg.Tensor(np.random.rand(n, n).astype(np.float32), device=device)
+            b = pg.Tensor(np.random.rand(n, n).astype(np.float32), device=device)
+            t = median_time(lambda: mm(a, b), reps=5, sync=pg.Device[device].synchronize)
+            ours = 2 * n ** 3 / t / 1e9
+            if device == "CPU":
+                record("matmul", f"fp32 matmul {n}x{n} (OpenBLAS env as set)", ours, as_set[n], "GFLOP/s", "numpy")
+                record("matmul", f"fp32 matmul {n}x{n} (OPENBLAS_CORETYPE unset)", ours, unset[n], "GFLOP/s",
+                       "numpy")
+            else:
+                import torch
+                torch.backends.cuda.matmul.allow_tf32 = tf32
+                ta, tb = torch.rand(n, n, device="cuda"), torch.rand(n, n, device="cuda")
+                theirs = 2 * n ** 3 / median_time(lambda: ta @ tb, reps=10, sync=torch.cuda.synchronize) / 1e9
+                name = "tf32" if tf32 else "fp32"
+                record("matmul", f"{name} matmul {n}x{n}", ours / 1e3, theirs / 1e3, "TFLOP/s", "cuBLAS")
+    pg.TF32 = False
 
 
 def bench_bandwidth_kernels(device, read_bw, copy_bw):
     """Large elementwise and reduce kernels as a fraction of the measured memory bandwidth."""
-    n = 32 << 20
+    n = (32 << 20) if device == "CPU" else (256 << 20)   # 128 MB on the CPU, 1 GB on a GPU
     x = pg.Tensor(np.random.rand(n).astype(np.float32), device=device)
     y = pg.Tensor(np.random.rand(n).astype(np.float32), device=device)
     sync = pg.Device[device].synchronize
     add = pg.compile(lambda a, b: a + b)
     total = pg.compile(lambda a: a.sum())
     t = median_time(lambda: add(x, y), sync=sync)
-    record("bandwidth", "elementwise add, 128 MB inputs (GB/s)", 3 * n * 4 / t / 1e9, copy_bw, "GB/s", "copy")
+    record("bandwidth", f"elementwise add of {n * 4 >> 20} MB tensors (GB/s)", 3 * n * 4 / t / 1e9, copy_bw, "GB/s",
+           "copy")
     t = median_time(lambda: total(x), sync=sync)
-    record("bandwidth", "sum of 128 MB (GB/s)", n * 4 / t / 1e9, read_bw, "GB/s", "read")
+    record("bandwidth", f"sum of {n * 4 >> 20} MB (GB/s)", n * 4 / t / 1e9, read_bw, "GB/s", "read")
+    rows = n // 4096
+    m = x.reshape(rows, 4096)
+    w = pg.Tensor(np.random.rand(4096).astype(np.float32), device=device)
+    softmax = pg.compile(lambda a: a.softmax(-1))
+    rmsnorm = pg.compile(lambda a, g: pg.rms_norm(a, g, 1e-5))
+    t = median_time(lambda: softmax(m), sync=sync)
+    record("bandwidth", f"softmax rows of 4096, {n * 4 >> 20} MB (GB/s)", 2 * n * 4 / t / 1e9, copy_bw, "GB/s", "copy")
+    t = median_time(lambda: rmsnorm(m, w), sync=sync)
+    record("bandwidth", f"RMSNorm rows of 4096, {n * 4 >> 20} MB (GB/s)", 2 * n * 4 / t / 1e9, copy_bw, "GB/s", "copy")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
