@@ -1066,7 +1066,8 @@ except Exception as e:
 
 
 def test_missing_c_compiler(tmp_path):
-    out = _run_script(NO_CC_SCRIPT, {"CC": "/nonexistent/gcc", "PICOGRAD_CACHE": str(tmp_path / "cache")})
+    out = _run_script(NO_CC_SCRIPT, {"CC": "/nonexistent/gcc", "PICOGRAD_CACHE": str(tmp_path / "cache"),
+                                     "DEVICE": "CPU"})
     assert out["error"] == "RuntimeError", out
     assert "CC" in out["message"], out
 
@@ -1373,8 +1374,9 @@ def test_compiled_step_memory_not_above_graph_mode():
     graph = peak_of(False)
     compiled = peak_of(True)
     # the planned intermediates must not cost more than graph mode's; a scalar result alive across two calls
-    # (gc timing) is the only slack allowed
-    assert compiled <= graph + 64, (compiled, graph)
+    # (gc timing) is the only slack allowed, and on a GPU the CUDA graph's staging copy of the input (x)
+    staging = 32 * 64 * 4 if pg.Device.default.startswith("CUDA") else 0
+    assert compiled <= graph + 64 + staging, (compiled, graph)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -2993,7 +2995,7 @@ def test_cuda_unavailable_is_a_clear_runtime_error(monkeypatch):
 
 
 def test_mixing_devices_raises_without_touching_the_gpu():
-    a = Tensor(randn(4))
+    a = Tensor(randn(4), device="CPU")
     with pytest.raises(RuntimeError, match="same device"):
         a.to("CUDA") + a   # .to is lazy: the graph is refused before any device is opened
 
@@ -3778,7 +3780,7 @@ def test_gpu_copies_both_ways():
 @needs_gpu
 def test_gpu_mixing_devices_raises():
     with pytest.raises(RuntimeError, match="same device"):
-        Tensor(randn(3), device="CUDA") + Tensor(randn(3))
+        Tensor(randn(3), device="CUDA") + Tensor(randn(3), device="CPU")
 
 
 @needs_gpu
@@ -3851,7 +3853,9 @@ needs_mpi = pytest.mark.skipif(mpiexec_path() is None or importlib.util.find_spe
 def environment(timeout=60):
     env = dict(os.environ)
     # one thread a rank: up to 8 ranks share this machine's cores
-    env.update(OMP_NUM_THREADS="1", PICOGRAD_DIST_TIMEOUT=str(timeout), PYTHONPATH=HERE, PYTHONUNBUFFERED="1")
+    # DEVICE=CPU: these meshes run on the CPU (make test-gpu sets DEVICE=CUDA; dist_gpu_check.py covers GPUs)
+    env.update(OMP_NUM_THREADS="1", PICOGRAD_DIST_TIMEOUT=str(timeout), PYTHONPATH=HERE, PYTHONUNBUFFERED="1",
+               DEVICE="CPU")
     env.setdefault("PICOGRAD_CACHE", "/tmp/pgcache-dist")
     return env
 
