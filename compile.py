@@ -1298,6 +1298,9 @@ def _debug_print(ei, item, start):
 # 5. Graph capture: @pg.compile
 
 
+GRAPH_MAX_IO_BYTES = 16 << 20
+
+
 class Capture:
     """What a trace records: each launch with its buffers held weakly (by serial number), so that after the trace
     the buffers nobody kept are known to be the step's own intermediates."""
@@ -1467,6 +1470,12 @@ class Trace:
         if len(devices) != 1 or any(isinstance(prog, CustomProgram) for prog, *_ in self.launches):
             return None
         device = Device[devices.pop()]
+        # a graph's buffers are fixed, so inputs and outputs are copied in and out around it: worth it for a step
+        # of many small launches (decoding, training), not for a few kernels over large tensors
+        io_bytes = sum(size * dtype.itemsize for _, size, dtype in self.input_meta.values())
+        io_bytes += sum(spec[1] * spec[2].itemsize for kind, spec in self.outputs if kind == "fresh")
+        if io_bytes > GRAPH_MAX_IO_BYTES:
+            return None
         return device if hasattr(device, "capture_graph") else None
 
     def _capture_graph(self, device):

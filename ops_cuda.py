@@ -173,6 +173,11 @@ class CUDARenderer(CRenderer):
             raise ValueError(f"kernel {kernel.name}: {n_out} output elements do not fit 32-bit indexing")
         if n_out == 0:
             return LaunchPlan("empty", 32, 0)   # never launched
+        if kernel.scatter is not None:
+            # zeroed first (the program sets the output to 0), then a thread per (reduction step, element)
+            # adds its value where the index says, atomically: an embedding's gradient without the one-hot sum
+            work = prod(r.arg[1] for r in kernel.scatter.ranges) * (n_out // kernel.scatter.o.arg[1])
+            return LaunchPlan("scatter", self.THREADS, max(1, _cdiv(work, self.THREADS)))
         accs = [n for n in kernel.store.toposort() if n.op is Ops.ACC]
         if not accs:
             if self.wide_ok(kernel):
@@ -281,6 +286,17 @@ class CUDARenderer(CRenderer):
         self.store(kernel.store, 1)
 
     body_serial = body_elementwise   # a thread per output; its reductions are loops (accumulate below)
+
+    def body_scatter(self, kernel):
+        sc = kernel.scatter
+        loops = list(sc.ranges) + [r for r in kernel.ranges if r is not sc.o]
+        work = prod(r.arg[1] for r in loops)
+        self.emit(f"int pg_gid = blockIdx.x * {self.launch.threads} + threadIdx.x;", 1)
+        self.emit(f"if (pg_gid >= {work}) return;", 1)
+        self.decompose("pg_gid", self.dims(loops), 1)
+        param, index, value = sc.store.src
+        v = self.expr(value, 1)
+        self.emit(f"atomicAdd(&d{param.arg[0]}[{self.expr(index, 1)}], {v});", 1)
 
     def body_empty(self, kernel):
         pass
@@ -857,6 +873,9 @@ class CUDAProgram:
         if launch.grid == 0:
             return
         device.activate()
+        if launch.kind == "scatter":   # the atomic adds start from zero
+            out = bufs[self.kernel.store.src[0].arg[0]]
+            device.check(device.driver.cuMemsetD32Async(out.mem.ptr, 0, out.size, device.stream), "zeroing")
         err = device.driver.cuLaunchKernel(fn, launch.grid, 1, 1, launch.threads, 1, 1, 0, device.stream,
                                            self.arg_address, 0)[0]
         if err != device.success:

@@ -612,6 +612,11 @@ def _public(fn):
 # Tensor
 
 
+# reductions of at least this many elements into at most 16 outputs run in two stages of SPLIT_GROUPS pieces
+SPLIT_REDUCE_AT = 1 << 18
+SPLIT_GROUPS = 256
+
+
 def _shape_arg(shape):
     """Accept f(2, 3), f((2, 3)) and f([2, 3])."""
     if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
@@ -1532,10 +1537,29 @@ class Tensor:
         dims = self._reduce_dims(dim)
         if any(self.shape[d] == 0 for d in dims) and op is Ops.MAX:
             raise RuntimeError(f"max/min of an empty dimension (shape {self.shape})")
+        n_reduced = prod(self.shape[d] for d in dims)
+        if n_reduced >= SPLIT_REDUCE_AT and self.numel() // max(n_reduced, 1) <= 16:
+            return self._reduce_in_two(op, dims, keepdim)
         out = self._new(self.uop.reduce(op, dims))
         if keepdim:
             return out
         return out.reshape(tuple(s for i, s in enumerate(self.shape) if i not in dims))
+
+    def _reduce_in_two(self, op, dims, keepdim):
+        """A huge reduction into a few outputs as two: SPLIT_GROUPS partial results (as many independent pieces of
+        work, so every core or multiprocessor gets some) and then their combination."""
+        keep = [d for d in range(self.ndim) if d not in dims]
+        x = self.permute(keep + list(dims)).reshape(tuple(self.shape[d] for d in keep) + (-1,))
+        n = x.shape[-1]
+        per = -(-n // SPLIT_GROUPS)
+        if per * SPLIT_GROUPS != n:   # pad with the reduction's identity
+            lowest = float("-inf") if self.dtype.is_float else -2**31
+            x = x.pad((0, per * SPLIT_GROUPS - n), value=0 if op is Ops.ADD else lowest)
+        parts = x.reshape(x.shape[:-1] + (SPLIT_GROUPS, per))._reduce(op, -1, False).contiguous()
+        total = parts._reduce(op, -1, False)
+        if keepdim:
+            total = total.reshape(tuple(1 if d in dims else s for d, s in enumerate(self.shape)))
+        return total
 
     @_public
     def sum(self, dim=None, keepdim=False, dtype=None):

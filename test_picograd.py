@@ -3142,6 +3142,19 @@ static inline int atomicCAS(int* p, int expected, int value) {
   __atomic_compare_exchange_n(p, &expected, value, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
   return expected;
 }
+static inline int atomicAdd(int* p, int value) { return __atomic_fetch_add(p, value, __ATOMIC_SEQ_CST); }
+static inline float atomicAdd(float* p, float value) {
+  unsigned* bits = (unsigned*)p;
+  unsigned old = __atomic_load_n(bits, __ATOMIC_SEQ_CST), next;
+  float f;
+  do {
+    memcpy(&f, &old, 4);
+    f += value;
+    memcpy(&next, &f, 4);
+  } while (!__atomic_compare_exchange_n(bits, &old, next, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST));
+  memcpy(&f, &old, 4);
+  return f;
+}
 template <typename T> static inline T __shfl_xor_sync(unsigned mask, T v, int off) {
   unsigned long long bits = 0;
   memcpy(&bits, &v, sizeof(T));
@@ -3196,6 +3209,9 @@ class EmuProgram:
         slots = [ctypes.c_uint64(bufs[i].mem.ptr) for i in self.param_index]
         if self.kernel.uses_check:
             slots.append(ctypes.c_uint64(EmuDevice.error_ptr))
+        if self.launch.kind == "scatter":   # as the CUDA program does: the atomic adds start from zero
+            out = bufs[self.kernel.store.src[0].arg[0]]
+            ctypes.memset(out.mem.ptr, 0, out.nbytes)
         if self.var_order:   # kernels read variables from a table, by slot
             table = np.zeros(ops_cuda.VAR_TABLE_SLOTS, dtype=np.int32)
             for name in self.var_order:
