@@ -106,6 +106,21 @@ def _find_realize_points(roots, order, consumers):
         # a reduction inside another one's loop would run without its own kernel's blocking (a matmul summed)
         if len(reached) != 1 or (forks and views) or nested:
             points.add(node)
+    # one reduction per kernel: several summed in one kernel (a weight used by q, k and v gets three matmul
+    # gradients added together) would run on the generic loop instead of the matmul templates, each of which
+    # handles one contraction with an elementwise epilogue
+    for point in list(points):
+        found, stack, seen = [], [point], {point}
+        while stack:
+            node = stack.pop()
+            if node.op is Ops.REDUCE:
+                found.append(node)
+            for s in node.src:
+                if s not in seen and s not in points and not _is_source(s):
+                    seen.add(s)
+                    stack.append(s)
+        if len(found) > 1:
+            points.update(r for r in found if r is not point)
     # bound each kernel's expression depth (long chains: a cat of hundreds of pieces, a sum over hundreds of
     # gradients): a deep kernel compiles slowly and would exhaust the recursion of the lowering
     depth = {}
@@ -830,7 +845,7 @@ def _fold_alu(op, dtype, src, arg):
             return i_mul(src[0], src[1].arg)
         if op is Ops.MUL and src[0].op is Ops.CONST:
             return i_mul(src[1], src[0].arg)
-        if op is Ops.NEG:
+        if op is Ops.NEG and src[0].op in (Ops.RANGE, Ops.CONST, Ops.DEFINE_VAR):   # index arithmetic
             return i_mul(src[0], -1)
     if op is Ops.NEG and src[0].op is Ops.CONST:
         return UOp(Ops.CONST, dtype, (), -src[0].arg)

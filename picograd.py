@@ -2012,7 +2012,20 @@ def _grad_reduce(g, node):
 def _grad_expand(g, node):
     src = node.src[0]
     axes = tuple(i for i, (s, n) in enumerate(zip(src.shape, node.shape)) if s != n)
-    return (g.reduce(Ops.ADD, axes),)
+    # a broadcast operand used by several products (x in x @ wq and x @ wk) collects a sum of products here;
+    # summing each product on its own keeps every one a contraction the matmul templates can run
+    terms, stack = [], [g]
+    while stack:
+        t = stack.pop()
+        if t.op is Ops.ADD:
+            stack.extend(t.src)
+        else:
+            terms.append(t)
+    out = None
+    for t in reversed(terms):
+        r = t.reduce(Ops.ADD, axes)
+        out = r if out is None else out.alu(Ops.ADD, r)
+    return (out,)
 
 
 GRAD_RULES = {
