@@ -303,11 +303,15 @@ class CRenderer:
     def acc_init(self, reduce_op, dtype):
         if reduce_op is Ops.ADD:
             return self.literal(0, dtype)
+        if reduce_op is Ops.MIN:
+            return {float32: "INFINITY", int32: "2147483647", bool_: "1"}[dtype]
         return {float32: "(-INFINITY)", int32: "(-2147483647-1)", bool_: "0"}[dtype]
 
     def acc_update(self, reduce_op, acc, value, dtype):
         if reduce_op is Ops.ADD:
             return f"{acc} + {value}"
+        if reduce_op is Ops.MIN:
+            return f"(({value})<({acc})?({value}):({acc}))"
         return self.alu(Ops.MAX, [value, acc], dtype, [dtype, dtype], None)
 
 

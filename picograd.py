@@ -106,6 +106,7 @@ class Ops(Enum):
     ADD = auto()
     MUL = auto()
     MAX = auto()
+    MIN = auto()           # only as a reduction (of integers; float min is -max(-x), which keeps NaN handling)
     CMPLT = auto()
     CMPEQ = auto()
     IDIV = auto()
@@ -1553,8 +1554,8 @@ class Tensor:
         n = x.shape[-1]
         per = -(-n // SPLIT_GROUPS)
         if per * SPLIT_GROUPS != n:   # pad with the reduction's identity
-            lowest = float("-inf") if self.dtype.is_float else -2**31
-            x = x.pad((0, per * SPLIT_GROUPS - n), value=0 if op is Ops.ADD else lowest)
+            identity = {Ops.ADD: 0, Ops.MAX: float("-inf") if self.dtype.is_float else -2**31, Ops.MIN: 2**31 - 1}
+            x = x.pad((0, per * SPLIT_GROUPS - n), value=identity[op])
         parts = x.reshape(x.shape[:-1] + (SPLIT_GROUPS, per))._reduce(op, -1, False).contiguous()
         total = parts._reduce(op, -1, False)
         if keepdim:
@@ -1583,6 +1584,10 @@ class Tensor:
     def min(self, dim=None, keepdim=False):
         if self.dtype is bool_:
             return self.int().min(dim, keepdim).bool()
+        if not self.dtype.is_float:
+            # a reduction of its own: -max(-x) overflows at INT_MIN (and NVRTC 13.0 was seen miscompiling the
+            # fused negate-then-max loop for ints)
+            return self._reduce(Ops.MIN, dim, keepdim)
         return -((-self)._reduce(Ops.MAX, dim, keepdim))
 
     amax = max
@@ -1595,14 +1600,21 @@ class Tensor:
             return self.reshape(-1).argmax(0, keepdim=False)
         dim = _canon_dim(dim, self.ndim)
         n = self.shape[dim]
-        is_max = self == self.max(dim, keepdim=True)
-        reverse_index = Tensor.arange(n, 0, -1, device=self.device).reshape(
-            (n,) + (1,) * (self.ndim - dim - 1))
-        return n - (where(is_max, reverse_index, 0)).max(dim, keepdim)
+        return self._first_index_of(self == self.max(dim, keepdim=True), dim, keepdim)
 
     @_public
     def argmin(self, dim=None, keepdim=False):
-        return (-self).argmax(dim, keepdim)
+        """Index of the first minimum, as in torch."""
+        if dim is None:
+            return self.reshape(-1).argmin(0, keepdim=False)
+        dim = _canon_dim(dim, self.ndim)
+        return self._first_index_of(self == self.min(dim, keepdim=True), dim, keepdim)
+
+    def _first_index_of(self, hit, dim, keepdim):
+        """The first position along dim where hit is true: the largest of n, n-1, ... where it is."""
+        n = self.shape[dim]
+        reverse_index = Tensor.arange(n, 0, -1, device=self.device).reshape((n,) + (1,) * (self.ndim - dim - 1))
+        return n - (where(hit, reverse_index, 0)).max(dim, keepdim)
 
     @_public
     def var(self, dim=None, keepdim=False, correction=1, unbiased=None):
@@ -2003,7 +2015,7 @@ def _grad_reduce(g, node):
     src = node.src[0]
     if op is Ops.ADD:
         return (g.expand(src.shape),)
-    # max: the gradient is shared evenly among the elements equal to the maximum
+    # max (and min): the gradient is shared evenly among the elements equal to the extreme
     hit = src.alu(Ops.CMPEQ, node.expand(src.shape)).cast(src.dtype)
     count = hit.reduce(Ops.ADD, axes)
     return (hit.alu(Ops.MUL, g.alu(Ops.MUL, count.alu(Ops.RECIP)).expand(src.shape)),)
