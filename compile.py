@@ -1313,9 +1313,6 @@ def _debug_print(ei, item, start):
 # 5. Graph capture: @pg.compile
 
 
-GRAPH_MAX_IO_BYTES = 16 << 20
-
-
 class Capture:
     """What a trace records: each launch with its buffers held weakly (by serial number), so that after the trace
     the buffers nobody kept are known to be the step's own intermediates."""
@@ -1479,43 +1476,30 @@ class Trace:
         return not all(guard() for guard in self.guards)
 
     def _graph_device(self):
-        """The device whose CUDA graph can replay the whole step: every launch a kernel or copy on one device that
+        """The device whose graph can replay the whole step: every launch a kernel or copy on one device that
         captures graphs (Python steps, such as MPI collectives, cannot be captured)."""
         devices = {device for _, _, _, device in self.launches}
         if len(devices) != 1 or any(isinstance(prog, CustomProgram) for prog, *_ in self.launches):
             return None
         device = Device[devices.pop()]
-        # a graph's buffers are fixed, so inputs and outputs are copied in and out around it: worth it for a step
-        # of many small launches (decoding, training), not for a few kernels over large tensors
-        io_bytes = sum(size * dtype.itemsize for _, size, dtype in self.input_meta.values())
-        io_bytes += sum(spec[1] * spec[2].itemsize for kind, spec in self.outputs if kind == "fresh")
-        if io_bytes > GRAPH_MAX_IO_BYTES:
-            return None
         return device if hasattr(device, "capture_graph") else None
 
     def _capture_graph(self, device):
-        """Bind every slot to fixed memory (inputs and outputs get buffers of their own, copied in and out around
-        each launch) and record the launches into a graph."""
-        self.graph_inputs, self.graph_outputs = {}, {}
-        launches = []
+        """Hand the launches to the device, every buffer bound except the inputs and outputs of the call; the
+        device may decline (returns None) and the launches are then replayed one by one."""
+        steps = []
         for prog, slots, recorded_vars, dev in self.launches:
-            bufs = []
+            bound = []
             for kind, ref in slots:
-                if kind == "input":
-                    if ref not in self.graph_inputs:
-                        meta = self.input_meta[ref]
-                        self.graph_inputs[ref] = Buffer(*meta)
-                    bufs.append(self.graph_inputs[ref])
-                elif kind == "output":
-                    if ref not in self.graph_outputs:
-                        self.graph_outputs[ref] = Buffer(*self.outputs[ref][1])
-                    bufs.append(self.graph_outputs[ref])
+                if kind in ("input", "output"):
+                    bound.append((kind, ref))
                 else:
-                    bufs.append(ref if kind == "fixed" else ref())
-            launches.append(functools.partial(ExecItem(prog, bufs, recorded_vars, dev).run))
-            for b in bufs:
-                b.mem   # allocate now: memory cannot be allocated while the stream is being captured
-        return device.capture_graph(launches)
+                    buf = ref if kind == "fixed" else ref()
+                    buf.mem   # allocated now: a graph is built over fixed memory
+                    bound.append(("buffer", buf))
+            steps.append((prog, bound, recorded_vars))
+        outputs = {k: spec for k, (kind, spec) in enumerate(self.outputs) if kind == "fresh"}
+        return device.capture_graph(steps, self.input_meta, outputs)
 
     def replay(self, flat):
         pg._STATS["replays"] += 1
@@ -1534,6 +1518,8 @@ class Trace:
                         var_vals[node.src[0].arg[0]] = node.src[1].arg
         if self.graph is None and self.graph_device is not None:
             self.graph = self._capture_graph(self.graph_device)
+            if self.graph is None:
+                self.graph_device = None
         if self.graph is not None:
             return self._replay_graph(inputs, var_vals)
         outs = [Buffer(*spec) if kind == "fresh" else None for kind, spec in self.outputs]
@@ -1556,21 +1542,18 @@ class Trace:
 
 
     def _replay_graph(self, inputs, var_vals):
-        for k, buf in self.graph_inputs.items():
-            _copy(buf, inputs[k])
-        names = {name for _, _, recorded, _ in self.launches for name in recorded}
         recorded = {}
         for _, _, vv, _ in self.launches:
             recorded.update(vv)
-        self.graph.launch({name: var_vals.get(name, recorded[name]) for name in names})
+        outs = [Buffer(*spec) if kind == "fresh" else None for kind, spec in self.outputs]
+        self.graph.replay({k: inputs[k] for k in self.input_meta}, {k: b for k, b in enumerate(outs) if b},
+                          {name: var_vals.get(name, value) for name, value in recorded.items()})
         pg._STATS["kernels_launched"] += self.kernel_count
         self.graph_device.check_errors()
-        outs = []
-        for k, (kind, spec) in enumerate(self.outputs):
-            src = self.graph_outputs[k] if kind == "fresh" else spec
-            out = Buffer(src.device, src.size, src.dtype)
-            _copy(out, src)
-            outs.append(out)
+        for k, (kind, src) in enumerate(self.outputs):
+            if kind == "copy":
+                outs[k] = Buffer(src.device, src.size, src.dtype)
+                _copy(outs[k], src)
         fresh = [pg.Tensor._wrap(UOp(Ops.BUFFER, b.dtype, (), (b, 0)).reshape(shape), b.device)
                  for b, shape in zip(outs, self.out_shapes)]
         return _unflatten_outputs(self.structure, iter(fresh))

@@ -82,7 +82,7 @@ static inline float pg_sin(float x) {
 
 
 # Below this many operations a kernel runs on one thread: waking the others costs more than it saves.
-PARALLEL_WORK = 1 << 16
+PARALLEL_WORK = 1 << 18
 
 
 def cpu_threads() -> int:
@@ -528,6 +528,67 @@ class CPUProgram:
         self.fn(*args, *self.extra)
 
 
+class CPUGraph:
+    """A captured step (see compile.Trace) as one generated C function that calls its kernels in order: a replay
+    is one call instead of a Python call per kernel. Every address and variable the kernels take sits in a slot
+    table; a replay writes the call's inputs, outputs and variables into their slots and runs the function."""
+
+    def __init__(self, steps, inputs, outputs):
+        self.slots, self.input_slot, self.output_slot, self.var_slot = [], {}, {}, {}
+        self.keep = []   # the programs whose functions the table points into
+        sizes = {("input", k): spec[1] * spec[2].itemsize for k, spec in inputs.items()}
+        sizes.update({("output", k): spec[1] * spec[2].itemsize for k, spec in outputs.items()})
+        lines = []
+        for prog, bound, recorded_vars in steps:
+            where = [self.bind(kind, ref) for kind, ref in bound]
+            if prog is None:   # a copy: bufs = [dst, src]
+                nbytes = sizes[bound[0]] if bound[0][0] != "buffer" else bound[0][1].nbytes
+                lines.append(f"  memcpy((void*)s[{where[0]}], (const void*)s[{where[1]}], {nbytes});")
+                continue
+            self.keep.append(prog)
+            args = [f"(void*)s[{where[i]}]" for i in prog.param_index]
+            types = ["void*"] * len(args)
+            for name in prog.var_order:
+                args.append(f"(int)s[{self.named(self.var_slot, name)}]")
+                types.append("int")
+            for address in prog.extra:   # the error flags, the matmul workspace
+                args.append(f"(void*)s[{self.add(address)}]")
+                types.append("void*")
+            function = self.add(ctypes.cast(prog.fn, ctypes.c_void_p).value)
+            lines.append(f"  ((void (*)({', '.join(types) or 'void'}))s[{function}])({', '.join(args)});")
+        source = "#include <string.h>\nvoid pg_replay(const long long* s) {\n" + "\n".join(lines) + "\n}\n"
+        self.lib = ctypes.CDLL(compile_c(source))
+        self.fn = self.lib.pg_replay
+        self.fn.argtypes, self.fn.restype = [ctypes.c_void_p], None
+        self.table = np.array(self.slots, dtype=np.int64)
+
+    def add(self, value) -> int:
+        self.slots.append(int(value))
+        return len(self.slots) - 1
+
+    def named(self, table, key) -> int:
+        if key not in table:
+            table[key] = self.add(0)
+        return table[key]
+
+    def bind(self, kind, ref) -> int:
+        if kind == "input":
+            return self.named(self.input_slot, ref)
+        if kind == "output":
+            return self.named(self.output_slot, ref)
+        return self.add(ref.mem.address)
+
+    def replay(self, inputs, outputs, var_values):
+        for k, buf in inputs.items():
+            self.table[self.input_slot[k]] = buf.mem.address
+        for k, buf in outputs.items():
+            self.table[self.output_slot[k]] = buf.mem.address
+        for name, value in var_values.items():
+            if name in self.var_slot:
+                self.table[self.var_slot[name]] = value
+        self.fn(self.table.ctypes.data)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Memory and the device
 
@@ -609,6 +670,9 @@ class CPUDevice:
     def worth_gemm(c) -> bool:
         """Packing pays off once both output sides and the depth are a few panels big."""
         return c.m is not None and c.n is not None and c.M >= 8 and c.N >= 16 and c.K >= 8 and c.M * c.N * c.K >= 32768
+
+    def capture_graph(self, steps, inputs, outputs):
+        return CPUGraph(steps, inputs, outputs)
 
     def check_errors(self):
         if self.error_flags[0]:

@@ -883,12 +883,23 @@ class CUDAProgram:
 
 
 class CUDAGraph:
-    """Recorded kernel launches and copies, replayed with one cuGraphLaunch. Buffers are fixed at capture; the
+    """A step's kernel launches and copies, replayed with one cuGraphLaunch. A graph's memory is fixed: the
+    call's inputs are copied into staging buffers before it and its outputs out of staging buffers after; the
     variable table is refreshed from pinned host memory by the graph's first node."""
+    MAX_IO_BYTES = 16 << 20   # beyond this the copies cost more than the launches they save
 
-    def __init__(self, device, launches):
+    def __init__(self, device, steps, inputs, outputs):
         driver = device.driver
         self.device = device
+        self.inputs = {k: pg.Buffer(*spec) for k, spec in inputs.items()}
+        self.outputs = {k: pg.Buffer(*spec) for k, spec in outputs.items()}
+        launches = []
+        for prog, bound, recorded_vars in steps:
+            bufs = [self.inputs[ref] if kind == "input" else self.outputs[ref] if kind == "output" else ref
+                    for kind, ref in bound]
+            for b in bufs:
+                b.mem
+            launches.append((prog, bufs, recorded_vars))
         device.activate()
         self.pinned = device.check(driver.cuMemHostAlloc(4 * VAR_TABLE_SLOTS, 0), "cuMemHostAlloc")
         self.pinned_values = np.ctypeslib.as_array(ctypes.cast(int(self.pinned), ctypes.POINTER(ctypes.c_int32)),
@@ -902,8 +913,11 @@ class CUDAGraph:
         try:
             device.check(driver.cuMemcpyHtoDAsync(device.var_table.ptr, int(self.pinned), 4 * VAR_TABLE_SLOTS,
                                                   device.stream), "capturing the variable upload")
-            for launch in launches:
-                launch()
+            for prog, bufs, recorded_vars in launches:
+                if prog is None:
+                    device.copy_within(bufs[0].mem, bufs[1].mem, bufs[0].nbytes)
+                else:
+                    prog(bufs, recorded_vars)
         finally:
             device.capturing = False
             graph = device.check(driver.cuStreamEndCapture(device.stream), "cuStreamEndCapture")
@@ -911,8 +925,10 @@ class CUDAGraph:
         self.exec = device.check(driver.cuGraphInstantiate(graph, 0), "cuGraphInstantiate")
         self.in_flight = False
 
-    def launch(self, var_values: dict):
+    def replay(self, inputs, outputs, var_values: dict):
         device, driver = self.device, self.device.driver
+        for k, buf in inputs.items():
+            device.copy_within(self.inputs[k].mem, buf.mem, buf.nbytes)
         if self.in_flight:   # the previous replay's upload may not have read the pinned values yet
             device.check(driver.cuEventSynchronize(self.done), "cuEventSynchronize")
         for name, value in var_values.items():
@@ -922,6 +938,8 @@ class CUDAGraph:
         device.check(driver.cuGraphLaunch(self.exec, device.stream), "cuGraphLaunch")
         device.check(driver.cuEventRecord(self.done, device.stream), "cuEventRecord")
         self.in_flight = True
+        for k, buf in outputs.items():
+            device.copy_within(buf.mem, self.outputs[k].mem, buf.nbytes)
 
     def __del__(self):
         try:
@@ -1157,10 +1175,11 @@ class CUDADevice:
         if changed and not self.capturing:
             self.copyin(self.var_table, self.var_values)
 
-    def capture_graph(self, launches) -> CUDAGraph:
-        """A CUDA graph of `launches` (callables that queue work on this device's stream), preceded by an upload
-        of the variable table from pinned host memory that each replay fills in."""
-        return CUDAGraph(self, launches)
+    def capture_graph(self, steps, inputs, outputs):
+        """A CUDA graph of a captured step (see compile.Trace), or None when its inputs and outputs are too big for
+        the staging copies to pay off."""
+        io_bytes = sum(size * dtype.itemsize for _, size, dtype in list(inputs.values()) + list(outputs.values()))
+        return CUDAGraph(self, steps, inputs, outputs) if io_bytes <= CUDAGraph.MAX_IO_BYTES else None
 
     # -- kernels
     def build(self, kernel) -> CUDAProgram:
