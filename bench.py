@@ -286,7 +286,35 @@ def bench_llama_inference(device, shape, decode_tokens=48, prompt_len=256):
     record("llama", f"{label} prefill/decode per-token speedup", ours_prefill / ours_decode, 10.0, "x", "target")
 
 
-def bench_llama_training(device, shape, batch=8, seq=256, steps=4, tf32=False):
+def print_kernel_profile(fn, what, top=20):
+    """Run fn once with DEBUG=2 (each kernel synchronized and timed) and print where the time goes, by kernel name:
+    total time, calls, achieved GFLOP/s and GB/s. Synchronizing after every kernel adds launch gaps, so the total
+    is more than a graph replay takes; the ranking is what matters."""
+    import contextlib
+    import io
+    import re
+    log = io.StringIO()
+    old, pg.DEBUG = pg.DEBUG, 2
+    try:
+        with contextlib.redirect_stderr(log):
+            fn()
+    finally:
+        pg.DEBUG = old
+    by_name = {}
+    for line in log.getvalue().splitlines():
+        m = re.match(r"\s+(\S+)\s+([\d.]+) us\s+([\d.]+) GFLOP/s\s+([\d.]+) GB/s", line)
+        if m:
+            us, gflops, gbs = float(m.group(2)), float(m.group(3)), float(m.group(4))
+            total, calls, flop, nbytes = by_name.get(m.group(1), (0.0, 0, 0.0, 0.0))
+            by_name[m.group(1)] = (total + us, calls + 1, flop + gflops * us * 1e3, nbytes + gbs * us * 1e3)
+    total_us = sum(v[0] for v in by_name.values())
+    print(f"  profile of {what}: {sum(v[1] for v in by_name.values())} kernels, {total_us / 1e3:.1f} ms", flush=True)
+    for name, (us, calls, flop, nbytes) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]:
+        print(f"    {name:<34} {us / 1e3:9.2f} ms {100 * us / total_us:5.1f}% x{calls:<4} "
+              f"{flop / us / 1e3:9.1f} GFLOP/s {nbytes / us / 1e3:8.1f} GB/s", flush=True)
+
+
+def bench_llama_training(device, shape, batch=8, seq=256, steps=4, tf32=False, profile=False):
     import llama
     import torch
     from transformers import LlamaForCausalLM
@@ -314,6 +342,10 @@ def bench_llama_training(device, shape, batch=8, seq=256, steps=4, tf32=False):
     for k in range(steps):
         run(k + 2)
     ours = steps * batch * seq / (time.perf_counter() - start)
+    if profile:
+        print_kernel_profile(lambda: step.__wrapped__(pg.Tensor(batches[0][0], device=device),
+                                                      pg.Tensor(batches[0][1], device=device)).item(),
+                             f"one {shape} training step, uncompiled, {'tf32' if tf32 else 'fp32'}")
     pg.TF32 = False
     dev = "cpu" if device == "CPU" else "cuda"
     torch.backends.cuda.matmul.allow_tf32 = tf32
@@ -349,6 +381,7 @@ def main():
     parser.add_argument("--train", default="stories15M", help="shapes for training throughput")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--profile", action="store_true", help="also print where one training step's time goes")
     args = parser.parse_args()
     only = set(filter(None, args.only.split(",")))
     device = pg.Device.canonicalize(args.device)
@@ -369,9 +402,9 @@ def main():
             bench_llama_inference(device, shape)
     for shape in args.train.split(","):
         if shape and want("train"):
-            bench_llama_training(device, shape, batch=args.batch, seq=args.seq)
+            bench_llama_training(device, shape, batch=args.batch, seq=args.seq, profile=args.profile)
             if device != "CPU":
-                bench_llama_training(device, shape, batch=args.batch, seq=args.seq, tf32=True)
+                bench_llama_training(device, shape, batch=args.batch, seq=args.seq, tf32=True, profile=args.profile)
     print("\n| section | what | picograd | baseline | ratio |\n|---|---|---|---|---|")
     for section, what, ours, base, unit, base_name in ROWS:
         print(f"| {section} | {what} | {ours:.2f} {unit} | {base_name} {base:.2f} | {ours / base:.2f} |")

@@ -1027,31 +1027,32 @@ def _estimate_cost(store, ranges, params):
 
 
 class Contraction:
-    """A kernel of the form out[batch.., m, n] = epilogue(sum_k A[batch.., m, k] * B[batch.., k, n]) whose operand
-    indices are linear in the loop variables: what the matmul templates (CPU packing + micro-kernel, CUDA tensor
-    cores) accept. `m` or `n` is None when that size is 1 (a matrix-vector product); `a_strides`/`b_strides`/
-    `out_strides` map each RANGE to its coefficient, `*_offset` is the constant part."""
+    """A kernel of the form out[batch.., m.., n..] = epilogue(sum over k.. of A[batch.., m.., k..] * B[batch.., k..,
+    n..]): what the matmul templates (CPU packing + micro-kernel, CUDA tensor cores) accept. Each side may span
+    several loops (dimensions that could not be merged); M, N and K are their products, 1 for an empty side (a
+    matrix-vector product). `linear` holds when each side is one loop and both operands are plain loads at linear
+    indices: then `m`, `n`, `k` are those loops, `a_strides`/`b_strides`/`out_strides` map each loop to its
+    coefficient and `*_offset` is the constant part (what templates that read memory directly need)."""
 
-    def __init__(self, kernel, acc, a, b, m, n, k, batch, strides, offsets):
+    def __init__(self, kernel, acc, a, b, m_ranges, n_ranges, k_ranges, batch, strides, offsets):
         self.kernel, self.acc, self.a, self.b = kernel, acc, a, b
-        self.m, self.n, self.k, self.batch = m, n, k, batch
-        self.a_strides, self.b_strides, self.out_strides = strides
-        self.a_offset, self.b_offset, self.out_offset = offsets
-
-    def size(self, r):
-        return 1 if r is None else r.arg[1]
-
-    @property
-    def M(self):
-        return self.size(self.m)
+        self.m_ranges, self.n_ranges, self.k_ranges, self.batch = m_ranges, n_ranges, k_ranges, batch
+        self.linear = strides is not None
+        self.a_strides, self.b_strides, self.out_strides = strides or (None, None, None)
+        self.a_offset, self.b_offset, self.out_offset = offsets or (None, None, None)
+        self.M, self.N, self.K = (prod(r.arg[1] for r in side) for side in (m_ranges, n_ranges, k_ranges))
 
     @property
-    def N(self):
-        return self.size(self.n)
+    def m(self):
+        return self.m_ranges[0] if len(self.m_ranges) == 1 else None
 
     @property
-    def K(self):
-        return self.k.arg[1]
+    def n(self):
+        return self.n_ranges[0] if len(self.n_ranges) == 1 else None
+
+    @property
+    def k(self):
+        return self.k_ranges[0] if len(self.k_ranges) == 1 else None
 
 
 def _linear_in_ranges(expr: UOp):
@@ -1062,47 +1063,50 @@ def _linear_in_ranges(expr: UOp):
     return terms, const
 
 
+def _ranges_of(u: UOp) -> set:
+    return {n for n in u.toposort() if n.op is Ops.RANGE}
+
+
 def match_contraction(kernel: Kernel):
     """The Contraction this kernel is, or None. The value stored may be any elementwise function of the one
-    accumulator (the epilogue: bias, activation, scaling) as long as nothing else in it reduces."""
+    accumulator (the epilogue: bias, activation, scaling) as long as nothing else in it reduces. Each operand may
+    be any expression of its own loops (a view with flips and reshapes, an elementwise prologue): the CPU template
+    packs panels by evaluating the operands, so it takes either form; `linear` marks the plain ones."""
     store = kernel.store
     param, index, value = store.src
     accs = [n for n in value.toposort() if n.op is Ops.ACC]
     if len(accs) != 1:
         return None
     acc = accs[0]
-    reduce_op, ranges = acc.arg
+    reduce_op, k_ranges = acc.arg
     body = acc.src[0]
-    if reduce_op is not Ops.ADD or len(ranges) != 1 or body.op is not Ops.MUL or acc.dtype is not float32:
+    if reduce_op is not Ops.ADD or body.op is not Ops.MUL or acc.dtype is not float32:
+        return None
+    if any(n.op is Ops.ACC for n in body.toposort()):
         return None
     a, b = body.src
-    if a.op is not Ops.LOAD or b.op is not Ops.LOAD or a.src[2] is not TRUE or b.src[2] is not TRUE:
-        return None
-    k = ranges[0]
-    la, lb, lo = _linear_in_ranges(a.src[1]), _linear_in_ranges(b.src[1]), _linear_in_ranges(index)
-    if la is None or lb is None or lo is None:
-        return None
-    (ca, oa), (cb, ob), (co, oo) = la, lb, lo
-    if not ca.get(k) or not cb.get(k):
-        return None
-    m = n = None
-    batch = []
+    ra, rb = _ranges_of(a), _ranges_of(b)
+    m_ranges, n_ranges, batch = [], [], []
     for r in kernel.ranges:
-        in_a, in_b = ca.get(r, 0) != 0, cb.get(r, 0) != 0
-        if in_a and not in_b and m is None:
-            m = r
-        elif in_b and not in_a and n is None:
-            n = r
-        elif in_a and in_b or not (in_a or in_b):
-            batch.append(r)
-        else:
-            return None
-    if m is None and n is not None and any(ca.get(r, 0) and not cb.get(r, 0) for r in batch):
+        in_a, in_b = r in ra, r in rb
+        (m_ranges if in_a and not in_b else n_ranges if in_b and not in_a else batch).append(r)
+    if not any(r in ra for r in k_ranges) or not any(r in rb for r in k_ranges):
         return None
+    if (ra | rb) - set(kernel.ranges) - set(k_ranges):
+        return None   # an operand loops over something else
     # the accumulator must not be read by anything but the epilogue at its own (m, n), nor the output read back
     if any(n_.op is Ops.LOAD and n_.src[0].arg[0] == param.arg[0] for n_ in value.toposort()):
         return None
-    return Contraction(kernel, acc, a, b, m, n, k, batch, (ca, cb, co), (oa, ob, oo))
+    linear = None
+    if (len(m_ranges) <= 1 and len(n_ranges) <= 1 and len(k_ranges) == 1 and a.op is Ops.LOAD and b.op is Ops.LOAD
+            and a.src[2] is TRUE and b.src[2] is TRUE):
+        linear = (_linear_in_ranges(a.src[1]), _linear_in_ranges(b.src[1]), _linear_in_ranges(index))
+        if any(x is None for x in linear):
+            linear = None
+    if linear is None:
+        return Contraction(kernel, acc, a, b, m_ranges, n_ranges, list(k_ranges), batch, None, None)
+    (ca, oa), (cb, ob), (co, oo) = linear
+    return Contraction(kernel, acc, a, b, m_ranges, n_ranges, list(k_ranges), batch, (ca, cb, co), (oa, ob, oo))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1532,6 +1536,11 @@ class Trace:
             devices.add(device)
         for device in devices:
             Device[device].check_errors()
+        return self._results(outs)
+
+
+    def _results(self, outs):
+        """The call's result: fresh output buffers as tensors (outputs that are long-lived state copied first)."""
         for k, (kind, src) in enumerate(self.outputs):
             if kind == "copy":
                 outs[k] = Buffer(src.device, src.size, src.dtype)
@@ -1539,7 +1548,6 @@ class Trace:
         fresh = [pg.Tensor._wrap(UOp(Ops.BUFFER, b.dtype, (), (b, 0)).reshape(shape), b.device)
                  for b, shape in zip(outs, self.out_shapes)]
         return _unflatten_outputs(self.structure, iter(fresh))
-
 
     def _replay_graph(self, inputs, var_vals):
         recorded = {}
@@ -1550,13 +1558,7 @@ class Trace:
                           {name: var_vals.get(name, value) for name, value in recorded.items()})
         pg._STATS["kernels_launched"] += self.kernel_count
         self.graph_device.check_errors()
-        for k, (kind, src) in enumerate(self.outputs):
-            if kind == "copy":
-                outs[k] = Buffer(src.device, src.size, src.dtype)
-                _copy(outs[k], src)
-        fresh = [pg.Tensor._wrap(UOp(Ops.BUFFER, b.dtype, (), (b, 0)).reshape(shape), b.device)
-                 for b, shape in zip(outs, self.out_shapes)]
-        return _unflatten_outputs(self.structure, iter(fresh))
+        return self._results(outs)
 
 
 def _flatten_outputs(out):

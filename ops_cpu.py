@@ -191,6 +191,21 @@ class CRenderer:
             depth -= 1
             self.close_loop(depth)
 
+    def decompose(self, var, dims, depth):
+        """`int name = ...;` for each (name, size) in dims (outermost first) from the linear index var."""
+        stride = 1
+        for i in reversed(range(len(dims))):
+            name, size = dims[i]
+            value = var if stride == 1 else f"({var} / {stride})"
+            if i > 0:
+                value = f"({value} % {size})"
+            self.emit(f"int {name} = {value};", depth)
+            stride *= size
+
+    @staticmethod
+    def dims(ranges):
+        return [(r.arg[0], r.arg[1]) for r in ranges]
+
     def open_loop(self, r, depth):
         name, size = r.arg
         self.emit(f"for (int {name} = 0; {name} < {size}; {name}++) {{", depth)
@@ -343,8 +358,6 @@ class GemmRenderer(CRenderer):
         NB = self.block_cols(K)
         batch_sizes = [r.arg[1] for r in c.batch]
         n_batch = compiler.prod(batch_sizes)
-        a_param, b_param = c.a.src[0].arg[0], c.b.src[0].arg[0]
-        am, ak, bn, bk = c.a_strides.get(c.m, 0), c.a_strides[c.k], c.b_strides.get(c.n, 0), c.b_strides[c.k]
         mblocks, nblocks = -(-M // MC), -(-N // NB)
         # enough items for every thread, splitting rows only when batch and columns do not already provide them
         mchunks = min(mblocks, max(1, -(-2 * threads // (n_batch * nblocks))))
@@ -366,15 +379,22 @@ class GemmRenderer(CRenderer):
         for r, size in reversed(list(zip(c.batch, batch_sizes))):
             emit(f"int {r.arg[0]} = (bi / {stride}) % {size};", 2)
             stride *= size
-        abase = " + ".join([str(c.a_offset)] + [f"(long){r.arg[0]}*{c.a_strides.get(r, 0)}" for r in c.batch])
-        bbase = " + ".join([str(c.b_offset)] + [f"(long){r.arg[0]}*{c.b_strides.get(r, 0)}" for r in c.batch])
-        emit(f"const float* restrict A = d{a_param} + {abase};", 2)
-        emit(f"const float* restrict B = d{b_param} + {bbase};", 2)
+        if c.linear:
+            a_param, b_param = c.a.src[0].arg[0], c.b.src[0].arg[0]
+            am, ak = c.a_strides.get(c.m, 0), c.a_strides[c.k]
+            bn, bk = c.b_strides.get(c.n, 0), c.b_strides[c.k]
+            abase = " + ".join([str(c.a_offset)] + [f"(long){r.arg[0]}*{c.a_strides.get(r, 0)}" for r in c.batch])
+            bbase = " + ".join([str(c.b_offset)] + [f"(long){r.arg[0]}*{c.b_strides.get(r, 0)}" for r in c.batch])
+            emit(f"const float* restrict A = d{a_param} + {abase};", 2)
+            emit(f"const float* restrict B = d{b_param} + {bbase};", 2)
         # pack B once for the whole depth: slice pc starts at Bp + pc * ncr, panel jr at + jr * kc
         emit(f"for (int pc = 0; pc < {K}; pc += {KC}) {{", 2)
         emit(f"int kc = {K} - pc < {KC} ? {K} - pc : {KC};", 3)
         emit("float* restrict Bs = Bp + (long)pc * ncr;", 3)
-        if bn == 1:   # rows of B are contiguous: copy NR-wide row pieces
+        if not c.linear:   # B is an expression (a view with flips, a prologue): evaluate it for each element
+            self.pack_general(c.b, c.n_ranges, c.k_ranges, "j", "nc", "ncr", NR,
+                              "Bs + (j / {R}) * {R} * kc + j % {R}", "jc", 3)
+        elif bn == 1:   # rows of B are contiguous: copy NR-wide row pieces
             emit("for (int p = 0; p < kc; p++) {", 3)
             emit(f"const float* src = B + (long)(pc + p) * {bk} + jc;", 4)
             emit(f"for (int j = 0; j < ncr; j++) Bs[(j / {NR}) * {NR} * kc + p * {NR} + j % {NR}] = "
@@ -395,13 +415,17 @@ class GemmRenderer(CRenderer):
         emit(f"for (int pc = 0; pc < {K}; pc += {KC}) {{", 3)
         emit(f"int kc = {K} - pc < {KC} ? {K} - pc : {KC};", 4)
         # pack A: MR-row panels, rows past the block zero
-        emit(f"for (int panel = 0; panel < mc; panel += {MR}) {{", 4)
-        emit(f"float* dst = Ap + panel * kc;", 5)
-        emit(f"for (int p = 0; p < kc; p++) {{", 5)
-        emit(f"for (int i = 0; i < {MR}; i++) dst[p * {MR} + i] = panel + i < mc ? "
-             f"A[(long)(ic + panel + i) * {am} + (long)(pc + p) * {ak}] : 0.0f;", 6)
-        emit("}", 5)
-        emit("}", 4)
+        if not c.linear:
+            self.pack_general(c.a, c.m_ranges, c.k_ranges, "i", "mc", f"(mc + {MR - 1}) / {MR} * {MR}", MR,
+                              "Ap + (i / {R}) * {R} * kc + i % {R}", "ic", 4)
+        else:
+            emit(f"for (int panel = 0; panel < mc; panel += {MR}) {{", 4)
+            emit(f"float* dst = Ap + panel * kc;", 5)
+            emit(f"for (int p = 0; p < kc; p++) {{", 5)
+            emit(f"for (int i = 0; i < {MR}; i++) dst[p * {MR} + i] = panel + i < mc ? "
+                 f"A[(long)(ic + panel + i) * {am} + (long)(pc + p) * {ak}] : 0.0f;", 6)
+            emit("}", 5)
+            emit("}", 4)
         emit(f"for (int jr = 0; jr < nc; jr += {NR})", 4)
         emit(f"for (int ir = 0; ir < mc; ir += {MR})", 5)
         emit(f"pg_ukernel(kc, Ap + ir * kc, Bp + (long)pc * ncr + jr * kc, Cs + ir * {NB} + jr, pc > 0);", 6)
@@ -409,10 +433,10 @@ class GemmRenderer(CRenderer):
         # epilogue: the finished sums through the fused elementwise tail, stored at the output's own index
         emit("for (int i = 0; i < mc; i++) {", 3)
         self.scopes.append({})
-        emit(f"int {c.m.arg[0]} = ic + i;", 4)
+        self.decompose("(ic + i)", self.dims(c.m_ranges), 4)
         emit("for (int j = 0; j < nc; j++) {", 4)
         self.scopes.append({})
-        emit(f"int {c.n.arg[0]} = jc + j;", 5)
+        self.decompose("(jc + j)", self.dims(c.n_ranges), 5)
         emit(f"float gemm_acc = Cs[i * {NB} + j];", 5)
         self.scopes[-1][c.acc] = "gemm_acc"
         self.store(c.kernel.store, 5)
@@ -426,6 +450,23 @@ class GemmRenderer(CRenderer):
         emit("}", 0)
         self.ldc = NB
         return self.preamble + "#include <omp.h>\n" + self.micro_kernel() + "\n".join(self.lines) + "\n"
+
+    def pack_general(self, operand, side, k, var, count, rounded, R, dst, start, depth):
+        """Pack an operand given as an expression: for each row (or column) `var` of the block and each depth p,
+        bind the loop variables and evaluate it; rows past the block get zeros."""
+        emit = self.emit
+        emit(f"for (int {var} = 0; {var} < {rounded}; {var}++) {{", depth)
+        emit(f"float* dst = {dst.format(R=R)};", depth + 1)
+        emit(f"if ({var} < {count}) {{", depth + 1)
+        emit("for (int p = 0; p < kc; p++) {", depth + 2)
+        self.scopes.append({})
+        self.decompose(f"({start} + {var})", self.dims(side), depth + 3)
+        self.decompose("(pc + p)", self.dims(k), depth + 3)
+        emit(f"dst[p * {R}] = {self.expr(operand, depth + 3)};", depth + 3)
+        self.scopes.pop()
+        emit("}", depth + 2)
+        emit(f"}} else {{ for (int p = 0; p < kc; p++) dst[p * {R}] = 0.0f; }}", depth + 1)
+        emit("}", depth)
 
     def micro_kernel(self) -> str:
         """C[MR x NR] (+)= A_panel[MR x kc] * B_panel[kc x NR], the accumulators held in vector registers."""
@@ -669,7 +710,7 @@ class CPUDevice:
     @staticmethod
     def worth_gemm(c) -> bool:
         """Packing pays off once both output sides and the depth are a few panels big."""
-        return c.m is not None and c.n is not None and c.M >= 8 and c.N >= 16 and c.K >= 8 and c.M * c.N * c.K >= 32768
+        return c.m_ranges and c.n_ranges and c.M >= 8 and c.N >= 16 and c.K >= 8 and c.M * c.N * c.K >= 32768
 
     def capture_graph(self, steps, inputs, outputs):
         return CPUGraph(steps, inputs, outputs)

@@ -184,7 +184,7 @@ class CUDARenderer(CRenderer):
                 return LaunchPlan("wide", self.THREADS, _cdiv(n_out // 4, self.THREADS))
             return LaunchPlan("elementwise", self.THREADS, _cdiv(n_out, self.THREADS))
         c = compiler.match_contraction(kernel)
-        if c is not None and c.m is not None and c.n is not None:
+        if c is not None and c.m_ranges and c.n_ranges:
             return self.plan_matmul(c)
         outputs = set(kernel.ranges)
         top = [a for a in accs if self.ranges_of[a] <= outputs]
@@ -263,21 +263,6 @@ class CUDARenderer(CRenderer):
         self.loop_stack, self.reduce_depth, self.store_guard, self.group = [], 0, None, None
         self.outputs = frozenset(kernel.ranges)
         getattr(self, "body_" + self.launch.kind)(kernel)
-
-    def decompose(self, var, dims, depth):
-        """`int name = ...;` for each (name, size) in dims (outermost first) from the linear index var."""
-        stride = 1
-        for i in reversed(range(len(dims))):
-            name, size = dims[i]
-            value = var if stride == 1 else f"({var} / {stride})"
-            if i > 0:
-                value = f"({value} % {size})"
-            self.emit(f"int {name} = {value};", depth)
-            stride *= size
-
-    @staticmethod
-    def dims(ranges):
-        return [(r.arg[0], r.arg[1]) for r in ranges]
 
     def body_elementwise(self, kernel):
         self.emit(f"int pg_gid = blockIdx.x * {self.launch.threads} + threadIdx.x;", 1)
@@ -503,8 +488,8 @@ class CUDARenderer(CRenderer):
         M, N, K = c.M, c.N, c.K
         BM, BN, BK, T = t.BM, t.BN, t.BK, t.threads
         tiles_m, tiles_n = _cdiv(M, BM), _cdiv(N, BN)
-        a_op = _Operand("A", c.a, c.a_strides, c.a_offset, c.m, c.k, BM, BK, M, c.batch)
-        b_op = _Operand("B", c.b, c.b_strides, c.b_offset, c.n, c.k, BN, BK, N, c.batch)
+        a_op = _Operand(self, "A", c, c.a, c.m_ranges, BM, BK, M)
+        b_op = _Operand(self, "B", c, c.b, c.n_ranges, BN, BK, N)
         stype = "unsigned" if tensor_cores else "float"
         for op in (a_op, b_op):
             emit(f"__shared__ __align__(16) {stype} pg_{op.name}s[{op.smem_size}];", 1)
@@ -515,7 +500,7 @@ class CUDARenderer(CRenderer):
         emit(f"int pg_z = pg_bid / {tiles_m};", 1)
         self.decompose("pg_z", self.dims(c.batch), 1)
         for op in (a_op, b_op):
-            emit(f"const float* __restrict__ pg_{op.name}g = d{op.param} + ({op.base_expr()});", 1)
+            op.emit_base(emit, 1)
         emit(f"int pg_m0 = pg_tm * {BM};", 1)
         emit(f"int pg_n0 = pg_tn * {BN};", 1)
         emit("int pg_tid = threadIdx.x;", 1)
@@ -568,8 +553,8 @@ class CUDARenderer(CRenderer):
             emit(f"int pg_col = pg_n0 + pg_tx + pg_j * {BN // t.TN};", depth)
         emit(f"if (pg_row < {M} && pg_col < {N}) {{", depth)
         self.scopes.append({})
-        emit(f"int {c.m.arg[0]} = pg_row;", depth + 1)
-        emit(f"int {c.n.arg[0]} = pg_col;", depth + 1)
+        self.decompose("pg_row", self.dims(c.m_ranges), depth + 1)
+        self.decompose("pg_col", self.dims(c.n_ranges), depth + 1)
         emit(f"float pg_sum = {target};", depth + 1)
         self.scopes[-1][c.acc] = "pg_sum"
         self.store(kernel.store, depth + 1)
@@ -636,24 +621,33 @@ class CUDARenderer(CRenderer):
 
 
 class _Operand:
-    """One matmul input as the templates see it: element (x, k) of the current tile, x being m for A and n for B,
-    lives at x * sx + k * sk past the batch's base. In shared memory it is stored k-fastest ([BX][BK + 4]) when
-    k is its contiguous axis in global memory, else x-fastest ([BK][BX + 8]); either way the global fetch walks
-    the contiguous axis with consecutive threads, and the paddings keep mma fragment reads free of bank
-    conflicts."""
+    """One matmul input as the templates see it, element (x, k) of the current tile (x being m for A and n for B).
+    A linear operand lives at x * sx + k * sk past the batch's base and is fetched by address; any other (a view
+    that spans several loops, a flip, an elementwise prologue) is evaluated element by element with its loops
+    bound from (x, k). In shared memory it is stored k-fastest ([BX][BK + 4]) when k is its contiguous axis in
+    global memory, else x-fastest ([BK][BX + 8]); either way the global fetch walks the contiguous axis with
+    consecutive threads, and the paddings keep mma fragment reads free of bank conflicts."""
 
-    def __init__(self, name, load, strides, offset, x_range, k_range, bx, bk, extent, batch):
-        self.name, self.param = name, load.src[0].arg[0]
-        self.sx, self.sk = strides.get(x_range, 0), strides[k_range]
-        self.offset, self.strides, self.batch = offset, strides, batch
-        self.bx, self.bk, self.extent, self.k_size = bx, bk, extent, k_range.arg[1]
-        self.k_fast = self.sk == 1 and self.sx != 1
+    def __init__(self, renderer, name, c, value, side, bx, bk, extent):
+        self.renderer, self.name, self.value, self.side, self.k_ranges = renderer, name, value, side, c.k_ranges
+        self.bx, self.bk, self.extent, self.k_size = bx, bk, extent, c.K
+        self.linear = c.linear
+        if self.linear:
+            strides = c.a_strides if name == "A" else c.b_strides
+            self.param = value.src[0].arg[0]
+            self.sx, self.sk = strides.get(side[0], 0) if side else 0, strides[c.k_ranges[0]]
+            self.offset, self.strides, self.batch = (c.a_offset if name == "A" else c.b_offset), strides, c.batch
+            self.k_fast = self.sk == 1 and self.sx != 1
+        else:
+            loads = [n.src[1] for n in value.toposort() if n.op is Ops.LOAD]
+            self.k_fast = any(compiler._coeff(index, c.k_ranges[-1]) == 1 for index in loads)
         self.smem_size = bx * (bk + 4) if self.k_fast else bk * (bx + 8)
 
-    def base_expr(self) -> str:
-        parts = [f"(long long){self.offset}"] + [f"(long long){r.arg[0]} * {self.strides[r]}"
-                                                 for r in self.batch if self.strides.get(r, 0)]
-        return " + ".join(parts)
+    def emit_base(self, emit, depth):
+        if self.linear:
+            parts = [f"(long long){self.offset}"] + [f"(long long){r.arg[0]} * {self.strides[r]}"
+                                                     for r in self.batch if self.strides.get(r, 0)]
+            emit(f"const float* __restrict__ pg_{self.name}g = d{self.param} + ({' + '.join(parts)});", depth)
 
     def smem_index(self, x, k) -> str:
         if self.k_fast:
@@ -681,8 +675,20 @@ class _Operand:
         self.coords(emit, depth + 1, threads)
         emit(f"int pg_gx = {x0} + pg_x;", depth + 1)
         emit(f"int pg_gk = {k0} + pg_kx;", depth + 1)
-        emit(f"pg_r{self.name}[pg_l] = (pg_gx < {self.extent} && pg_gk < {self.k_size}) ? "
-             f"pg_{self.name}g[pg_gx * {self.sx} + pg_gk * {self.sk}] : 0.0f;", depth + 1)
+        inside = f"pg_gx < {self.extent} && pg_gk < {self.k_size}"
+        if self.linear:
+            emit(f"pg_r{self.name}[pg_l] = ({inside}) ? pg_{self.name}g[pg_gx * {self.sx} + pg_gk * {self.sk}] : 0.0f;",
+                 depth + 1)
+        else:   # bind the operand's own loops and evaluate it (only inside the edges: its loads are not guarded)
+            r = self.renderer
+            emit(f"pg_r{self.name}[pg_l] = 0.0f;", depth + 1)
+            emit(f"if ({inside}) {{", depth + 1)
+            r.scopes.append({})
+            r.decompose("pg_gx", r.dims(self.side), depth + 2)
+            r.decompose("pg_gk", r.dims(self.k_ranges), depth + 2)
+            emit(f"pg_r{self.name}[pg_l] = {r.expr(self.value, depth + 2)};", depth + 2)
+            r.scopes.pop()
+            emit("}", depth + 1)
         emit("}", depth)
 
     def emit_stage(self, emit, depth, threads, convert):

@@ -382,6 +382,13 @@ CASES = [
     ("matmul_tiled", [(65, 127), (127, 33)], lambda a, b: a @ b, None, {"atol": 1e-4}),
     ("matmul_tiled_transposed", [(129, 37), (50, 129)], lambda a, b: a.T @ b.T, None, {"atol": 1e-4}),
     ("matmul_tiled_batched", [(3, 33, 65), (65, 17)], lambda a, b: a @ b, None, {"atol": 1e-4}),
+    # operands that are not one strided matrix (sides spanning several loops, flips, a fused prologue): the
+    # templates evaluate them while packing
+    ("matmul_multi_loop_rows", [(8, 6, 20), (20, 40)], lambda a, b: a.permute(1, 0, 2).reshape(48, 20) @ b, None,
+     {"atol": 1e-4}),
+    ("matmul_multi_loop_depth", [(4, 12, 20), (12, 4, 40)],
+     lambda a, b: a.permute(2, 0, 1).reshape(20, 48) @ b.permute(1, 0, 2).reshape(48, 40), None, {"atol": 1e-4}),
+    ("matmul_prologue_and_flip", [(24, 40), (40, 48)], lambda a, b: a.exp() @ b.flip(0), None, {"atol": 1e-4}),
     ("linear_relu_epilogue", [(40, 96), (70, 96), (70,)], lambda x, w, b: F.linear(x, w, b).relu() * 2,
      lambda x, w, b: pg_linear(x, w, b).relu() * 2, {"atol": 1e-4}),
     # -- softmax family and losses
@@ -3414,13 +3421,21 @@ def test_emu_batched_and_transposed_matmul(emu, use_tf32):
         got = (on(emu, a) @ on(emu, b).transpose(1, 2)).numpy()
         c = randn(20, 33)
         got_t = (on(emu, c).T @ on(emu, b[0]).T).numpy()
+        # operands the template evaluates element by element: rows and depth spanning two loops, a flip, exp
+        x, y = randn(4, 12, 20), randn(12, 4, 40)
+        got_general = (on(emu, x).permute(2, 0, 1).reshape(20, 48).exp() @
+                       on(emu, y).permute(1, 0, 2).reshape(48, 40).flip(1)).numpy()
     finally:
         pg.TF32 = old
+    assert kinds(emu) <= {"mma" if use_tf32 else "sgemm", "elementwise", "wide"}, kinds(emu)   # no plain reduce
     want = a.astype(np.float64) @ b.transpose(0, 2, 1)
     tol = 2e-3 if use_tf32 else 1e-5
     assert np.abs(got - want).max() / np.abs(want).max() < tol
     want_t = c.T.astype(np.float64) @ b[0].T
     assert np.abs(got_t - want_t).max() / np.abs(want_t).max() < tol
+    want_general = np.exp(x.transpose(2, 0, 1).reshape(20, 48).astype(np.float64)) @ \
+        y.transpose(1, 0, 2).reshape(48, 40)[:, ::-1]
+    assert np.abs(got_general - want_general).max() / np.abs(want_general).max() < tol
 
 
 @needs_gxx
