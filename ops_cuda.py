@@ -51,17 +51,21 @@ class LaunchPlan:
 class MatmulTile:
     """Block tile BM x BN stepping BK along K. tf32: a grid of WARPS_M x WARPS_N warps, each owning a
     (BM / WARPS_M) x (BN / WARPS_N) tile of m16n8k8 mma fragments. fp32: (BM / TM) x (BN / TN) threads, each
-    owning TM rows (adjacent) x TN columns (spaced BN / TN apart, so a warp's stores are coalesced)."""
-    __slots__ = ("BM", "BN", "BK", "warps_m", "warps_n", "TM", "TN", "threads")
+    owning TM rows (adjacent) x TN columns (spaced BN / TN apart, so a warp's stores are coalesced). `min_blocks`
+    asks the compiler to fit that many blocks on a multiprocessor (capping registers per thread). `buffers`: 2 stages
+    the next slice in a second shared buffer while this one is used (one barrier per slice), 1 refills the one
+    buffer between two barriers."""
+    __slots__ = ("BM", "BN", "BK", "warps_m", "warps_n", "TM", "TN", "threads", "min_blocks", "buffers")
 
-    def __init__(self, BM, BN, BK, warps_m=0, warps_n=0, TM=0, TN=0):
+    def __init__(self, BM, BN, BK, warps_m=0, warps_n=0, TM=0, TN=0, min_blocks=1, buffers=2):
         self.BM, self.BN, self.BK = BM, BN, BK
         self.warps_m, self.warps_n, self.TM, self.TN = warps_m, warps_n, TM, TN
+        self.min_blocks, self.buffers = min_blocks, buffers
         self.threads = 32 * warps_m * warps_n if warps_m else (BM // TM) * (BN // TN)
 
 
-TF32_TILES = (MatmulTile(128, 128, 16, warps_m=2, warps_n=4), MatmulTile(64, 64, 16, warps_m=2, warps_n=2))
-FP32_TILES = (MatmulTile(128, 128, 8, TM=8, TN=8), MatmulTile(64, 64, 16, TM=4, TN=4))
+TF32_TILES = (MatmulTile(128, 128, 16, warps_m=2, warps_n=2), MatmulTile(64, 64, 16, warps_m=2, warps_n=2))
+FP32_TILES = (MatmulTile(128, 128, 8, TM=8, TN=8, buffers=1), MatmulTile(64, 64, 16, TM=4, TN=4, buffers=1))
 
 
 def _next_pow2(x: int) -> int:
@@ -207,19 +211,23 @@ class CUDARenderer(CRenderer):
         tiles = TF32_TILES if self.tf32 else FP32_TILES
         n_batch = prod(r.arg[1] for r in c.batch)
         big, small = tiles
-        tile = big if _cdiv(c.M, big.BM) * _cdiv(c.N, big.BN) * n_batch >= self.sm_count else small
+        # the big tile when it is not mostly padding (attention's 64-wide heads) and its blocks still fill the GPU
+        fits = c.M >= big.BM // 2 + 1 and c.N >= big.BN // 2 + 1
+        tile = big if fits and _cdiv(c.M, big.BM) * _cdiv(c.N, big.BN) * n_batch >= self.sm_count else small
         grid = _cdiv(c.M, tile.BM) * _cdiv(c.N, tile.BN) * n_batch
         return LaunchPlan("mma" if self.tf32 else "sgemm", tile.threads, grid, contraction=c, tile=tile)
 
     def contiguous_range(self, acc):
-        """The reduce range of acc along which some load walks memory with stride 1, if any."""
+        """The reduce range of acc along which most of the loads that move with it walk memory with stride 1, if
+        any (a row's sum; not a column's sum that also reads a per-row scale, which lanes should split by output)."""
         for r in reversed(acc.arg[1]):
             if r.arg[1] == 1:
                 continue
-            for node in acc.src[0].toposort():
-                if node.op is Ops.LOAD and r in self.ranges_of.get(node.src[1], ()):
-                    if compiler._coeff(node.src[1], r) in (1, -1):
-                        return r
+            moving = [n.src[1] for n in acc.src[0].toposort()
+                      if n.op is Ops.LOAD and r in self.ranges_of.get(n.src[1], ())]
+            walking = sum(compiler._coeff(index, r) in (1, -1) for index in moving)
+            if walking and 2 * walking >= len(moving):
+                return r
         return None
 
     def wide_ok(self, kernel) -> bool:
@@ -255,7 +263,10 @@ class CUDARenderer(CRenderer):
         c_signature = super().signature(replace_vars(kernel))
         if kernel.var_names:
             c_signature = c_signature[:-1] + ", const int* __restrict__ pg_vars)"
-        return f'extern "C" __global__ void __launch_bounds__({self.launch.threads}) ' + c_signature[len("void "):]
+        bounds = str(self.launch.threads)
+        if self.launch.tile is not None and self.launch.tile.min_blocks > 1:
+            bounds += f", {self.launch.tile.min_blocks}"
+        return f'extern "C" __global__ void __launch_bounds__({bounds}) ' + c_signature[len("void "):]
 
     def render_body(self, kernel):
         for name, _, _ in kernel.var_names:
@@ -480,19 +491,21 @@ class CUDARenderer(CRenderer):
 
     def matmul_frame(self, kernel, tensor_cores):
         """C[batch, m, n] = epilogue(sum_k A[batch, m, k] * B[batch, k, n]) over BM x BN block tiles: the block stages
-        BK-deep slices of A and B in shared memory (the next slice is fetched into registers while this one is
-        used), every thread accumulates its part of the tile in registers, and each finished sum goes through the
-        kernel's own epilogue and store. Edges are predicated, so any M, N, K works."""
+        BK-deep slices of A and B in shared memory, two buffers deep (the next slice is fetched into registers
+        while this one is multiplied, then stored into the other buffer: one barrier per slice), every thread
+        accumulates its part of the tile in registers, and each finished sum goes through the kernel's own
+        epilogue and store. Edges are predicated, so any M, N, K works."""
         c, t = self.launch.contraction, self.launch.tile
         emit = self.emit
         M, N, K = c.M, c.N, c.K
         BM, BN, BK, T = t.BM, t.BN, t.BK, t.threads
         tiles_m, tiles_n = _cdiv(M, BM), _cdiv(N, BN)
-        a_op = _Operand(self, "A", c, c.a, c.m_ranges, BM, BK, M)
-        b_op = _Operand(self, "B", c, c.b, c.n_ranges, BN, BK, N)
+        kind = _FragmentOperand if tensor_cores else _Operand
+        a_op = kind(self, "A", c, c.a, c.m_ranges, BM, BK, M)
+        b_op = kind(self, "B", c, c.b, c.n_ranges, BN, BK, N)
         stype = "unsigned" if tensor_cores else "float"
         for op in (a_op, b_op):
-            emit(f"__shared__ __align__(16) {stype} pg_{op.name}s[{op.smem_size}];", 1)
+            emit(f"__shared__ __align__(16) {stype} pg_{op.name}s[{t.buffers}][{op.smem_size}];", 1)
         emit("int pg_bid = blockIdx.x;", 1)
         emit(f"int pg_tn = pg_bid % {tiles_n};", 1)
         emit(f"pg_bid /= {tiles_n};", 1)
@@ -505,15 +518,14 @@ class CUDARenderer(CRenderer):
         emit(f"int pg_n0 = pg_tn * {BN};", 1)
         emit("int pg_tid = threadIdx.x;", 1)
         for op in (a_op, b_op):
-            emit(f"float pg_r{op.name}[{op.loads_per_thread(T)}];", 1)
-        for op, x0 in ((a_op, "pg_m0"), (b_op, "pg_n0")):
-            op.emit_fetch(emit, 1, T, x0, "0")
+            emit(f"float pg_r{op.name}[{op.registers(T)}];", 1)
         if tensor_cores:
             wm_tile, wn_tile = BM // t.warps_m, BN // t.warps_n
             mi_n, ni_n = wm_tile // 16, wn_tile // 8
             emit("int pg_warp = pg_tid >> 5;", 1)
             emit("int pg_g = (pg_tid & 31) >> 2;", 1)
             emit("int pg_t = pg_tid & 3;", 1)
+            emit("int pg_swz = 4 * (pg_t ^ ((pg_g >> 1) & 3));", 1)   # this lane's 16-byte group in every row it reads
             emit(f"int pg_wm = (pg_warp / {t.warps_n}) * {wm_tile};", 1)
             emit(f"int pg_wn = (pg_warp % {t.warps_n}) * {wn_tile};", 1)
             emit(f"float pg_acc[{mi_n}][{ni_n}][4];", 1)
@@ -529,19 +541,33 @@ class CUDARenderer(CRenderer):
         depth = self.open_unrolled(loops, 1)
         emit(f"{target} = 0.0f;", depth)
         self.close_unrolled(loops, depth)
-        emit(f"for (int pg_k0 = 0; pg_k0 < {K}; pg_k0 += {BK}) {{", 1)
-        emit("__syncthreads();", 2)   # everyone is done reading the previous slice
-        for op in (a_op, b_op):
-            op.emit_stage(emit, 2, T, "pg_tf32" if tensor_cores else "")
-        emit("__syncthreads();", 2)
-        emit(f"if (pg_k0 + {BK} < {K}) {{", 2)
+        for op, x0 in ((a_op, "pg_m0"), (b_op, "pg_n0")):
+            op.emit_fetch(emit, 1, T, x0, "0")
+        if t.buffers == 2:
+            for op in (a_op, b_op):
+                op.emit_stage(emit, 1, T, "0")
+            emit("__syncthreads();", 1)
+        emit(f"for (int pg_k0 = 0, pg_buf = 0; pg_k0 < {K}; pg_k0 += {BK}, pg_buf ^= {t.buffers - 1}) {{", 1)
+        emit(f"bool pg_more = pg_k0 + {BK} < {K};", 2)
+        if t.buffers == 1:   # one buffer: wait until everyone is done reading it, refill, wait again
+            emit("__syncthreads();", 2)
+            for op in (a_op, b_op):
+                op.emit_stage(emit, 2, T, "0")
+            emit("__syncthreads();", 2)
+        emit("if (pg_more) {", 2)
         for op, x0 in ((a_op, "pg_m0"), (b_op, "pg_n0")):
             op.emit_fetch(emit, 3, T, x0, f"pg_k0 + {BK}")
         emit("}", 2)
         if tensor_cores:
-            self.mma_steps(t, a_op, b_op, mi_n, ni_n)
+            self.mma_steps(mi_n, ni_n)
         else:
             self.fma_steps(t, a_op, b_op)
+        if t.buffers == 2:
+            emit("if (pg_more) {", 2)   # the other buffer was last read before the previous barrier: free to fill
+            for op in (a_op, b_op):
+                op.emit_stage(emit, 3, T, "pg_buf ^ 1")
+            emit("}", 2)
+            emit("__syncthreads();", 2)
         emit("}", 1)
         # epilogue: each finished sum, at its own (m, n), through the kernel's elementwise tail and store
         depth = self.open_unrolled(loops, 1)
@@ -574,30 +600,32 @@ class CUDARenderer(CRenderer):
             depth -= 1
             self.emit("}", depth)
 
-    def mma_steps(self, t, a_op, b_op, mi_n, ni_n):
+    def mma_steps(self, mi_n, ni_n):
+        """One 16-deep slice as two m16n8k8 steps: each lane loads 16 bytes per fragment row (rows g and g + 8 of A's
+        16-row pieces, column g of B's 8-column pieces), which hold its values for both steps (_FragmentOperand)."""
         emit = self.emit
+        emit(f"uint4 pg_fa[{mi_n}][2];", 2)
+        emit(f"uint4 pg_fb[{ni_n}];", 2)
         emit("#pragma unroll", 2)
-        emit(f"for (int pg_kk = 0; pg_kk < {t.BK}; pg_kk += 8) {{", 2)
-        emit(f"unsigned pg_af[{mi_n}][4];", 3)
-        emit(f"unsigned pg_bf[{ni_n}][2];", 3)
-        emit("#pragma unroll", 3)
-        emit(f"for (int pg_i = 0; pg_i < {mi_n}; pg_i++) {{", 3)
-        emit("int pg_r = pg_wm + pg_i * 16 + pg_g;", 4)
-        for reg, (dr, dk) in enumerate(((0, 0), (8, 0), (0, 4), (8, 4))):
-            emit(f"pg_af[pg_i][{reg}] = pg_As[{a_op.smem_index(f'pg_r + {dr}', f'pg_kk + pg_t + {dk}')}];", 4)
-        emit("}", 3)
-        emit("#pragma unroll", 3)
-        emit(f"for (int pg_j = 0; pg_j < {ni_n}; pg_j++) {{", 3)
-        emit("int pg_c = pg_wn + pg_j * 8 + pg_g;", 4)
-        for reg, dk in enumerate((0, 4)):
-            emit(f"pg_bf[pg_j][{reg}] = pg_Bs[{b_op.smem_index('pg_c', f'pg_kk + pg_t + {dk}')}];", 4)
-        emit("}", 3)
-        emit("#pragma unroll", 3)
-        emit(f"for (int pg_i = 0; pg_i < {mi_n}; pg_i++) {{", 3)
-        emit("#pragma unroll", 4)
-        emit(f"for (int pg_j = 0; pg_j < {ni_n}; pg_j++) pg_mma_tf32(pg_acc[pg_i][pg_j], pg_af[pg_i], pg_bf[pg_j]);", 4)
-        emit("}", 3)
+        emit(f"for (int pg_i = 0; pg_i < {mi_n}; pg_i++) {{", 2)
+        emit("int pg_r = pg_wm + pg_i * 16 + pg_g;", 3)
+        emit("pg_fa[pg_i][0] = *(const uint4*)&pg_As[pg_buf][pg_r * 16 + pg_swz];", 3)
+        emit("pg_fa[pg_i][1] = *(const uint4*)&pg_As[pg_buf][(pg_r + 8) * 16 + pg_swz];", 3)
         emit("}", 2)
+        emit("#pragma unroll", 2)
+        emit(f"for (int pg_j = 0; pg_j < {ni_n}; pg_j++) "
+             "pg_fb[pg_j] = *(const uint4*)&pg_Bs[pg_buf][(pg_wn + pg_j * 8 + pg_g) * 16 + pg_swz];", 2)
+        for lo, hi in (("x", "y"), ("z", "w")):   # step 0 reads k 4t and 4t + 1 of each row, step 1 4t + 2 and 4t + 3
+            emit("#pragma unroll", 2)
+            emit(f"for (int pg_i = 0; pg_i < {mi_n}; pg_i++) {{", 2)
+            emit(f"unsigned pg_a[4] = {{pg_fa[pg_i][0].{lo}, pg_fa[pg_i][1].{lo}, pg_fa[pg_i][0].{hi}, "
+                 f"pg_fa[pg_i][1].{hi}}};", 3)
+            emit("#pragma unroll", 3)
+            emit(f"for (int pg_j = 0; pg_j < {ni_n}; pg_j++) {{", 3)
+            emit(f"unsigned pg_b[2] = {{pg_fb[pg_j].{lo}, pg_fb[pg_j].{hi}}};", 4)
+            emit("pg_mma_tf32(pg_acc[pg_i][pg_j], pg_a, pg_b);", 4)
+            emit("}", 3)
+            emit("}", 2)
 
     def fma_steps(self, t, a_op, b_op):
         emit = self.emit
@@ -607,10 +635,10 @@ class CUDARenderer(CRenderer):
         emit(f"float pg_b[{t.TN}];", 3)
         emit("#pragma unroll", 3)
         emit(f"for (int pg_i = 0; pg_i < {t.TM}; pg_i++) "
-             f"pg_a[pg_i] = pg_As[{a_op.smem_index(f'pg_ty * {t.TM} + pg_i', 'pg_kk')}];", 3)
+             f"pg_a[pg_i] = pg_As[pg_buf][{a_op.smem_index(f'pg_ty * {t.TM} + pg_i', 'pg_kk')}];", 3)
         emit("#pragma unroll", 3)
         emit(f"for (int pg_j = 0; pg_j < {t.TN}; pg_j++) "
-             f"pg_b[pg_j] = pg_Bs[{b_op.smem_index(f'pg_tx + pg_j * {t.BN // t.TN}', 'pg_kk')}];", 3)
+             f"pg_b[pg_j] = pg_Bs[pg_buf][{b_op.smem_index(f'pg_tx + pg_j * {t.BN // t.TN}', 'pg_kk')}];", 3)
         emit("#pragma unroll", 3)
         emit(f"for (int pg_i = 0; pg_i < {t.TM}; pg_i++) {{", 3)
         emit("#pragma unroll", 4)
@@ -624,9 +652,9 @@ class _Operand:
     """One matmul input as the templates see it, element (x, k) of the current tile (x being m for A and n for B).
     A linear operand lives at x * sx + k * sk past the batch's base and is fetched by address; any other (a view
     that spans several loops, a flip, an elementwise prologue) is evaluated element by element with its loops
-    bound from (x, k). In shared memory it is stored k-fastest ([BX][BK + 4]) when k is its contiguous axis in
-    global memory, else x-fastest ([BK][BX + 8]); either way the global fetch walks the contiguous axis with
-    consecutive threads, and the paddings keep mma fragment reads free of bank conflicts."""
+    bound from (x, k). In the fma template's shared memory it is stored k-fastest ([BX][BK + 4]) when k is its
+    contiguous axis in global memory, else x-fastest ([BK][BX + 8]); either way the global fetch walks the
+    contiguous axis with consecutive threads, and the paddings spread the reads over the banks."""
 
     def __init__(self, renderer, name, c, value, side, bx, bk, extent):
         self.renderer, self.name, self.value, self.side, self.k_ranges = renderer, name, value, side, c.k_ranges
@@ -691,12 +719,91 @@ class _Operand:
             emit("}", depth + 1)
         emit("}", depth)
 
-    def emit_stage(self, emit, depth, threads, convert):
-        """Registers -> shared memory (converted to tf32 once here for the tensor-core template)."""
+    def emit_stage(self, emit, depth, threads, buf):
+        """Registers -> shared memory buffer `buf`."""
         emit("#pragma unroll", depth)
         emit(f"for (int pg_l = 0; pg_l < {self.loads_per_thread(threads)}; pg_l++) {{", depth)
         self.coords(emit, depth + 1, threads)
-        emit(f"pg_{self.name}s[{self.smem_index('pg_x', 'pg_kx')}] = {convert}(pg_r{self.name}[pg_l]);", depth + 1)
+        emit(f"pg_{self.name}s[{buf}][{self.smem_index('pg_x', 'pg_kx')}] = pg_r{self.name}[pg_l];", depth + 1)
+        emit("}", depth)
+
+    def registers(self, threads) -> int:
+        return self.loads_per_thread(threads)
+
+
+class _FragmentOperand(_Operand):
+    """An operand of the tensor-core template. Shared memory holds it as [BX][16] tf32 words (BK is 16), each row
+    four 16-byte groups of 4 consecutive k, group q of row x stored at slot q ^ ((x >> 1) & 3): a swizzle that keeps
+    both the staging stores (a row's groups side by side, or one group of 8 consecutive rows) and the fragment
+    loads free of bank conflicts. The mma's k order is permuted, the same for A and B: in step s of a slice,
+    fragment column c (0..7) is k = 4 * (c % 4) + 2 * s + c / 4, so lane t finds its values for both steps in
+    group t of each row it reads, one 16-byte load. Each thread fetches whole groups: a 16-byte load when k is
+    contiguous and aligned, else four loads (coalesced along x when x is the contiguous axis)."""
+
+    def __init__(self, renderer, name, c, value, side, bx, bk, extent):
+        super().__init__(renderer, name, c, value, side, bx, bk, extent)
+        assert bk == 16, "the fragment layout is built for 16-deep slices"
+        self.smem_size = bx * 16
+        self.vector = self.linear and self.k_fast and self.k_size % 4 == 0 and self.offset % 4 == 0 and \
+            self.sx % 4 == 0 and all(self.strides.get(r, 0) % 4 == 0 for r in self.batch)
+
+    def registers(self, threads) -> int:
+        return 4 * self.groups_per_thread(threads)
+
+    def groups_per_thread(self, threads) -> int:
+        assert self.bx * 4 % threads == 0, (self.bx, threads)
+        return self.bx * 4 // threads
+
+    def coords(self, emit, depth, threads):
+        emit(f"int pg_e = pg_tid + pg_l * {threads};", depth)
+        if self.k_fast:   # consecutive threads: a row's 4 groups, then the next row
+            emit("int pg_x = pg_e >> 2;", depth)
+            emit("int pg_q = pg_e & 3;", depth)
+        else:             # consecutive threads: consecutive rows, one group
+            emit(f"int pg_x = pg_e % {self.bx};", depth)
+            emit(f"int pg_q = pg_e / {self.bx};", depth)
+
+    def emit_fetch(self, emit, depth, threads, x0, k0):
+        """Global -> registers: this thread's groups of the BX x 16 slice starting at (x0, k0), zero past the edges."""
+        r, name = self.renderer, self.name
+        emit("#pragma unroll", depth)
+        emit(f"for (int pg_l = 0; pg_l < {self.groups_per_thread(threads)}; pg_l++) {{", depth)
+        self.coords(emit, depth + 1, threads)
+        emit(f"int pg_gx = {x0} + pg_x;", depth + 1)
+        emit(f"int pg_gk = {k0} + 4 * pg_q;", depth + 1)
+        if self.vector:
+            emit(f"float4 pg_v = pg_gx < {self.extent} && pg_gk < {self.k_size} ? "
+                 f"*(const float4*)(pg_{name}g + (long long)pg_gx * {self.sx} + pg_gk) : make_float4(0, 0, 0, 0);",
+                 depth + 1)
+            for j, lane in enumerate("xyzw"):
+                emit(f"pg_r{name}[4 * pg_l + {j}] = pg_v.{lane};", depth + 1)
+        for j in range(0 if self.vector else 4):
+            inside = f"pg_gx < {self.extent} && pg_gk + {j} < {self.k_size}"
+            target = f"pg_r{name}[4 * pg_l + {j}]"
+            if self.linear:
+                emit(f"{target} = {inside} ? pg_{name}g[(long long)pg_gx * {self.sx} + (long long)(pg_gk + {j}) * "
+                     f"{self.sk}] : 0.0f;", depth + 1)
+                continue
+            # bind the operand's own loops and evaluate it (only inside the edges: its loads are not guarded)
+            emit(f"{target} = 0.0f;", depth + 1)
+            emit(f"if ({inside}) {{", depth + 1)
+            r.scopes.append({})
+            r.decompose("pg_gx", r.dims(self.side), depth + 2)
+            r.decompose(f"(pg_gk + {j})", r.dims(self.k_ranges), depth + 2)
+            emit(f"{target} = {r.expr(self.value, depth + 2)};", depth + 2)
+            r.scopes.pop()
+            emit("}", depth + 1)
+        emit("}", depth)
+
+    def emit_stage(self, emit, depth, threads, buf):
+        """Registers -> shared memory buffer `buf`, rounded to tf32 once here, one 16-byte store per group."""
+        name = self.name
+        emit("#pragma unroll", depth)
+        emit(f"for (int pg_l = 0; pg_l < {self.groups_per_thread(threads)}; pg_l++) {{", depth)
+        self.coords(emit, depth + 1, threads)
+        values = ", ".join(f"pg_tf32(pg_r{name}[4 * pg_l + {j}])" for j in range(4))
+        emit(f"*(uint4*)&pg_{name}s[{buf}][pg_x * 16 + 4 * (pg_q ^ ((pg_x >> 1) & 3))] = make_uint4({values});",
+             depth + 1)
         emit("}", depth)
 
 

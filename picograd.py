@@ -616,6 +616,28 @@ def _public(fn):
 # reductions of at least this many elements into at most 16 outputs run in two stages of SPLIT_GROUPS pieces
 SPLIT_REDUCE_AT = 1 << 18
 SPLIT_GROUPS = 256
+# and so do long reductions over leading axes into few outputs (_reduce_columns)
+SPLIT_COLUMNS_AT = 2048
+
+
+def _reduce_columns(x: UOp, op: Ops, axes) -> UOp:
+    """x.reduce(op, axes), in two stages when the axes lead and are long but the outputs few: partial results of
+    consecutive rows ([groups, *rest]) and then their combination. A norm's or bias's weight gradient ([batch, seq,
+    dim] summed to [dim]) gets SPLIT_GROUPS short pieces, so that every thread or core has work and reads along dim;
+    a weight gradient (a sum of products: [batch, seq, out, in] to [out, in]) gets a few long ones, enough for a
+    GPU's matmul tiles to fill it (split-K). In one stage a GPU would give each output, or each output tile, a
+    whole column: a few blocks, each a long chain of reads."""
+    lead = len(axes)
+    rows, rest = prod(x.shape[:lead]), x.shape[lead:]
+    if axes != tuple(range(lead)) or not rest:
+        return x.reduce(op, axes)
+    n_out = prod(rest)
+    groups = min(SPLIT_GROUPS, rows // 32) if n_out <= 4096 else min(SPLIT_GROUPS, rows // 1024, (1 << 22) // n_out)
+    groups = 1 << max(0, groups.bit_length() - 1) if groups >= 2 else 1
+    if groups < 2 or rows < SPLIT_COLUMNS_AT or rows % groups:
+        return x.reduce(op, axes)
+    parts = x.reshape((groups, rows // groups) + rest).reduce(op, (1,))
+    return parts.reduce(op, (0,)).reshape((1,) * lead + rest)
 
 
 def _shape_arg(shape):
@@ -1541,7 +1563,7 @@ class Tensor:
         n_reduced = prod(self.shape[d] for d in dims)
         if n_reduced >= SPLIT_REDUCE_AT and self.numel() // max(n_reduced, 1) <= 16:
             return self._reduce_in_two(op, dims, keepdim)
-        out = self._new(self.uop.reduce(op, dims))
+        out = self._new(_reduce_columns(self.uop, op, dims))
         if keepdim:
             return out
         return out.reshape(tuple(s for i, s in enumerate(self.shape) if i not in dims))
@@ -2035,7 +2057,7 @@ def _grad_expand(g, node):
             terms.append(t)
     out = None
     for t in reversed(terms):
-        r = t.reduce(Ops.ADD, axes)
+        r = _reduce_columns(t, Ops.ADD, axes)
         out = r if out is None else out.alu(Ops.ADD, r)
     return (out,)
 
