@@ -55,6 +55,68 @@ def _expands(node: UOp) -> bool:
     return node.op is Ops.EXPAND and prod(node.shape) > prod(node.src[0].shape)
 
 
+# a reduction over at most this many trailing elements may be fused into the kernel that broadcasts it back (the
+# row is read again from cache, not memory, by the passes after the first)
+ROW_FUSE_MAX = 1 << 17
+
+
+def _row_reductions(roots, order, consumers):
+    """Reductions that the kernel consuming them can compute itself, once per row: the reduced axes trail, the rows
+    are short enough to stay in cache, and every use is a broadcast back over those axes (through per-row
+    arithmetic: a mean, an rsqrt) to exactly the reduction's input shape. That is a softmax's max and sum, a norm's
+    mean square, a log-sum-exp: fused, the row is read from memory once instead of once per reduction. Their input
+    may broadcast nothing but constants and other such reductions (so a matmul, which broadcasts both operands,
+    never is one).
+    Returns (reductions, row_values): row_values are the nodes between a reduction and its broadcasts."""
+    rows, row_values = set(), set()
+    for node in order:
+        if node.op is not Ops.REDUCE or (_is_source(node) and node not in roots):
+            continue
+        src, (_, axes) = node.src[0], node.arg
+        n = len(src.shape)
+        if axes != tuple(range(n - len(axes), n)) or not 1 < prod(src.shape[a] for a in axes) <= ROW_FUSE_MAX:
+            continue
+        inner, stack, seen, ok = [], [src], {src}, True
+        while stack and ok:
+            u = stack.pop()
+            if _is_source(u) and u not in roots:
+                continue
+            if _expands(u):
+                base = u.src[0].base()
+                ok = base in row_values or base.op in (Ops.CONST, Ops.IOTA)
+                continue
+            if u.op is Ops.REDUCE or u.op in (Ops.CONTIGUOUS, Ops.COPY, Ops.ASSIGN, Ops.CUSTOM) or u in roots:
+                ok = False
+                continue
+            for s in u.src:
+                if s not in seen:
+                    seen.add(s)
+                    stack.append(s)
+        if not ok:
+            continue
+        # the uses: per-row arithmetic, reshapes and detaches (as many elements as rows), ending in broadcasts
+        # back to the input's shape
+        n_rows = prod(node.shape)
+        path, stack, seen = [node], [node], {node}
+        while stack and ok:
+            u = stack.pop()
+            for user in consumers.get(u, ()):
+                if user in seen:
+                    continue
+                seen.add(user)
+                if user.op is Ops.EXPAND and user.shape == src.shape:
+                    continue
+                if user in roots or prod(user.shape) != n_rows or user.op not in {Ops.RESHAPE, Ops.DETACH} | ALU:
+                    ok = False
+                    break
+                path.append(user)
+                stack.append(user)
+        if ok:
+            rows.add(node)
+            row_values.update(path)
+    return rows, row_values
+
+
 def _find_realize_points(roots, order, consumers):
     """The fusion policy. A node becomes a kernel output if it is a target, an effect (CONTIGUOUS, COPY, ASSIGN),
     the source of a COPY, costly work (a reduction, or arithmetic on loaded memory) that a broadcast would
@@ -74,13 +136,14 @@ def _find_realize_points(roots, order, consumers):
             points.update(s for s in node.src if not _is_whole_buffer(s))
         reads[node] = any(reads.get(s, False) for s in node.src)
         reduces[node] = node.op is Ops.REDUCE or any(reduces.get(s, False) for s in node.src)
+    row_reductions, row_values = _row_reductions(roots, order, consumers)
     for node in order:
         if _expands(node) and not (_is_source(node) and node not in roots):
             # a broadcast recomputes its source once per copy: worth a buffer when that is a reduction, or float
             # arithmetic on memory (a matmul operand must be a plain load for the matmul templates); integer and
             # bool index arithmetic (masks, one-hot compares) is cheaper to recompute than to store
             base = node.src[0].base()
-            if _is_source(base) or base.op in MOVEMENT:
+            if _is_source(base) or base.op in MOVEMENT or base in row_values:
                 continue
             if reduces.get(base) or (base.dtype.is_float and base.op in ALU and reads.get(base)):
                 points.add(base)
@@ -89,6 +152,8 @@ def _find_realize_points(roots, order, consumers):
     # (q[:, :32] * q[:, 32:], a rotation) would compute it twice, so those get a buffer too.
     for node in reversed(order):
         if node.op is not Ops.REDUCE or node in points or (_is_source(node) and node not in roots):
+            continue
+        if node in row_reductions:
             continue
         reached, stack, seen = set(), [node], {node}
         forks = views = nested = False
@@ -119,8 +184,29 @@ def _find_realize_points(roots, order, consumers):
                 if s not in seen and s not in points and not _is_source(s):
                     seen.add(s)
                     stack.append(s)
-        if len(found) > 1:
-            points.update(r for r in found if r is not point)
+        plain = [r for r in found if r not in row_reductions]
+        if len(plain) > 1:
+            points.update(r for r in plain if r is not point)
+    # a row reduction stays fused only into an elementwise kernel over its own input's shape (the kernel's loops
+    # are then the rows and the row elements); anywhere else (inside another reduction's loop) it is realized
+    # (and not read through a view of the broadcast, where its rows would no longer be the kernel's rows)
+    for point in list(points):
+        found, stack, seen = [], [(point, False)], {(point, False)}
+        while stack:
+            node, viewed = stack.pop()
+            if node.op is Ops.REDUCE and node is not point:
+                found.append((node, viewed))
+            if node.op in MOVEMENT and node not in row_values and not (node.op is Ops.EXPAND and
+                                                                       node.src[0].base() in row_values):
+                viewed = True
+            for s in node.src:
+                if (s, viewed) not in seen and s not in points and not _is_source(s):
+                    seen.add((s, viewed))
+                    stack.append((s, viewed))
+        plain = point.op is Ops.REDUCE or any(r not in row_reductions for r, _ in found)
+        for r, viewed in found:
+            if r in row_reductions and (plain or viewed or point.shape != r.src[0].shape):
+                points.add(r)
     # bound each kernel's expression depth (long chains: a cat of hundreds of pieces, a sum over hundreds of
     # gradients): a deep kernel compiles slowly and would exhaust the recursion of the lowering
     depth = {}
@@ -922,6 +1008,23 @@ def _accesses(expr: UOp):
     return out
 
 
+def range_sets(store):
+    """For every node under the store: the loop variables its value depends on (a reduction's own ranges are
+    bound inside it, so an ACC depends only on the ranges its body uses besides them)."""
+    out = {}
+    for node in store.toposort():
+        if node.op is Ops.RANGE:
+            deps = frozenset((node,))
+        elif node.src:
+            deps = frozenset().union(*(out[s] for s in node.src))
+        else:
+            deps = frozenset()
+        if node.op is Ops.ACC:
+            deps = deps - frozenset(node.arg[1])
+        out[node] = deps
+    return out
+
+
 def lower_kernel(ast: UOp, buf_sizes: list) -> Kernel:
     """Lower a SINK(STORE(view of PARAM, value)) AST into a Kernel over the store's shape."""
     store = ast.src[0]
@@ -953,8 +1056,13 @@ def lower_kernel(ast: UOp, buf_sizes: list) -> Kernel:
         lowered_value = lowerer.lower(value, idx, TRUE)
         store_op = UOp(Ops.STORE, value.dtype, (out_param, linear, lowered_value))
         if attempt == 0:
+            # dims merge unless a reduction depends on only some of them (a row reduction fused into the kernel
+            # that broadcasts it: merged with the row's elements, it would be recomputed for every element)
+            deps = range_sets(store_op)
+            partial = any(n.op is Ops.ACC and deps[n] & set(ranges) and not set(ranges) <= deps[n]
+                          for n in store_op.toposort())
             groups = _merge_dims(shape, _accesses(store_op), ranges)
-            if len(groups) == len(shape):
+            if len(groups) == len(shape) or partial:
                 break
     # a size-1 range is just the constant 0
     ranges = [r for r in ranges if r.arg[1] != 1]

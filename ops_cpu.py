@@ -157,15 +157,27 @@ class CRenderer:
             return self.render_scatter(kernel)
         depth = 1
         work = kernel.out_size * max(1, kernel.flops // max(kernel.out_size, 1))
+        # reductions that depend on the outer loops only (a softmax's max and sum, fused into the kernel that
+        # writes it) are computed as soon as those loops are open: once per row, not once per element
+        deps = compiler.range_sets(kernel.store)
+        accs = [n for n in kernel.store.toposort() if n.op is Ops.ACC and not set(kernel.ranges) <= deps[n]]
+        opened = set()
         for i, r in enumerate(kernel.ranges):
+            self.hoist_rows(accs, deps, opened, depth)
             if i == 0 and r.arg[1] > 1 and work >= PARALLEL_WORK and self.threads > 1:
                 self.emit(f"#pragma omp parallel for num_threads({self.threads})", depth)
             self.open_loop(r, depth)
+            opened.add(r)
             depth += 1
         self.store(kernel.store, depth)
         for _ in kernel.ranges:
             depth -= 1
             self.close_loop(depth)
+
+    def hoist_rows(self, accs, deps, opened, depth):
+        for acc in accs:
+            if deps[acc] <= opened and self.lookup(acc) is None:
+                self.expr(acc, depth)
 
     def render_scatter(self, kernel):
         """Zero the output (in parallel), then for each reduction step add its values at the index it names."""

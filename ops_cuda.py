@@ -34,9 +34,10 @@ from ops_cpu import CRenderer
 
 
 class LaunchPlan:
-    """How one kernel runs: `kind` names the template (empty, elementwise, wide, serial, warp, block, split, sgemm,
-    mma), `threads` per block, `grid` blocks (1-D). The group kinds give each output `group` threads that split its
-    reductions (warp: 32 lanes; block: the whole block; split: `group` warps, one slice each, 32 outputs per block).
+    """How one kernel runs: `kind` names the template (empty, elementwise, wide, serial, warp, block, split, row_warp,
+    row_block, sgemm, mma), `threads` per block, `grid` blocks (1-D). The group kinds give each output `group`
+    threads that split its reductions (warp: 32 lanes; block: the whole block; split: `group` warps, one slice each,
+    32 outputs per block); the row kinds give each row of a kernel with fused row reductions a warp or a block.
     `contraction` and `tile` describe a matmul."""
     __slots__ = ("kind", "threads", "grid", "group", "contraction", "tile")
 
@@ -166,7 +167,7 @@ class CUDARenderer(CRenderer):
 
     # -- planning
     def render(self, kernel) -> str:
-        self.ranges_of = _range_sets(kernel.store)
+        self.ranges_of = compiler.range_sets(kernel.store)
         self.launch = self.plan(kernel)
         self.preamble = self.cuda_preamble + (self.mma_helpers if self.launch.kind == "mma" else "")
         return super().render(kernel)
@@ -193,6 +194,15 @@ class CUDARenderer(CRenderer):
         outputs = set(kernel.ranges)
         top = [a for a in accs if self.ranges_of[a] <= outputs]
         size = max((_acc_size(a) for a in top), default=1)
+        split = self.row_split(kernel)
+        if split is not None:   # reductions of each row fused into the kernel that writes the row's elements
+            n_rows = prod(r.arg[1] for r in split[0])
+            if size <= 1024:
+                return LaunchPlan("row_warp", self.THREADS, _cdiv(n_rows, self.THREADS // 32), group=32)
+            group = max(64, min(1024, _next_pow2(_cdiv(size, 16))))
+            if n_rows >= 2 * self.sm_count:
+                group = min(group, 256)
+            return LaunchPlan("row_block", group, n_rows, group=group)
         if size >= 32 and all(self.contiguous_range(a) is not None for a in top):
             if size <= 1024:
                 return LaunchPlan("warp", self.THREADS, _cdiv(n_out, self.THREADS // 32), group=32)
@@ -359,6 +369,49 @@ class CUDARenderer(CRenderer):
         self.group, self.store_guard = ("pg_lane", self.launch.group), "pg_lane == 0"
         self.store(kernel.store, 1)
 
+    def row_split(self, kernel):
+        """(rows, tail) when the kernel's reductions depend on a leading part of its loops only (a softmax's max and
+        sum, fused into the kernel that writes it): each row's group of threads computes them together, then
+        writes the row's elements. None for any other kernel."""
+        ranges = kernel.ranges
+        deps = set().union(*(self.ranges_of[n] for n in kernel.store.toposort() if n.op is Ops.ACC))
+        if not any(n.op is Ops.ACC for n in kernel.store.toposort()) or set(ranges) <= deps:
+            return None
+        cut = len([r for r in ranges if r in deps])
+        if set(ranges[:cut]) != deps & set(ranges):
+            return None   # not a leading part: left to the plain plans, which compute per element
+        return ranges[:cut], ranges[cut:]
+
+    def body_row_warp(self, kernel):
+        per_block = self.launch.threads // 32
+        rows, _ = self.row_split(kernel)
+        self.emit(f"int pg_gid = blockIdx.x * {per_block} + (threadIdx.x >> 5);", 1)
+        self.emit("int pg_lane = threadIdx.x & 31;", 1)
+        self.emit(f"if (pg_gid >= {prod(r.arg[1] for r in rows)}) return;", 1)   # whole warps leave together
+        self.row_body(kernel, 32)
+
+    def body_row_block(self, kernel):
+        for ctype, tag in SHARED_NAMES.items():
+            self.emit(f"__shared__ {ctype} pg_red_{tag}[32];", 1)
+        self.emit("int pg_gid = blockIdx.x;", 1)
+        self.emit("int pg_lane = threadIdx.x;", 1)
+        self.row_body(kernel, self.launch.group)
+
+    def row_body(self, kernel, size):
+        rows, tail = self.row_split(kernel)
+        self.decompose("pg_gid", self.dims(rows), 1)
+        self.outputs, self.group = frozenset(rows), ("pg_lane", size)
+        for node in kernel.store.toposort():   # each reduction once, by the whole group; nested ones first
+            if node.op is Ops.ACC and self.ranges_of[node] <= self.outputs:
+                self.expr(node, 1)
+        self.outputs, self.group = frozenset(kernel.ranges), None
+        self.emit(f"for (int pg_c = pg_lane; pg_c < {prod(r.arg[1] for r in tail)}; pg_c += {size}) {{", 1)
+        self.scopes.append({})
+        self.decompose("pg_c", self.dims(tail), 2)
+        self.store(kernel.store, 2)
+        self.scopes.pop()
+        self.emit("}", 1)
+
     def body_split(self, kernel):
         by, n_out = self.launch.group, kernel.out_size
         for ctype, tag in SHARED_NAMES.items():
@@ -470,7 +523,7 @@ class CUDARenderer(CRenderer):
             self.emit(f"{ctype} {other} = {shuffle};", depth + 1)
             self.emit(f"{acc} = {combine};", depth + 1)
             self.emit("}", depth)
-            if kind == "block":
+            if kind in ("block", "row_block"):
                 self.emit(f"if ((threadIdx.x & 31) == 0) pg_red_{tag}[threadIdx.x >> 5] = {acc};", depth)
                 self.emit("__syncthreads();", depth)
                 self.emit(f"{acc} = pg_red_{tag}[0];", depth)
@@ -809,23 +862,6 @@ class _FragmentOperand(_Operand):
 
 def _acc_size(acc) -> int:
     return prod(r.arg[1] for r in acc.arg[1])
-
-
-def _range_sets(store):
-    """For every node under the store: the loop variables its value depends on (a reduction's own ranges are
-    bound inside it, so an ACC depends only on the ranges its body uses besides them)."""
-    out = {}
-    for node in store.toposort():
-        if node.op is Ops.RANGE:
-            deps = frozenset((node,))
-        elif node.src:
-            deps = frozenset().union(*(out[s] for s in node.src))
-        else:
-            deps = frozenset()
-        if node.op is Ops.ACC:
-            deps = deps - frozenset(node.arg[1])
-        out[node] = deps
-    return out
 
 
 def render_cuda(kernel, arch="sm_90", tf32=None, sm_count=132):

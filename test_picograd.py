@@ -2902,7 +2902,8 @@ CUDA_CASES = {
     "matmul_fp32": (_case_matmul, {"sgemm"}, ["fmaf", "__shared__"]),
     "batched_matmul": (_case_batched_matmul_transposed, {"sgemm"}, ["fmaf"]),
     "gather_checked": (_case_gather, None, ["pg_check", "int* err"]),
-    "softmax": (_case_softmax, {"warp", "wide"}, ["__shfl_xor_sync"]),
+    "softmax": (_case_softmax, {"row_warp"}, ["__shfl_xor_sync"]),
+    "softmax_long_rows": (lambda: [Tensor(randn(8, 5000)).softmax(-1)], {"row_block"}, ["__syncthreads"]),
 }
 
 
@@ -3451,12 +3452,19 @@ def test_emu_tf32_rounding_is_visible(emu, tf32):
 
 @needs_gxx
 def test_emu_softmax_and_log_softmax(emu):
-    x = randn(24, 130) * 4
-    got = on(emu, x).softmax(-1).numpy()
-    e = np.exp(x - x.max(-1, keepdims=True))
-    close(got, e / e.sum(-1, keepdims=True), rtol=1e-4, atol=1e-6)
-    got = on(emu, x).log_softmax(-1).numpy()
-    close(got, np.log(e / e.sum(-1, keepdims=True)), rtol=1e-4, atol=1e-4)
+    # each row's max and sum fused into the kernel that writes it: a warp per row, or a block for long rows
+    for rows, cols, kind in ((24, 130, "row_warp"), (3, 3000, "row_block")):
+        x = randn(rows, cols) * 4
+        got = on(emu, x).softmax(-1).numpy()
+        e = np.exp(x - x.max(-1, keepdims=True))
+        close(got, e / e.sum(-1, keepdims=True), rtol=1e-4, atol=1e-6)
+        got = on(emu, x).log_softmax(-1).numpy()
+        close(got, np.log(e / e.sum(-1, keepdims=True)), rtol=1e-4, atol=1e-4)
+        assert kind in kinds(emu)
+    x, w = randn(5, 2, 300), randn(300)
+    got = (on(emu, x) * ((on(emu, x) * on(emu, x)).mean(-1, keepdim=True) + 1e-5).rsqrt() * on(emu, w)).numpy()
+    x64 = x.astype(np.float64)
+    close(got, x64 / np.sqrt((x64 ** 2).mean(-1, keepdims=True) + 1e-5) * w, rtol=1e-4, atol=1e-5)
 
 
 @needs_gxx
