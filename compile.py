@@ -1058,9 +1058,8 @@ def lower_kernel(ast: UOp, buf_sizes: list) -> Kernel:
         if attempt == 0:
             # dims merge unless a reduction depends on only some of them (a row reduction fused into the kernel
             # that broadcasts it: merged with the row's elements, it would be recomputed for every element)
-            deps = range_sets(store_op)
-            partial = any(n.op is Ops.ACC and deps[n] & set(ranges) and not set(ranges) <= deps[n]
-                          for n in store_op.toposort())
+            deps, loops = range_sets(store_op), {r for r in ranges if r.arg[1] > 1}
+            partial = any(n.op is Ops.ACC and deps[n] & loops and not loops <= deps[n] for n in store_op.toposort())
             groups = _merge_dims(shape, _accesses(store_op), ranges)
             if len(groups) == len(shape) or partial:
                 break

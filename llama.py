@@ -484,6 +484,7 @@ class Llama:
         self.cache = {}        # per layer, (keys, values) as [batch, max_seq_len, n_kv_heads, head_dim]
         self.cache_batch = 0
         self.decode_step = pg.compile(self._decode_step, max_traces=32)
+        self.prefill_step = pg.compile(self._prefill_step, max_traces=32)
 
     @staticmethod
     def from_pretrained(path: str, device=None, max_seq_len=None) -> Llama:
@@ -522,15 +523,16 @@ class Llama:
                 if not (name == "lm_head.weight" and t is self.weights.get("model.embed_tokens.weight"))}
 
     # -- the transformer, shared by every entry point; `attend` decides where keys and values come from
-    def _transformer(self, tokens: pg.Tensor, cos: pg.Tensor, sin: pg.Tensor, attend, last_only=False):
+    def _transformer(self, tokens: pg.Tensor, cos: pg.Tensor, sin: pg.Tensor, attend, last=None):
         if self.layers != range(self.config.n_layers):
             raise RuntimeError("this model holds one pipeline stage: run it through ParallelTrainer's schedule")
         x = self.embed(tokens)
         for i in self.layers:
             x = self.block(i, x, cos, sin, attend)
-        if last_only:
-            # generation needs only the next token's logits; the vocabulary projection is the biggest matmul
-            x = x[:, x.shape[1] - 1:]
+        if last is not None:
+            # generation needs only one position's logits (an int or a pg.Variable); the vocabulary projection is
+            # the biggest matmul
+            x = x[:, last:last + 1]
         return self.head(x)
 
     def embed(self, tokens: pg.Tensor) -> pg.Tensor:
@@ -595,7 +597,46 @@ class Llama:
                 cache_v[:, start_pos:end] = v
             return attention(q, cache_k[:, :end], cache_v[:, :end], mask)
 
-        return self._transformer(tokens, self.cos[start_pos:end], self.sin[start_pos:end], attend, last_only)
+        return self._transformer(tokens, self.cos[start_pos:end], self.sin[start_pos:end], attend,
+                                 seq - 1 if last_only else None)
+
+    def prefill(self, tokens, start_pos: int = 0) -> pg.Tensor:
+        """Logits [batch, vocab] after the last of tokens (a list of ids, or int32 [batch, n]) at positions
+        start_pos.., their keys and values written to the cache, through a compiled step: the tokens are padded to
+        a power-of-two bucket (32 at least), so prompts of similar lengths share one trace and later ones replay
+        it. The padding follows the real tokens, where causal attention hides it from them; its cache entries lie
+        past the prompt, masked from decoding until each is overwritten by the token decoded there."""
+        ids = np.asarray(tokens.numpy() if isinstance(tokens, pg.Tensor) else tokens, dtype=np.int32)
+        ids = ids.reshape(1, -1) if ids.ndim == 1 else ids
+        batch, n = ids.shape
+        bucket = max(32, 1 << (n - 1).bit_length())
+        if n == 0 or start_pos < 0 or start_pos + bucket > self.max_seq_len:
+            # no room for the padding at the end of the window (or bad positions, which this call reports)
+            with pg.no_grad():
+                logits = self(pg.Tensor(ids, device=self.device), start_pos, last_only=True)
+            return logits.reshape(batch, self.config.vocab_size)
+        self._ensure_cache(batch)
+        padded = pg.Tensor(np.pad(ids, ((0, 0), (0, bucket - n))), device=self.device)
+        ctx = min(max(32, 1 << (start_pos + bucket - 1).bit_length()), self.max_seq_len)
+        start = pg.Variable("start", 0, self.max_seq_len - bucket).bind(start_pos)
+        with pg.no_grad():
+            return self.prefill_step(padded, start, pg.Variable("last", 0, bucket - 1).bind(n - 1), ctx)
+
+    def _prefill_step(self, tokens: pg.Tensor, start: pg.Variable, last: pg.Variable, ctx: int) -> pg.Tensor:
+        bucket = tokens.shape[1]
+        # query t sits at position start + t and sees keys up to there, of ctx cached ones
+        mask = pg.arange(ctx, device=self.device).reshape(1, ctx) <= (
+            pg.arange(bucket, device=self.device).reshape(bucket, 1) + start)
+
+        def attend(layer, q, k, v):
+            cache_k, cache_v = self.cache[layer]
+            cache_k[:, start:start + bucket] = k
+            cache_v[:, start:start + bucket] = v
+            return attention(q, cache_k[:, :ctx], cache_v[:, :ctx], mask)
+
+        logits = self._transformer(tokens, self.cos[start:start + bucket], self.sin[start:start + bucket], attend,
+                                   last)
+        return logits.reshape(tokens.shape[0], self.config.vocab_size)
 
     def _decode_step(self, tokens: pg.Tensor, pos: pg.Variable, ctx: int) -> pg.Tensor:
         # positions are a runtime Variable and attention spans a fixed ctx keys, masked beyond pos, so one trace
@@ -1445,9 +1486,7 @@ def generate(model: Llama, prompt_ids, max_new_tokens: int, temperature: float =
                "compile_s": 0.0}
     model.timings = timings
     start = time.perf_counter()
-    tokens = pg.Tensor(np.array([prompt_ids], dtype=np.int32), device=model.device)
-    with pg.no_grad():
-        logits = model(tokens, 0, last_only=True).numpy().reshape(-1)
+    logits = model.prefill(prompt_ids).numpy().reshape(-1)
     timings["prefill_s"] = time.perf_counter() - start
     generated = []
     pos = len(prompt_ids)
