@@ -280,7 +280,7 @@ class CRenderer:
         self.counter += 1
         n = ranges[-1].arg[1]
         lanes = next((k for k in (32, 16, 8) if n >= 4 * k), 0) if self.partial_sums else 0
-        if lanes and reduce_op is Ops.ADD and u.dtype is float32:
+        if lanes and reduce_op in (Ops.ADD, Ops.MAX) and u.dtype is float32:
             return self.accumulate_partials(u, acc, depth, lanes)
         self.emit(f"{self.ctype(u.dtype)} {acc} = {self.acc_init(reduce_op, u.dtype)};", depth)
         for r in ranges:
@@ -295,13 +295,19 @@ class CRenderer:
         return acc
 
     def accumulate_partials(self, u, acc, depth, lanes):
-        """A float sum whose innermost loop is long: `lanes` partial sums updated side by side (the compiler turns
-        them into vector registers, several independent chains), a scalar tail, then the partials added up."""
-        ranges = u.arg[1]
+        """A float sum or max whose innermost loop is long: `lanes` partial results updated side by side (the
+        compiler turns them into vector registers, several independent chains), a scalar tail, then the partials
+        combined."""
+        reduce_op, ranges = u.arg
         inner = ranges[-1]
         name, n = inner.arg
         main = n // lanes * lanes
-        self.emit(f"float {acc}_p[{lanes}] = {{0}};", depth)
+        init = self.acc_init(reduce_op, float32)
+
+        def update(target, value):
+            return f"{target} = {self.acc_update(reduce_op, target, value, float32)};"
+        self.emit(f"float {acc}_p[{lanes}];", depth)
+        self.emit(f"for (int {acc}_l = 0; {acc}_l < {lanes}; {acc}_l++) {acc}_p[{acc}_l] = {init};", depth)
         for r in ranges[:-1]:
             self.open_loop(r, depth)
             depth += 1
@@ -309,21 +315,21 @@ class CRenderer:
         self.emit(f"for (int {name}_l = 0; {name}_l < {lanes}; {name}_l++) {{", depth + 1)
         self.scopes.append({})
         self.emit(f"int {name} = {name}_o + {name}_l;", depth + 2)
-        self.emit(f"{acc}_p[{name}_l] += {self.expr(u.src[0], depth + 2)};", depth + 2)
+        self.emit(update(f"{acc}_p[{name}_l]", self.expr(u.src[0], depth + 2)), depth + 2)
         self.scopes.pop()
         self.emit("}", depth + 1)
         self.emit("}", depth)
         if main < n:
             self.emit(f"for (int {name} = {main}; {name} < {n}; {name}++) {{", depth)
             self.scopes.append({})
-            self.emit(f"{acc}_p[{name} - {main}] += {self.expr(u.src[0], depth + 1)};", depth + 1)
+            self.emit(update(f"{acc}_p[{name} - {main}]", self.expr(u.src[0], depth + 1)), depth + 1)
             self.scopes.pop()
             self.emit("}", depth)
         for _ in ranges[:-1]:
             depth -= 1
             self.close_loop(depth)
-        self.emit(f"float {acc} = 0.0f;", depth)
-        self.emit(f"for (int {acc}_l = 0; {acc}_l < {lanes}; {acc}_l++) {acc} += {acc}_p[{acc}_l];", depth)
+        self.emit(f"float {acc} = {init};", depth)
+        self.emit(f"for (int {acc}_l = 0; {acc}_l < {lanes}; {acc}_l++) {update(acc, f'{acc}_p[{acc}_l]')}", depth)
         self.scopes[-1][u] = acc
         return acc
 

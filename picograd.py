@@ -30,7 +30,8 @@ class DType:
     __slots__ = ("name", "itemsize", "np", "ctype", "is_float")
 
     def __init__(self, name, itemsize, np_dtype, ctype, is_float):
-        self.name, self.itemsize, self.np, self.ctype, self.is_float = name, itemsize, np.dtype(np_dtype), ctype, is_float
+        self.name, self.itemsize, self.np = name, itemsize, np.dtype(np_dtype)
+        self.ctype, self.is_float = ctype, is_float
 
     def __repr__(self):
         return f"pg.{self.name}"
@@ -356,7 +357,8 @@ class Variable:
             if not (isinstance(lo, int) and isinstance(hi, int) and lo <= hi):
                 raise ValueError(f"Variable {name!r} needs integer bounds lo <= hi, got {lo}, {hi}")
             terms = ((UOp(Ops.DEFINE_VAR, int32, (), (name, lo, hi)), 1),)
-        self.terms = tuple(sorted(terms or (), key=lambda t: t[0].arg if t[0].op is Ops.DEFINE_VAR else t[0].src[0].arg))
+        self.terms = tuple(sorted(terms or (),
+                                  key=lambda t: t[0].arg if t[0].op is Ops.DEFINE_VAR else t[0].src[0].arg))
         self.const = const
 
     def bind(self, value: int) -> Variable:
@@ -391,7 +393,8 @@ class Variable:
         for node, c in other.terms:
             coeffs[node] = coeffs.get(node, 0) + sign * c
         terms = tuple((n, c) for n, c in coeffs.items() if c != 0)
-        return Variable(terms=terms, const=self.const + sign * other.const) if terms else self.const + sign * other.const
+        const = self.const + sign * other.const
+        return Variable(terms=terms, const=const) if terms else const
 
     def __add__(self, other):
         return self._combine(other, 1)
@@ -843,7 +846,8 @@ class Tensor:
 
     def assign(self, value) -> Tensor:
         """Write value into this tensor's memory (lazily; the write happens with the next realize)."""
-        value = value if isinstance(value, Tensor) else Tensor.full(self.shape, value, dtype=self.dtype, device=self.device)
+        if not isinstance(value, Tensor):
+            value = Tensor.full(self.shape, value, dtype=self.dtype, device=self.device)
         if value.shape != self.shape:
             value = value.expand(self.shape) if _broadcastable(value.shape, self.shape) else _shape_error(
                 "assign", self.shape, value.shape)

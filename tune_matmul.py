@@ -1,0 +1,89 @@
+"""Matmul tile variants of the CUDA templates against cuBLAS, on a GPU machine (PERF.md has the results).
+
+    python tune_matmul.py w64 f1buf ...   # variants by name (default: all); each runs in a process of its own
+
+A variant replaces ops_cuda's TF32_TILES or FP32_TILES (programs are cached per process, so one process per
+variant). Shapes: square 4096 and 8192, and the 124M Llama's training products (a weight gradient among them).
+Every product is also checked against float64 (relative error printed); nothing is asserted.
+"""
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from ops_cuda import MatmulTile as T
+
+SMALL_TF32 = T(64, 64, 16, warps_m=2, warps_n=2)
+VARIANTS = {   # name: (tf32 tiles or None, fp32 tiles or None); only the precisions given are timed
+    "f1buf": (None, (T(128, 128, 8, TM=8, TN=8, buffers=1), T(64, 64, 16, TM=4, TN=4, buffers=1))),
+    "f2buf": (None, (T(128, 128, 8, TM=8, TN=8), T(64, 64, 16, TM=4, TN=4))),
+    "w32x64": ((T(128, 128, 16, warps_m=2, warps_n=4), SMALL_TF32), None),
+    "w32x64_mb2": ((T(128, 128, 16, warps_m=2, warps_n=4, min_blocks=2), SMALL_TF32), None),
+    "w64": ((T(128, 128, 16, warps_m=2, warps_n=2), SMALL_TF32), None),
+    "w64_1buf": ((T(128, 128, 16, warps_m=2, warps_n=2, buffers=1), T(64, 64, 16, warps_m=2, warps_n=2, buffers=1)),
+                 None),
+    "w64_mb2": ((T(128, 128, 16, warps_m=2, warps_n=2, min_blocks=2), SMALL_TF32), None),
+    "t128x256": ((T(128, 256, 16, warps_m=2, warps_n=4), SMALL_TF32), None),
+    "t256x128": ((T(256, 128, 16, warps_m=4, warps_n=2), SMALL_TF32), None),
+}
+# (m, k, n); the weight gradient's A arrives as [k, m] (X^T dY)
+SHAPES = [(4096, 4096, 4096), (8192, 8192, 8192), (8192, 768, 768), (768, 8192, 768), (8192, 2048, 768),
+          (8192, 768, 2048)]
+WEIGHT_GRADIENT = (768, 8192, 768)
+
+
+def median_time(fn, sync, reps=10):
+    fn()
+    fn()
+    sync()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def run_variant(name):
+    import torch
+    import picograd as pg
+    import ops_cuda
+    tf32_tiles, fp32_tiles = VARIANTS[name]
+    ops_cuda.TF32_TILES = tf32_tiles or ops_cuda.TF32_TILES
+    ops_cuda.FP32_TILES = fp32_tiles or ops_cuda.FP32_TILES
+
+    def sync():
+        pg.Device["CUDA"].synchronize()
+        torch.cuda.synchronize()
+    for tf32, tiles in ((True, tf32_tiles), (False, fp32_tiles)):
+        if tiles is None:
+            continue
+        pg.TF32 = tf32
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        mm = pg.compile(lambda x, y: x @ y)
+        mm_t = pg.compile(lambda x, y: x.T @ y)
+        for m, k, n in SHAPES:
+            transposed = (m, k, n) == WEIGHT_GRADIENT
+            a_np = np.random.rand(*((k, m) if transposed else (m, k))).astype(np.float32)
+            b_np = np.random.rand(k, n).astype(np.float32)
+            a, b = pg.Tensor(a_np, device="CUDA"), pg.Tensor(b_np, device="CUDA")
+            ta, tb = torch.tensor(a_np, device="cuda"), torch.tensor(b_np, device="cuda")
+            ours = (lambda: mm_t(a, b)) if transposed else (lambda: mm(a, b))
+            theirs = (lambda: ta.T @ tb) if transposed else (lambda: ta @ tb)
+            want = (ta.double().T if transposed else ta.double()) @ tb.double()
+            got = torch.tensor(ours().numpy(), device="cuda").double()
+            err = float((got - want).norm() / want.norm())
+            flop = 2 * m * n * k
+            t_ours, t_theirs = median_time(ours, sync), median_time(theirs, sync)
+            print(f"{name:12s} {'tf32' if tf32 else 'fp32'} {m}x{k}x{n}: {flop / t_ours / 1e12:7.1f} TFLOP/s  cuBLAS "
+                  f"{flop / t_theirs / 1e12:7.1f}  ratio {t_theirs / t_ours:5.2f}  err {err:.1e}", flush=True)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--one":
+        run_variant(sys.argv[2])
+    else:
+        for name in sys.argv[1:] or list(VARIANTS):
+            subprocess.run([sys.executable, __file__, "--one", name], check=False)
