@@ -85,7 +85,9 @@ def _row_reductions(roots, order, consumers):
                 base = u.src[0].base()
                 ok = base in row_values or base.op in (Ops.CONST, Ops.IOTA)
                 continue
-            if u.op is Ops.REDUCE or u.op in (Ops.CONTIGUOUS, Ops.COPY, Ops.ASSIGN, Ops.CUSTOM) or u in roots:
+            if u.op is Ops.REDUCE:
+                continue   # a reduction inside this one's loop gets a kernel of its own (see below): a boundary
+            if u.op in (Ops.CONTIGUOUS, Ops.COPY, Ops.ASSIGN, Ops.CUSTOM) or u in roots:
                 ok = False
                 continue
             for s in u.src:
