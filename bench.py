@@ -234,6 +234,75 @@ def _sync(device):
     pg.Device[device].synchronize()
 
 
+def bench_modes(device, shape="stories15M", batch=2, seq=64):
+    """Eager, graph and compiled execution of the same work: a decode step and a training step (a small batch, so
+    eager finishes), per-step wall time and kernels launched per step; and the Python cost of one replay, from a
+    compiled step whose 20 kernels each touch one element."""
+    import llama
+    config, _ = _configs(shape)
+    weights = llama.Llama.init_weights(config, seed=0)
+    rng = np.random.default_rng(0)
+    sync = pg.Device[device].synchronize
+
+    def per_step(fn, steps):
+        fn()
+        fn()   # warm-up, then (compiled) the trace
+        sync()
+        launched = pg.stats()["kernels_launched"]
+        start = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        sync()
+        return (time.perf_counter() - start) / steps, (pg.stats()["kernels_launched"] - launched) / steps
+
+    model = llama.Llama(config, weights, device=device, max_seq_len=128)
+    model.prefill(rng.integers(0, config.vocab_size, 16).astype(np.int32))
+    token = pg.Tensor(np.array([[1]], np.int32), device=device)
+    decode = {"eager": lambda: _eager(lambda: model(token, 20).realize()),
+              "graph": lambda: model(token, 20).realize(),
+              "compiled": lambda: model.decode(token, 20).realize()}
+    trainer = llama.Llama(config, weights, device=device, max_seq_len=seq, requires_grad=True)
+    opt = pg.AdamW(trainer.parameters(), lr=1e-4)
+    tokens = pg.Tensor(rng.integers(0, config.vocab_size, (batch, seq)).astype(np.int32), device=device)
+
+    train_step = _training_step(trainer, opt)
+    compiled_train = pg.compile(train_step)
+    train = {"eager": lambda: _eager(lambda: train_step(tokens, tokens).realize()),
+             "graph": lambda: train_step(tokens, tokens).realize(),
+             "compiled": lambda: compiled_train(tokens, tokens).realize()}
+    for what, fns, steps in (("decode step", decode, 5), (f"training step b{batch} s{seq}", train, 3)):
+        timed = {mode: per_step(fn, steps) for mode, fn in fns.items()}
+        for mode in ("eager", "graph"):
+            record("modes", f"{shape} {what}, {mode} ({timed[mode][1]:.0f} kernels)", timed[mode][0] * 1e3,
+                   timed["compiled"][0] * 1e3, "ms", f"compiled ({timed['compiled'][1]:.0f} kernels)")
+    x = pg.Tensor(np.ones(1, np.float32), device=device)
+
+    def twenty(t):
+        for _ in range(20):
+            t = (t * 1.0001).contiguous()
+        return t
+    replay = pg.compile(twenty)
+    seconds, kernels = per_step(lambda: replay(x).realize(), 200)
+    record("modes", f"Python cost of a replay ({kernels:.0f} tiny kernels, {device})", seconds * 1e6,
+           seconds * 1e6 / max(kernels, 1), "us", "per kernel")
+
+
+def _training_step(model, opt):
+    """One optimizer step of model's loss on (tokens, targets), returning the loss."""
+    def step(tokens, targets):
+        loss = model.loss(tokens, targets)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        return loss.detach()
+    return step
+
+
+def _eager(fn):
+    with pg.eager():
+        return fn()
+
+
 def bench_llama_inference(device, shape, decode_tokens=48, prompt_len=256):
     import llama
     import torch
@@ -323,13 +392,7 @@ def bench_llama_training(device, shape, batch=8, seq=256, steps=4, tf32=False, p
                         requires_grad=True)
     opt = pg.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
 
-    @pg.compile
-    def step(tokens, targets):
-        loss = model.loss(tokens, targets)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        return loss.detach()
+    step = pg.compile(_training_step(model, opt))
     rng = np.random.default_rng(0)
     batches = [rng.integers(0, config.vocab_size, (2, batch, seq)).astype(np.int32) for _ in range(steps + 2)]
 
@@ -372,8 +435,8 @@ def bench_llama_training(device, shape, batch=8, seq=256, steps=4, tf32=False, p
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="CPU")
-    parser.add_argument("--only", default="", help="comma-separated sections: eager,compile,matmul,bandwidth,"
-                        "llama,train")
+    parser.add_argument("--only", default="", help="comma-separated sections: eager,compile,modes,matmul,"
+                        "bandwidth,llama,train")
     parser.add_argument("--sizes", default="512,1024,2048,4096")
     parser.add_argument("--json", default="", help="also write the rows to this file")
     parser.add_argument("--llama", default="stories15M,stories110M", help="shapes for decode/prefill")
@@ -392,6 +455,8 @@ def main():
         bench_eager(device)
     if want("compile"):
         bench_compile_time()
+    if want("modes"):
+        bench_modes(device)
     if want("matmul"):
         bench_matmul(device, [int(s) for s in args.sizes.split(",")])
     if want("bandwidth"):

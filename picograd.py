@@ -2102,9 +2102,16 @@ def _grad_custom(g, node):
 GRAD_RULES[Ops.CUSTOM] = _grad_custom
 
 
+def _broadcast(node: UOp) -> bool:
+    """A broadcast, or arithmetic directly on one (a matmul's product before its sum): its gradient has the
+    broadcast's size ([m, n, k] for a matmul), so eager mode leaves it lazy for the reduction that follows."""
+    grows = lambda u: u.op is Ops.EXPAND and prod(u.shape) > prod(u.src[0].shape)   # noqa: E731
+    return grows(node) or (node.op in ALU and any(grows(s) for s in node.src))
+
+
 def _gradients(root: UOp, root_grad: UOp, targets: list, device=None) -> list:
     """Reverse-mode differentiation over the UOp graph: gradients of root w.r.t. each target node. In eager mode
-    each rule's result is computed at once, on the device of the node it belongs to."""
+    each rule's result is computed at once, on the device of the node it belongs to (except inside broadcasts)."""
     order = root.toposort(stop=lambda n: n.op is Ops.DETACH)
     target_set = set(targets)
     # only nodes from which some target can be reached carry gradients
@@ -2124,7 +2131,7 @@ def _gradients(root: UOp, root_grad: UOp, targets: list, device=None) -> list:
             if sg is None or src not in leads_to_target:
                 continue
             grads[src] = sg if src not in grads else grads[src].alu(Ops.ADD, sg)
-            if CTX.eager:
+            if CTX.eager and not _broadcast(src):
                 _realize_uops([grads[src]], [src.device or device])
     return [grads.get(t) for t in targets]
 

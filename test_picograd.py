@@ -1179,6 +1179,27 @@ print(json.dumps({"marks": marks, "loss": loss.item()}))
 """
 
 
+EAGER_MATMUL_SCRIPT = """
+import json, numpy as np, picograd as pg
+rng = np.random.default_rng(0)
+x = pg.Tensor(rng.standard_normal((64, 128)).astype(np.float32), requires_grad=True)
+w = pg.Tensor(rng.standard_normal((128, 256)).astype(np.float32), requires_grad=True)
+with pg.eager():
+    (x @ w).relu().sum().backward()
+want = np.maximum(x.numpy() @ w.numpy(), 0) > 0
+err = float(np.abs(w.grad.numpy() - x.numpy().T @ want.astype(np.float32)).max())
+print(json.dumps({"peak": pg.stats()["peak_bytes_in_use"], "err": err}))
+"""
+
+
+def test_eager_backward_keeps_matmul_products_lazy():
+    # the [64, 256, 128] product inside a matmul (8 MiB) must not be materialized by eager mode's backward:
+    # everything else this step holds is well under 1 MiB
+    out = _run_script(EAGER_MATMUL_SCRIPT, {})
+    assert out["peak"] < 2 << 20, out
+    assert out["err"] < 1e-3, out
+
+
 @pytest.mark.parametrize("mode", ["eager", "graph", "compiled"])
 def test_long_run_memory_is_flat(mode, tmp_path):
     """Thousands of training steps: picograd's own buffers stay exactly flat, and the process's resident set does
