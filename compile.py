@@ -175,40 +175,25 @@ def _find_realize_points(roots, order, consumers):
             points.add(node)
     # one reduction per kernel: several summed in one kernel (a weight used by q, k and v gets three matmul
     # gradients added together) would run on the generic loop instead of the matmul templates, each of which
-    # handles one contraction with an elementwise epilogue
-    for point in list(points):
-        found, stack, seen = [], [point], {point}
-        while stack:
-            node = stack.pop()
-            if node.op is Ops.REDUCE:
-                found.append(node)
-            for s in node.src:
-                if s not in seen and s not in points and not _is_source(s):
-                    seen.add(s)
-                    stack.append(s)
-        plain = [r for r in found if r not in row_reductions]
+    # handles one contraction with an elementwise epilogue. Row reductions do not count; but one stays fused only
+    # into an elementwise kernel over its own input's shape (the kernel's loops are then the rows and the row
+    # elements), not read through a view of the broadcast (its rows would no longer be the kernel's rows), and
+    # anywhere else (inside another reduction's loop) it is realized. A kernel that loses reductions is looked at
+    # again, and so is each new one.
+    queue = list(points)
+    while queue:
+        point = queue.pop()
+        found = _kernel_reductions(point, points, row_values)
+        plain = [r for r, _ in found if r not in row_reductions]
         if len(plain) > 1:
-            points.update(r for r in plain if r is not point)
-    # a row reduction stays fused only into an elementwise kernel over its own input's shape (the kernel's loops
-    # are then the rows and the row elements); anywhere else (inside another reduction's loop) it is realized
-    # (and not read through a view of the broadcast, where its rows would no longer be the kernel's rows)
-    for point in list(points):
-        found, stack, seen = [], [(point, False)], {(point, False)}
-        while stack:
-            node, viewed = stack.pop()
-            if node.op is Ops.REDUCE and node is not point:
-                found.append((node, viewed))
-            if node.op in MOVEMENT and node not in row_values and not (node.op is Ops.EXPAND and
-                                                                       node.src[0].base() in row_values):
-                viewed = True
-            for s in node.src:
-                if (s, viewed) not in seen and s not in points and not _is_source(s):
-                    seen.add((s, viewed))
-                    stack.append((s, viewed))
-        plain = point.op is Ops.REDUCE or any(r not in row_reductions for r, _ in found)
-        for r, viewed in found:
-            if r in row_reductions and (plain or viewed or point.shape != r.src[0].shape):
-                points.add(r)
+            new = [r for r in plain if r is not point]
+        else:
+            blocked = point.op is Ops.REDUCE or any(r is not point for r in plain)
+            new = [r for r, viewed in found if r in row_reductions and r is not point and
+                   (blocked or viewed or point.shape != r.src[0].shape)]
+        if new:
+            points.update(new)
+            queue.extend(new + [point])
     # bound each kernel's expression depth (long chains: a cat of hundreds of pieces, a sum over hundreds of
     # gradients): a deep kernel compiles slowly and would exhaust the recursion of the lowering
     depth = {}
@@ -219,6 +204,24 @@ def _find_realize_points(roots, order, consumers):
         if depth[node] >= MAX_FUSED_DEPTH and node not in points:
             points.add(node)
     return points
+
+
+def _kernel_reductions(point, points, row_values):
+    """The reductions in point's kernel (point itself included), each with whether the kernel reads it through a
+    view other than a row reduction's own broadcast."""
+    found, stack, seen = [], [(point, False)], {(point, False)}
+    while stack:
+        node, viewed = stack.pop()
+        if node.op is Ops.REDUCE:
+            found.append((node, viewed))
+        if node.op in MOVEMENT and node not in row_values and not (node.op is Ops.EXPAND and
+                                                                   node.src[0].base() in row_values):
+            viewed = True
+        for s in node.src:
+            if (s, viewed) not in seen and s not in points and not _is_source(s):
+                seen.add((s, viewed))
+                stack.append((s, viewed))
+    return found
 
 
 MAX_FUSED_DEPTH = 48

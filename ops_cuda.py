@@ -164,10 +164,12 @@ class CUDARenderer(CRenderer):
         self.tf32 = bool(tf32) and self.sm >= 80   # mma.sync with tf32 operands needs Ampere or newer
         self.sm_count = sm_count
         self.launch = None
+        self.rows = None   # (row loops, row element loops) of a kernel with fused row reductions, set by plan
 
     # -- planning
     def render(self, kernel) -> str:
         self.ranges_of = compiler.range_sets(kernel.store)
+        self.rows = None
         self.launch = self.plan(kernel)
         self.preamble = self.cuda_preamble + (self.mma_helpers if self.launch.kind == "mma" else "")
         return super().render(kernel)
@@ -194,9 +196,9 @@ class CUDARenderer(CRenderer):
         outputs = set(kernel.ranges)
         top = [a for a in accs if self.ranges_of[a] <= outputs]
         size = max((_acc_size(a) for a in top), default=1)
-        split = self.row_split(kernel)
-        if split is not None:   # reductions of each row fused into the kernel that writes the row's elements
-            n_rows = prod(r.arg[1] for r in split[0])
+        self.rows = self.row_split(kernel)
+        if self.rows is not None:   # reductions of each row fused into the kernel that writes the row's elements
+            n_rows = prod(r.arg[1] for r in self.rows[0])
             if size <= 1024:
                 return LaunchPlan("row_warp", self.THREADS, _cdiv(n_rows, self.THREADS // 32), group=32)
             group = max(64, min(1024, _next_pow2(_cdiv(size, 16))))
@@ -384,7 +386,7 @@ class CUDARenderer(CRenderer):
 
     def body_row_warp(self, kernel):
         per_block = self.launch.threads // 32
-        rows, _ = self.row_split(kernel)
+        rows, _ = self.rows
         self.emit(f"int pg_gid = blockIdx.x * {per_block} + (threadIdx.x >> 5);", 1)
         self.emit("int pg_lane = threadIdx.x & 31;", 1)
         self.emit(f"if (pg_gid >= {prod(r.arg[1] for r in rows)}) return;", 1)   # whole warps leave together
@@ -398,7 +400,7 @@ class CUDARenderer(CRenderer):
         self.row_body(kernel, self.launch.group)
 
     def row_body(self, kernel, size):
-        rows, tail = self.row_split(kernel)
+        rows, tail = self.rows
         self.decompose("pg_gid", self.dims(rows), 1)
         self.outputs, self.group = frozenset(rows), ("pg_lane", size)
         for node in kernel.store.toposort():   # each reduction once, by the whole group; nested ones first
@@ -507,13 +509,7 @@ class CUDARenderer(CRenderer):
         tag = SHARED_NAMES[ctype]
         if kind == "split":
             self.emit(f"pg_split_{tag}[pg_ty][pg_tx] = {acc};", depth)
-            self.emit("__syncthreads();", depth)
-            self.emit(f"{acc} = pg_split_{tag}[0][pg_tx];", depth)
-            self.emit(f"for (int pg_w = 1; pg_w < {size}; pg_w++) {{", depth)
-            self.emit(f"{ctype} {other} = pg_split_{tag}[pg_w][pg_tx];", depth + 1)
-            self.emit(f"{acc} = {combine};", depth + 1)
-            self.emit("}", depth)
-            self.emit("__syncthreads();", depth)   # all read before the buffer is reused
+            self.combine_shared(acc, other, combine, ctype, lambda w: f"pg_split_{tag}[{w}][pg_tx]", size, depth)
         else:
             if ctype == "unsigned char":
                 shuffle = f"(unsigned char)__shfl_xor_sync(0xffffffffu, (int){acc}, pg_off)"
@@ -525,15 +521,19 @@ class CUDARenderer(CRenderer):
             self.emit("}", depth)
             if kind in ("block", "row_block"):
                 self.emit(f"if ((threadIdx.x & 31) == 0) pg_red_{tag}[threadIdx.x >> 5] = {acc};", depth)
-                self.emit("__syncthreads();", depth)
-                self.emit(f"{acc} = pg_red_{tag}[0];", depth)
-                self.emit(f"for (int pg_w = 1; pg_w < {size // 32}; pg_w++) {{", depth)
-                self.emit(f"{ctype} {other} = pg_red_{tag}[pg_w];", depth + 1)
-                self.emit(f"{acc} = {combine};", depth + 1)
-                self.emit("}", depth)
-                self.emit("__syncthreads();", depth)
+                self.combine_shared(acc, other, combine, ctype, lambda w: f"pg_red_{tag}[{w}]", size // 32, depth)
         self.scopes[-1][u] = acc
         return acc
+
+    def combine_shared(self, acc, other, combine, ctype, slot, count, depth):
+        """After each part's result is stored in shared memory: every thread combines slot(0) .. slot(count - 1)."""
+        self.emit("__syncthreads();", depth)
+        self.emit(f"{acc} = {slot(0)};", depth)
+        self.emit(f"for (int pg_w = 1; pg_w < {count}; pg_w++) {{", depth)
+        self.emit(f"{ctype} {other} = {slot('pg_w')};", depth + 1)
+        self.emit(f"{acc} = {combine};", depth + 1)
+        self.emit("}", depth)
+        self.emit("__syncthreads();", depth)   # all read before the buffer is reused
 
     # -- matmul
     def body_sgemm(self, kernel):
@@ -756,20 +756,28 @@ class _Operand:
         self.coords(emit, depth + 1, threads)
         emit(f"int pg_gx = {x0} + pg_x;", depth + 1)
         emit(f"int pg_gk = {k0} + pg_kx;", depth + 1)
-        inside = f"pg_gx < {self.extent} && pg_gk < {self.k_size}"
+        self.emit_element(emit, f"pg_r{self.name}[pg_l]", "pg_gk", depth + 1)
+        emit("}", depth)
+
+    def address(self, k) -> str:
+        return f"pg_gx * {self.sx} + {k} * {self.sk}"
+
+    def emit_element(self, emit, target, k, depth):
+        """target = element (pg_gx, k) of the operand, zero past the edges: a load at its address for a linear
+        operand; else its own loops bound from (pg_gx, k) and the expression evaluated (only inside the edges:
+        its loads are not guarded)."""
+        inside = f"pg_gx < {self.extent} && {k} < {self.k_size}"
         if self.linear:
-            emit(f"pg_r{self.name}[pg_l] = ({inside}) ? pg_{self.name}g[pg_gx * {self.sx} + pg_gk * {self.sk}] : 0.0f;",
-                 depth + 1)
-        else:   # bind the operand's own loops and evaluate it (only inside the edges: its loads are not guarded)
-            r = self.renderer
-            emit(f"pg_r{self.name}[pg_l] = 0.0f;", depth + 1)
-            emit(f"if ({inside}) {{", depth + 1)
-            r.scopes.append({})
-            r.decompose("pg_gx", r.dims(self.side), depth + 2)
-            r.decompose("pg_gk", r.dims(self.k_ranges), depth + 2)
-            emit(f"pg_r{self.name}[pg_l] = {r.expr(self.value, depth + 2)};", depth + 2)
-            r.scopes.pop()
-            emit("}", depth + 1)
+            emit(f"{target} = ({inside}) ? pg_{self.name}g[{self.address(k)}] : 0.0f;", depth)
+            return
+        r = self.renderer
+        emit(f"{target} = 0.0f;", depth)
+        emit(f"if ({inside}) {{", depth)
+        r.scopes.append({})
+        r.decompose("pg_gx", r.dims(self.side), depth + 1)
+        r.decompose(k, r.dims(self.k_ranges), depth + 1)
+        emit(f"{target} = {r.expr(self.value, depth + 1)};", depth + 1)
+        r.scopes.pop()
         emit("}", depth)
 
     def emit_stage(self, emit, depth, threads, buf):
@@ -818,7 +826,7 @@ class _FragmentOperand(_Operand):
 
     def emit_fetch(self, emit, depth, threads, x0, k0):
         """Global -> registers: this thread's groups of the BX x 16 slice starting at (x0, k0), zero past the edges."""
-        r, name = self.renderer, self.name
+        name = self.name
         emit("#pragma unroll", depth)
         emit(f"for (int pg_l = 0; pg_l < {self.groups_per_thread(threads)}; pg_l++) {{", depth)
         self.coords(emit, depth + 1, threads)
@@ -831,22 +839,11 @@ class _FragmentOperand(_Operand):
             for j, lane in enumerate("xyzw"):
                 emit(f"pg_r{name}[4 * pg_l + {j}] = pg_v.{lane};", depth + 1)
         for j in range(0 if self.vector else 4):
-            inside = f"pg_gx < {self.extent} && pg_gk + {j} < {self.k_size}"
-            target = f"pg_r{name}[4 * pg_l + {j}]"
-            if self.linear:
-                emit(f"{target} = {inside} ? pg_{name}g[(long long)pg_gx * {self.sx} + (long long)(pg_gk + {j}) * "
-                     f"{self.sk}] : 0.0f;", depth + 1)
-                continue
-            # bind the operand's own loops and evaluate it (only inside the edges: its loads are not guarded)
-            emit(f"{target} = 0.0f;", depth + 1)
-            emit(f"if ({inside}) {{", depth + 1)
-            r.scopes.append({})
-            r.decompose("pg_gx", r.dims(self.side), depth + 2)
-            r.decompose(f"(pg_gk + {j})", r.dims(self.k_ranges), depth + 2)
-            emit(f"{target} = {r.expr(self.value, depth + 2)};", depth + 2)
-            r.scopes.pop()
-            emit("}", depth + 1)
+            self.emit_element(emit, f"pg_r{name}[4 * pg_l + {j}]", f"(pg_gk + {j})", depth + 1)
         emit("}", depth)
+
+    def address(self, k) -> str:
+        return f"(long long)pg_gx * {self.sx} + (long long){k} * {self.sk}"
 
     def emit_stage(self, emit, depth, threads, buf):
         """Registers -> shared memory buffer `buf`, rounded to tf32 once here, one 16-byte store per group."""

@@ -50,6 +50,7 @@ from safetensors.numpy import save_file as st_save_file
 
 import compile as compiler
 import llama
+import ops_cpu
 import ops_cuda
 import picograd as pg
 from picograd import Tensor
@@ -3300,17 +3301,9 @@ class EmuDevice:
     def free(self, mem, nbytes):
         self.in_use -= nbytes
 
-    def copyin(self, mem, array):
-        mem.array[:] = array.reshape(-1).view(np.uint8)
-
-    def copyout(self, out, mem):
-        out.reshape(-1).view(np.uint8)[:] = mem.array
-
-    def copy_within(self, dst, src, nbytes):
-        dst.array[:nbytes] = src.array[:nbytes]
-
-    def synchronize(self):
-        pass
+    # host memory, as the CPU device's
+    copyin, copyout, copy_within = ops_cpu.CPUDevice.copyin, ops_cpu.CPUDevice.copyout, ops_cpu.CPUDevice.copy_within
+    synchronize = ops_cpu.CPUDevice.synchronize
 
     def build(self, kernel):
         renderer = EmuRenderer(self.arch, tf32=pg.TF32, sm_count=4)   # few SMs: small tiles, like small GPUs
@@ -3809,25 +3802,32 @@ def test_fake_allocator_reuses_and_frees_on_pressure(fake):
 
 @needs_nvrtc
 @needs_gxx
-def test_fake_allocator_steady_state_in_training(fake):
-    w = Tensor(randn(16, 16), device=FAKE, requires_grad=True)
-    x = Tensor(randn(8, 16), device=FAKE)
-    opt = pg.AdamW([w], lr=1e-2)
+def assert_training_memory_steady(device, make_opt, shape, warm, more):
+    """A small training loop on device: after `warm` steps, `more` steps allocate nothing new on the device
+    (its allocator serves every buffer from its cache) and hold no more memory."""
+    dev = pg.Device[device]
+    w = Tensor(randn(shape[1], shape[1]), device=device, requires_grad=True)
+    x = Tensor(randn(*shape), device=device)
+    opt = make_opt([w])
 
     def step():
         loss = ((x @ w).relu() ** 2).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
-        return loss.item()
-    for _ in range(5):
+        loss.item()
+    for _ in range(warm):
         step()
-    after5 = fake.memory_stats()
-    for _ in range(10):
+    before = dev.memory_stats()
+    for _ in range(more):
         step()
-    after = fake.memory_stats()
-    assert after["in_use"] == after5["in_use"]
-    assert after["device_allocs"] == after5["device_allocs"]
+    after = dev.memory_stats()
+    assert after["in_use"] == before["in_use"]
+    assert after["device_allocs"] == before["device_allocs"], "steady state must not call cuMemAlloc"
+
+
+def test_fake_allocator_steady_state_in_training(fake):
+    assert_training_memory_steady(FAKE, lambda p: pg.AdamW(p, lr=1e-2), (8, 16), warm=5, more=10)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -3876,25 +3876,7 @@ def test_gpu_mixing_devices_raises():
 
 @needs_gpu
 def test_gpu_allocator_steady_state():
-    dev = pg.Device["CUDA"]
-    w = Tensor(randn(64, 64), device="CUDA", requires_grad=True)
-    opt = pg.SGD([w], lr=1e-3)
-    x = Tensor(randn(32, 64), device="CUDA")
-
-    def step():
-        loss = ((x @ w).relu() ** 2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        loss.item()
-    for _ in range(10):
-        step()
-    after10 = dev.memory_stats()
-    for _ in range(200):
-        step()
-    after = dev.memory_stats()
-    assert after["in_use"] == after10["in_use"]
-    assert after["device_allocs"] == after10["device_allocs"], "steady state must not call cuMemAlloc"
+    assert_training_memory_steady("CUDA", lambda p: pg.SGD(p, lr=1e-3), (32, 64), warm=10, more=200)
 
 
 @needs_gpu

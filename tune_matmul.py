@@ -8,10 +8,10 @@ Every product is also checked against float64 (relative error printed); nothing 
 """
 import subprocess
 import sys
-import time
 
 import numpy as np
 
+from bench import median_time
 from ops_cuda import MatmulTile as T
 
 SMALL_TF32 = T(64, 64, 16, warps_m=2, warps_n=2)
@@ -31,19 +31,6 @@ VARIANTS = {   # name: (tf32 tiles or None, fp32 tiles or None); only the precis
 SHAPES = [(4096, 4096, 4096), (8192, 8192, 8192), (8192, 768, 768), (768, 8192, 768), (8192, 2048, 768),
           (8192, 768, 2048)]
 WEIGHT_GRADIENT = (768, 8192, 768)
-
-
-def median_time(fn, sync, reps=10):
-    fn()
-    fn()
-    sync()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
 
 
 def run_variant(name):
@@ -76,7 +63,7 @@ def run_variant(name):
             got = torch.tensor(ours().numpy(), device="cuda").double()
             err = float((got - want).norm() / want.norm())
             flop = 2 * m * n * k
-            t_ours, t_theirs = median_time(ours, sync), median_time(theirs, sync)
+            t_ours, t_theirs = (median_time(fn, reps=10, sync=sync) for fn in (ours, theirs))
             print(f"{name:12s} {'tf32' if tf32 else 'fp32'} {m}x{k}x{n}: {flop / t_ours / 1e12:7.1f} TFLOP/s  cuBLAS "
                   f"{flop / t_theirs / 1e12:7.1f}  ratio {t_theirs / t_ours:5.2f}  err {err:.1e}", flush=True)
 
