@@ -6,9 +6,10 @@ Read top to bottom:
      (elementwise; 4 consecutive elements with 16-byte loads where the layout allows), or by a group of threads
      that split its reductions (a warp or a block tree with shuffles when the reduced axis is contiguous in
      memory; a slice of a block along the reduced axis when it is strided); a Contraction gets a shared-memory
-     tiled matmul (register-blocked fp32, or tensor-core mma with pg.TF32);
+     tiled matmul (register-blocked fp32, or tensor cores with pg.TF32: warpgroup wgmma on Hopper, mma.sync on
+     Ampere and for small tiles);
   2. the renderer that prints each plan, reusing the C renderer's expressions, loads and stores;
-  3. NVRTC compilation to a cubin for the device's architecture, through compile.py's disk cache;
+  3. NVRTC compilation to a cubin for the device's architecture (sm_90a on Hopper), through compile.py's disk cache;
   4. programs (module, function, argument slots, launch) and the device (context, stream, allocator, copies).
 
 cuda-python (`cuda.bindings`) is imported only when a CUDA device opens or a kernel is compiled, so picograd and
@@ -35,37 +36,50 @@ from ops_cpu import CRenderer
 
 class LaunchPlan:
     """How one kernel runs: `kind` names the template (empty, elementwise, wide, serial, warp, block, split, row_warp,
-    row_block, sgemm, mma), `threads` per block, `grid` blocks (1-D). The group kinds give each output `group`
+    row_block, sgemm, mma, wgmma), `threads` per block, `grid` blocks (1-D). The group kinds give each output `group`
     threads that split its reductions (warp: 32 lanes; block: the whole block; split: `group` warps, one slice each,
     32 outputs per block); the row kinds give each row of a kernel with fused row reductions a warp or a block.
-    `contraction` and `tile` describe a matmul."""
-    __slots__ = ("kind", "threads", "grid", "group", "contraction", "tile")
+    `contraction` and `tile` describe a matmul; `shared` is the dynamic shared memory a block needs, in bytes."""
+    __slots__ = ("kind", "threads", "grid", "group", "contraction", "tile", "shared")
 
     def __init__(self, kind, threads, grid, group=1, contraction=None, tile=None):
         self.kind, self.threads, self.grid, self.group = kind, threads, grid, group
         self.contraction, self.tile = contraction, tile
+        self.shared = tile.shared_bytes() if tile is not None else 0
 
     def __repr__(self):
         return f"LaunchPlan({self.kind}, threads={self.threads}, grid={self.grid}, group={self.group})"
 
 
 class MatmulTile:
-    """Block tile BM x BN stepping BK along K. tf32: a grid of WARPS_M x WARPS_N warps, each owning a
-    (BM / WARPS_M) x (BN / WARPS_N) tile of m16n8k8 mma fragments. fp32: (BM / TM) x (BN / TN) threads, each
-    owning TM rows (adjacent) x TN columns (spaced BN / TN apart, so a warp's stores are coalesced). `min_blocks`
-    asks the compiler to fit that many blocks on a multiprocessor (capping registers per thread). `buffers`: 2 stages
-    the next slice in a second shared buffer while this one is used (one barrier per slice), 1 refills the one
-    buffer between two barriers."""
-    __slots__ = ("BM", "BN", "BK", "warps_m", "warps_n", "TM", "TN", "threads", "min_blocks", "buffers")
+    """Block tile BM x BN stepping BK along K. tf32 `mma`: a grid of WARPS_M x WARPS_N warps, each owning a
+    (BM / WARPS_M) x (BN / WARPS_N) tile of m16n8k8 mma fragments. tf32 `wgmma`: WARPGROUPS groups of 4 warps, each
+    owning 64 rows x BN. fp32: (BM / TM) x (BN / TN) threads, each owning TM rows (adjacent) x TN columns (spaced
+    BN / TN apart, so a warp's stores are coalesced). `min_blocks` asks the compiler to fit that many blocks on a
+    multiprocessor (capping registers per thread). `buffers`: how many BK-deep slices shared memory holds (1 refills
+    the one buffer between two barriers; 2 stages the next slice while this one is used; wgmma keeps 3 so that an
+    asynchronous multiply can still read one slice while later ones are copied in)."""
+    __slots__ = ("BM", "BN", "BK", "warps_m", "warps_n", "TM", "TN", "warpgroups", "threads", "min_blocks",
+                 "buffers")
 
-    def __init__(self, BM, BN, BK, warps_m=0, warps_n=0, TM=0, TN=0, min_blocks=1, buffers=2):
+    def __init__(self, BM, BN, BK, warps_m=0, warps_n=0, TM=0, TN=0, warpgroups=0, min_blocks=1, buffers=2):
         self.BM, self.BN, self.BK = BM, BN, BK
-        self.warps_m, self.warps_n, self.TM, self.TN = warps_m, warps_n, TM, TN
+        self.warps_m, self.warps_n, self.TM, self.TN, self.warpgroups = warps_m, warps_n, TM, TN, warpgroups
         self.min_blocks, self.buffers = min_blocks, buffers
-        self.threads = 32 * warps_m * warps_n if warps_m else (BM // TM) * (BN // TN)
+        if warpgroups:
+            assert BM == 64 * warpgroups and BK % 8 == 0 and buffers >= 3, (BM, BK, warpgroups, buffers)
+            self.threads = 128 * warpgroups
+        else:
+            self.threads = 32 * warps_m * warps_n if warps_m else (BM // TM) * (BN // TN)
+
+    def shared_bytes(self) -> int:
+        """Dynamic shared memory of the wgmma template (the others declare theirs statically)."""
+        return 4 * self.buffers * (self.BM + self.BN) * self.BK if self.warpgroups else 0
 
 
 TF32_TILES = (MatmulTile(128, 128, 16, warps_m=2, warps_n=2), MatmulTile(64, 64, 16, warps_m=2, warps_n=2))
+# Hopper (sm_90a): warpgroup mma from shared memory for the big tile; the small one stays on mma.sync
+WGMMA_TILES = (MatmulTile(128, 256, 32, warpgroups=2, buffers=4), TF32_TILES[1])
 FP32_TILES = (MatmulTile(128, 128, 8, TM=8, TN=8, buffers=1), MatmulTile(64, 64, 16, TM=4, TN=4, buffers=1))
 
 
@@ -117,6 +131,42 @@ __device__ __forceinline__ void pg_mma_tf32(float* d, const unsigned* a, const u
 }
 """
 
+
+def wgmma_helpers(n: int, pending: int) -> str:
+    """Hopper's warpgroup mma (sm_90a) for a 64 x n x 8 step with both operands in shared memory, as the wgmma
+    template uses it: a descriptor of an operand's core matrices (address, leading and stride byte offsets, no
+    swizzle), the fences, and the multiply itself, whose n / 2 accumulators per thread lie as mma's C fragments
+    of 16-row pieces: warp w of the group holds rows 16w .. 16w + 15, d[4j + i] at (g + 8 * (i >> 1), 8j + 2t +
+    (i & 1)). And the asynchronous 16-byte copies, waited for with `pending` groups still in flight."""
+    regs = n // 2
+    outputs = ", ".join(f'"+f"(d[{i}])' for i in range(regs))
+    return f"""\
+typedef unsigned long long pg_desc;
+#define PG_DYNAMIC_SHARED(name, words) extern __shared__ __align__(128) unsigned name[]
+__device__ __forceinline__ pg_desc pg_wgmma_desc(const unsigned* tile, unsigned leading, unsigned stride) {{
+  unsigned address = (unsigned)__cvta_generic_to_shared(tile);
+  return (pg_desc)((address & 0x3ffff) >> 4) | ((pg_desc)(leading >> 4) << 16) | ((pg_desc)(stride >> 4) << 32);
+}}
+__device__ __forceinline__ void pg_wgmma_fence() {{ asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }}
+__device__ __forceinline__ void pg_wgmma_commit() {{ asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }}
+__device__ __forceinline__ void pg_wgmma_wait_1() {{ asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory"); }}
+__device__ __forceinline__ void pg_wgmma_wait_0() {{ asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory"); }}
+__device__ __forceinline__ void pg_shared_to_async() {{ asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }}
+__device__ __forceinline__ void pg_copy16(unsigned* shared, const float* global, int bytes) {{
+  unsigned address = (unsigned)__cvta_generic_to_shared(shared);
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(address), "l"(global), "r"(bytes) : "memory");
+}}
+__device__ __forceinline__ void pg_copy_commit() {{ asm volatile("cp.async.commit_group;" ::: "memory"); }}
+__device__ __forceinline__ void pg_copy_wait() {{ asm volatile("cp.async.wait_group {pending};" ::: "memory"); }}
+__device__ __forceinline__ void pg_wgmma_tf32(float* d, pg_desc a, pg_desc b) {{
+  asm volatile("{{ .reg .pred p; setp.ne.b32 p, %{regs + 2}, 0; "
+               "wgmma.mma_async.sync.aligned.m64n{n}k8.f32.tf32.tf32 "
+               "{{{", ".join(f"%{i}" for i in range(regs))}}}, %{regs}, %{regs + 1}, p, 1, 1; }}"
+               : {outputs}
+               : "l"(a), "l"(b), "r"(1) : "memory");
+}}
+"""
+
 VECTOR_TYPES = {"float": "float4", "int": "int4", "unsigned char": "uchar4"}
 
 # Every variable name gets a slot in each device's variable table (a small int array in device memory).
@@ -157,11 +207,13 @@ class CUDARenderer(CRenderer):
     THREADS = 256
     cuda_preamble = CUDA_PREAMBLE
     mma_helpers = MMA_HELPERS
+    wgmma_helpers = staticmethod(wgmma_helpers)
 
     def __init__(self, arch="sm_90", tf32=False, sm_count=132):
         self.arch = arch
         self.sm = int(arch.split("_")[1].rstrip("a"))
         self.tf32 = bool(tf32) and self.sm >= 80   # mma.sync with tf32 operands needs Ampere or newer
+        self.wgmma = self.tf32 and arch == "sm_90a"   # warpgroup mma: Hopper's arch-specific target
         self.sm_count = sm_count
         self.launch = None
         self.rows = None   # (row loops, row element loops) of a kernel with fused row reductions, set by plan
@@ -171,7 +223,9 @@ class CUDARenderer(CRenderer):
         self.ranges_of = compiler.range_sets(kernel.store)
         self.rows = None
         self.launch = self.plan(kernel)
-        self.preamble = self.cuda_preamble + (self.mma_helpers if self.launch.kind == "mma" else "")
+        kind = self.launch.kind
+        self.preamble = self.cuda_preamble + (self.mma_helpers if kind in ("mma", "wgmma") else "") + (
+            self.wgmma_helpers(self.launch.tile.BN, self.launch.tile.buffers - 3) if kind == "wgmma" else "")
         return super().render(kernel)
 
     def plan(self, kernel) -> LaunchPlan:
@@ -220,14 +274,15 @@ class CUDARenderer(CRenderer):
         return LaunchPlan("serial", self.THREADS, _cdiv(n_out, self.THREADS))
 
     def plan_matmul(self, c) -> LaunchPlan:
-        tiles = TF32_TILES if self.tf32 else FP32_TILES
+        tiles = (WGMMA_TILES if self.wgmma else TF32_TILES) if self.tf32 else FP32_TILES
         n_batch = prod(r.arg[1] for r in c.batch)
         big, small = tiles
         # the big tile when it is not mostly padding (attention's 64-wide heads) and its blocks still fill the GPU
         fits = c.M >= big.BM // 2 + 1 and c.N >= big.BN // 2 + 1
         tile = big if fits and _cdiv(c.M, big.BM) * _cdiv(c.N, big.BN) * n_batch >= self.sm_count else small
         grid = _cdiv(c.M, tile.BM) * _cdiv(c.N, tile.BN) * n_batch
-        return LaunchPlan("mma" if self.tf32 else "sgemm", tile.threads, grid, contraction=c, tile=tile)
+        kind = ("wgmma" if tile.warpgroups else "mma") if self.tf32 else "sgemm"
+        return LaunchPlan(kind, tile.threads, grid, contraction=c, tile=tile)
 
     def contiguous_range(self, acc):
         """The reduce range of acc along which most of the loads that move with it walk memory with stride 1, if
@@ -542,6 +597,83 @@ class CUDARenderer(CRenderer):
     def body_mma(self, kernel):
         self.matmul_frame(kernel, tensor_cores=True)
 
+    def body_wgmma(self, kernel):
+        """The Hopper tf32 template: C = epilogue(A B) over BM x BN block tiles, each of BM / 64 warpgroups owning 64
+        rows x BN and multiplying with wgmma straight from shared memory (_CoreMatrixOperand's layout), S slices
+        deep. A, when its k is contiguous and 16-byte aligned, is copied into shared memory asynchronously
+        (cp.async, no registers) and each thread rounds its own groups to tf32 there once they land; B and any
+        other A (a view along x, a prologue) go through registers, rounded on the way. Iteration t: wait for
+        slice t's copies, one barrier, start the multiply of slice t, wait for that of slice t - 1, then fill the
+        buffer slice
+        t - 2 used (every warpgroup finished with it before the barrier) with slice t + S - 2: copies started,
+        registers stored, and the registers refetched with slice t + S - 1. The proxy fence before the barrier
+        makes the stores and copies visible to the multiplies."""
+        c, t = self.launch.contraction, self.launch.tile
+        emit = self.emit
+        BM, BN, BK, T, S, K = t.BM, t.BN, t.BK, t.threads, t.buffers, c.K
+        a_op = _CoreMatrixOperand(self, "A", c, c.a, c.m_ranges, BM, BK, c.M)
+        b_op = _CoreMatrixOperand(self, "B", c, c.b, c.n_ranges, BN, BK, c.N)
+        operands = ((a_op, "pg_m0"), (b_op, "pg_n0"))
+        # A is copied when it can be; B always goes through registers (copying both measured slower, 90 against
+        # 180 TFLOP/s at 8192: see PERF.md)
+        copied = [(a_op, "pg_m0")] if a_op.vector else []
+        staged = [(op, x0) for op, x0 in operands if (op, x0) not in copied]
+        emit(f"PG_DYNAMIC_SHARED(pg_smem, {S * (BM + BN) * BK});", 1)
+        emit("unsigned* pg_As = pg_smem;", 1)
+        emit(f"unsigned* pg_Bs = pg_smem + {S * BM * BK};", 1)
+        self.tile_origin(c, t, (a_op, b_op))
+        for op, _ in staged:
+            emit(f"float {op.staging}[{op.registers(T)}];", 1)
+        emit("int pg_g = (pg_tid & 31) >> 2;", 1)
+        emit("int pg_t = pg_tid & 3;", 1)
+        emit("int pg_wm = (pg_tid >> 7) * 64 + ((pg_tid >> 5) & 3) * 16;", 1)   # warpgroup's rows, then the warp's
+        emit("int pg_wn = 0;", 1)
+        emit(f"float pg_acc[1][{BN // 8}][4];", 1)
+        loops = [("pg_i", 1), ("pg_j", BN // 8), ("pg_q", 4)]
+        target = "pg_acc[pg_i][pg_j][pg_q]"
+        depth = self.open_unrolled(loops, 1)
+        emit(f"{target} = 0.0f;", depth)
+        self.close_unrolled(loops, depth)
+
+        def fill(slice_expr, depth):   # slice into its buffer: copies started, staged registers stored
+            emit(f"if (({slice_expr}) * {BK} < {K}) {{", depth)
+            for op, x0 in copied:
+                op.emit_copy(emit, depth + 1, T, x0, f"({slice_expr}) * {BK}", f"({slice_expr}) % {S}")
+            for op, _ in staged:
+                op.emit_stage(emit, depth + 1, T, f"({slice_expr}) % {S}")
+            emit("}", depth)
+
+        def fetch(slice_expr, depth):   # staged operands: slice into registers
+            if staged:
+                emit(f"if (({slice_expr}) * {BK} < {K}) {{", depth)
+                for op, x0 in staged:
+                    op.emit_fetch(emit, depth + 1, T, x0, f"({slice_expr}) * {BK}")
+                emit("}", depth)
+        for j in range(S - 2):   # prologue: slices 0 .. S - 3 into their buffers, slice S - 2 into registers
+            fetch(str(j), 1)
+            fill(str(j), 1)
+            emit("pg_copy_commit();", 1)
+        fetch(str(S - 2), 1)
+        emit(f"for (int pg_s = 0; pg_s < {_cdiv(K, BK)}; pg_s++) {{", 1)
+        emit("pg_copy_wait();", 2)   # this thread's copies of slice s have landed: round them to tf32 in place
+        for op, _ in copied:
+            op.emit_round(emit, 2, T, f"pg_s % {S}")
+        emit("pg_shared_to_async();", 2)
+        emit("__syncthreads();", 2)
+        emit(f"int pg_buf = pg_s % {S};", 2)
+        emit("pg_wgmma_fence();", 2)
+        for step in range(BK // 8):
+            emit(f"pg_wgmma_tf32(&pg_acc[0][0][0], {a_op.descriptor('pg_buf', 2 * step, '(pg_tid >> 7) * 64')}, "
+                 f"{b_op.descriptor('pg_buf', 2 * step, '0')});", 2)
+        emit("pg_wgmma_commit();", 2)
+        emit("pg_wgmma_wait_1();", 2)
+        fill(f"pg_s + {S - 2}", 2)
+        fetch(f"pg_s + {S - 1}", 2)
+        emit("pg_copy_commit();", 2)   # a group every iteration, empty or not, so that the wait counts slices
+        emit("}", 1)
+        emit("pg_wgmma_wait_0();", 1)
+        self.matmul_epilogue(kernel, c, loops, target, True)
+
     def matmul_frame(self, kernel, tensor_cores):
         """C[batch, m, n] = epilogue(sum_k A[batch, m, k] * B[batch, k, n]) over BM x BN block tiles: the block stages
         BK-deep slices of A and B in shared memory, two buffers deep (the next slice is fetched into registers
@@ -559,19 +691,9 @@ class CUDARenderer(CRenderer):
         stype = "unsigned" if tensor_cores else "float"
         for op in (a_op, b_op):
             emit(f"__shared__ __align__(16) {stype} pg_{op.name}s[{t.buffers}][{op.smem_size}];", 1)
-        emit("int pg_bid = blockIdx.x;", 1)
-        emit(f"int pg_tn = pg_bid % {tiles_n};", 1)
-        emit(f"pg_bid /= {tiles_n};", 1)
-        emit(f"int pg_tm = pg_bid % {tiles_m};", 1)
-        emit(f"int pg_z = pg_bid / {tiles_m};", 1)
-        self.decompose("pg_z", self.dims(c.batch), 1)
+        self.tile_origin(c, t, (a_op, b_op))
         for op in (a_op, b_op):
-            op.emit_base(emit, 1)
-        emit(f"int pg_m0 = pg_tm * {BM};", 1)
-        emit(f"int pg_n0 = pg_tn * {BN};", 1)
-        emit("int pg_tid = threadIdx.x;", 1)
-        for op in (a_op, b_op):
-            emit(f"float pg_r{op.name}[{op.registers(T)}];", 1)
+            emit(f"float {op.staging}[{op.registers(T)}];", 1)
         if tensor_cores:
             wm_tile, wn_tile = BM // t.warps_m, BN // t.warps_n
             mi_n, ni_n = wm_tile // 16, wn_tile // 8
@@ -622,15 +744,36 @@ class CUDARenderer(CRenderer):
             emit("}", 2)
             emit("__syncthreads();", 2)
         emit("}", 1)
-        # epilogue: each finished sum, at its own (m, n), through the kernel's elementwise tail and store
+        self.matmul_epilogue(kernel, c, loops, target, tensor_cores)
+
+    def tile_origin(self, c, t, operands):
+        """This block's tile: its batch coordinates, the operands' bases, (pg_m0, pg_n0) and the thread's id."""
+        emit = self.emit
+        tiles_m, tiles_n = _cdiv(c.M, t.BM), _cdiv(c.N, t.BN)
+        emit("int pg_bid = blockIdx.x;", 1)
+        emit(f"int pg_tn = pg_bid % {tiles_n};", 1)
+        emit(f"pg_bid /= {tiles_n};", 1)
+        emit(f"int pg_tm = pg_bid % {tiles_m};", 1)
+        emit(f"int pg_z = pg_bid / {tiles_m};", 1)
+        self.decompose("pg_z", self.dims(c.batch), 1)
+        for op in operands:
+            op.emit_base(emit, 1)
+        emit(f"int pg_m0 = pg_tm * {t.BM};", 1)
+        emit(f"int pg_n0 = pg_tn * {t.BN};", 1)
+        emit("int pg_tid = threadIdx.x;", 1)
+
+    def matmul_epilogue(self, kernel, c, loops, target, fragments):
+        """Each finished sum, at its own (m, n), through the kernel's elementwise tail and store. `fragments`: the
+        sums are laid out as mma's C fragments of this warp's tile at (pg_wm, pg_wn); else the fma template's."""
+        emit, t = self.emit, self.launch.tile
         depth = self.open_unrolled(loops, 1)
-        if tensor_cores:
+        if fragments:
             emit("int pg_row = pg_m0 + pg_wm + pg_i * 16 + pg_g + ((pg_q >> 1) << 3);", depth)
             emit("int pg_col = pg_n0 + pg_wn + pg_j * 8 + pg_t * 2 + (pg_q & 1);", depth)
         else:
             emit(f"int pg_row = pg_m0 + pg_ty * {t.TM} + pg_i;", depth)
-            emit(f"int pg_col = pg_n0 + pg_tx + pg_j * {BN // t.TN};", depth)
-        emit(f"if (pg_row < {M} && pg_col < {N}) {{", depth)
+            emit(f"int pg_col = pg_n0 + pg_tx + pg_j * {t.BN // t.TN};", depth)
+        emit(f"if (pg_row < {c.M} && pg_col < {c.N}) {{", depth)
         self.scopes.append({})
         self.decompose("pg_row", self.dims(c.m_ranges), depth + 1)
         self.decompose("pg_col", self.dims(c.n_ranges), depth + 1)
@@ -711,6 +854,7 @@ class _Operand:
 
     def __init__(self, renderer, name, c, value, side, bx, bk, extent):
         self.renderer, self.name, self.value, self.side, self.k_ranges = renderer, name, value, side, c.k_ranges
+        self.staging = f"pg_r{name}"   # the registers a slice passes through on its way to shared memory
         self.bx, self.bk, self.extent, self.k_size = bx, bk, extent, c.K
         self.linear = c.linear
         if self.linear:
@@ -756,7 +900,7 @@ class _Operand:
         self.coords(emit, depth + 1, threads)
         emit(f"int pg_gx = {x0} + pg_x;", depth + 1)
         emit(f"int pg_gk = {k0} + pg_kx;", depth + 1)
-        self.emit_element(emit, f"pg_r{self.name}[pg_l]", "pg_gk", depth + 1)
+        self.emit_element(emit, f"{self.staging}[pg_l]", "pg_gk", depth + 1)
         emit("}", depth)
 
     def address(self, k) -> str:
@@ -785,26 +929,22 @@ class _Operand:
         emit("#pragma unroll", depth)
         emit(f"for (int pg_l = 0; pg_l < {self.loads_per_thread(threads)}; pg_l++) {{", depth)
         self.coords(emit, depth + 1, threads)
-        emit(f"pg_{self.name}s[{buf}][{self.smem_index('pg_x', 'pg_kx')}] = pg_r{self.name}[pg_l];", depth + 1)
+        emit(f"pg_{self.name}s[{buf}][{self.smem_index('pg_x', 'pg_kx')}] = {self.staging}[pg_l];", depth + 1)
         emit("}", depth)
 
     def registers(self, threads) -> int:
         return self.loads_per_thread(threads)
 
 
-class _FragmentOperand(_Operand):
-    """An operand of the tensor-core template. Shared memory holds it as [BX][16] tf32 words (BK is 16), each row
-    four 16-byte groups of 4 consecutive k, group q of row x stored at slot q ^ ((x >> 1) & 3): a swizzle that keeps
-    both the staging stores (a row's groups side by side, or one group of 8 consecutive rows) and the fragment
-    loads free of bank conflicts. The mma's k order is permuted, the same for A and B: in step s of a slice,
-    fragment column c (0..7) is k = 4 * (c % 4) + 2 * s + c / 4, so lane t finds its values for both steps in
-    group t of each row it reads, one 16-byte load. Each thread fetches whole groups: a 16-byte load when k is
-    contiguous and aligned, else four loads (coalesced along x when x is the contiguous axis)."""
+class _GroupOperand(_Operand):
+    """An operand of the tensor-core templates, fetched as groups of 4 consecutive k (group q of row x: k 4q .. 4q + 3
+    of the slice) and rounded to tf32 when stored: a 16-byte load when k is contiguous and aligned, else four loads
+    (coalesced along x when x is the contiguous axis). Subclasses say where a group lives in shared memory and
+    which groups a thread takes (`coords`)."""
 
     def __init__(self, renderer, name, c, value, side, bx, bk, extent):
         super().__init__(renderer, name, c, value, side, bx, bk, extent)
-        assert bk == 16, "the fragment layout is built for 16-deep slices"
-        self.smem_size = bx * 16
+        self.smem_size = bx * bk
         self.vector = self.linear and self.k_fast and self.k_size % 4 == 0 and self.offset % 4 == 0 and \
             self.sx % 4 == 0 and all(self.strides.get(r, 0) % 4 == 0 for r in self.batch)
 
@@ -812,20 +952,11 @@ class _FragmentOperand(_Operand):
         return 4 * self.groups_per_thread(threads)
 
     def groups_per_thread(self, threads) -> int:
-        assert self.bx * 4 % threads == 0, (self.bx, threads)
-        return self.bx * 4 // threads
-
-    def coords(self, emit, depth, threads):
-        emit(f"int pg_e = pg_tid + pg_l * {threads};", depth)
-        if self.k_fast:   # consecutive threads: a row's 4 groups, then the next row
-            emit("int pg_x = pg_e >> 2;", depth)
-            emit("int pg_q = pg_e & 3;", depth)
-        else:             # consecutive threads: consecutive rows, one group
-            emit(f"int pg_x = pg_e % {self.bx};", depth)
-            emit(f"int pg_q = pg_e / {self.bx};", depth)
+        assert self.bx * self.bk // 4 % threads == 0, (self.bx, self.bk, threads)
+        return self.bx * self.bk // 4 // threads
 
     def emit_fetch(self, emit, depth, threads, x0, k0):
-        """Global -> registers: this thread's groups of the BX x 16 slice starting at (x0, k0), zero past the edges."""
+        """Global -> registers: this thread's groups of the BX x BK slice starting at (x0, k0), zero past the edges."""
         name = self.name
         emit("#pragma unroll", depth)
         emit(f"for (int pg_l = 0; pg_l < {self.groups_per_thread(threads)}; pg_l++) {{", depth)
@@ -837,9 +968,9 @@ class _FragmentOperand(_Operand):
                  f"*(const float4*)(pg_{name}g + (long long)pg_gx * {self.sx} + pg_gk) : make_float4(0, 0, 0, 0);",
                  depth + 1)
             for j, lane in enumerate("xyzw"):
-                emit(f"pg_r{name}[4 * pg_l + {j}] = pg_v.{lane};", depth + 1)
+                emit(f"{self.staging}[4 * pg_l + {j}] = pg_v.{lane};", depth + 1)
         for j in range(0 if self.vector else 4):
-            self.emit_element(emit, f"pg_r{name}[4 * pg_l + {j}]", f"(pg_gk + {j})", depth + 1)
+            self.emit_element(emit, f"{self.staging}[4 * pg_l + {j}]", f"(pg_gk + {j})", depth + 1)
         emit("}", depth)
 
     def address(self, k) -> str:
@@ -847,14 +978,90 @@ class _FragmentOperand(_Operand):
 
     def emit_stage(self, emit, depth, threads, buf):
         """Registers -> shared memory buffer `buf`, rounded to tf32 once here, one 16-byte store per group."""
-        name = self.name
         emit("#pragma unroll", depth)
         emit(f"for (int pg_l = 0; pg_l < {self.groups_per_thread(threads)}; pg_l++) {{", depth)
         self.coords(emit, depth + 1, threads)
-        values = ", ".join(f"pg_tf32(pg_r{name}[4 * pg_l + {j}])" for j in range(4))
-        emit(f"*(uint4*)&pg_{name}s[{buf}][pg_x * 16 + 4 * (pg_q ^ ((pg_x >> 1) & 3))] = make_uint4({values});",
-             depth + 1)
+        values = ", ".join(f"pg_tf32({self.staging}[4 * pg_l + {j}])" for j in range(4))
+        emit(f"*(uint4*)&{self.group_slot(buf)} = make_uint4({values});", depth + 1)
         emit("}", depth)
+
+
+class _FragmentOperand(_GroupOperand):
+    """An operand of the mma.sync template. Shared memory holds it as [BX][16] tf32 words (BK is 16), each row
+    four 16-byte groups, group q of row x stored at slot q ^ ((x >> 1) & 3): a swizzle that keeps both the staging
+    stores (a row's groups side by side, or one group of 8 consecutive rows) and the fragment loads free of bank
+    conflicts. The mma's k order is permuted, the same for A and B: in step s of a slice, fragment column c (0..7)
+    is k = 4 * (c % 4) + 2 * s + c / 4, so lane t finds its values for both steps in group t of each row it reads,
+    one 16-byte load."""
+
+    def __init__(self, renderer, name, c, value, side, bx, bk, extent):
+        super().__init__(renderer, name, c, value, side, bx, bk, extent)
+        assert bk == 16, "the fragment layout is built for 16-deep slices"
+
+    def coords(self, emit, depth, threads):
+        emit(f"int pg_e = pg_tid + pg_l * {threads};", depth)
+        if self.k_fast:   # consecutive threads: a row's 4 groups, then the next row
+            emit("int pg_x = pg_e >> 2;", depth)
+            emit("int pg_q = pg_e & 3;", depth)
+        else:             # consecutive threads: consecutive rows, one group
+            emit(f"int pg_x = pg_e % {self.bx};", depth)
+            emit(f"int pg_q = pg_e / {self.bx};", depth)
+
+    def group_slot(self, buf) -> str:
+        return f"pg_{self.name}s[{buf}][pg_x * 16 + 4 * (pg_q ^ ((pg_x >> 1) & 3))]"
+
+
+class _CoreMatrixOperand(_GroupOperand):
+    """An operand of the wgmma template, in shared memory as wgmma reads it without swizzling: "core matrices" of
+    8 rows x 4 consecutive k (128 contiguous bytes, row-major), the one of rows 8r .. 8r + 7 and group q at word
+    (q * BX / 8 + r) * 32 of the slice. A descriptor then steps 128 bytes from one 8-row core matrix to the next
+    (its stride) and BX * 16 bytes from one group of k to the next (its leading offset). A store's bank depends only
+    on x % 8, so each 8 lanes store 8 consecutive rows: when k is contiguous, a warp takes 8 rows x 4 groups (64
+    contiguous bytes of each row), else 32 consecutive rows of one group."""
+
+    def coords(self, emit, depth, threads):
+        emit(f"int pg_e = pg_tid + pg_l * {threads};", depth)
+        groups = self.bk // 4
+        if self.k_fast:
+            emit(f"int pg_x = (pg_e & 7) + ((pg_e >> 3) / {groups}) * 8;", depth)
+            emit(f"int pg_q = (pg_e >> 3) % {groups};", depth)
+        else:
+            emit(f"int pg_x = pg_e % {self.bx};", depth)
+            emit(f"int pg_q = pg_e / {self.bx};", depth)
+
+    def group_slot(self, buf) -> str:
+        core_matrix = f"pg_q * {self.bx // 8} + (pg_x >> 3)"
+        return f"pg_{self.name}s[({buf}) * {self.smem_size} + ({core_matrix}) * 32 + (pg_x & 7) * 4]"
+
+    def emit_copy(self, emit, depth, threads, x0, k0, buf):
+        """Global -> shared memory buffer `buf` without registers (cp.async, 16 bytes a group; zeros past the edges):
+        for operands that are `vector` (k contiguous, groups aligned)."""
+        emit("#pragma unroll", depth)
+        emit(f"for (int pg_l = 0; pg_l < {self.groups_per_thread(threads)}; pg_l++) {{", depth)
+        self.coords(emit, depth + 1, threads)
+        emit(f"int pg_gx = {x0} + pg_x;", depth + 1)
+        emit(f"int pg_gk = {k0} + 4 * pg_q;", depth + 1)
+        emit(f"bool pg_in = pg_gx < {self.extent} && pg_gk < {self.k_size};", depth + 1)
+        emit(f"pg_copy16(&{self.group_slot(buf)}, pg_{self.name}g + (pg_in ? (long long)pg_gx * {self.sx} + pg_gk "
+             f": 0), pg_in ? 16 : 0);", depth + 1)
+        emit("}", depth)
+
+    def emit_round(self, emit, depth, threads, buf):
+        """This thread's copied groups of buffer `buf`, rounded to tf32 where they lie (as staging does; the
+        multiply would otherwise truncate the fp32 bits, a bias that grows with K)."""
+        emit("#pragma unroll", depth)
+        emit(f"for (int pg_l = 0; pg_l < {self.groups_per_thread(threads)}; pg_l++) {{", depth)
+        self.coords(emit, depth + 1, threads)
+        emit(f"uint4* pg_slot = (uint4*)&{self.group_slot(buf)};", depth + 1)
+        emit("uint4 pg_w = *pg_slot;", depth + 1)
+        values = ", ".join(f"pg_tf32(__uint_as_float(pg_w.{lane}))" for lane in "xyzw")
+        emit(f"*pg_slot = make_uint4({values});", depth + 1)
+        emit("}", depth)
+
+    def descriptor(self, buf, group, row) -> str:
+        """The wgmma descriptor of the core matrices from (row, 4 * group) of buffer `buf` on."""
+        word = f"({buf}) * {self.smem_size} + {group * self.bx // 8 * 32} + ({row} >> 3) * 32"
+        return f"pg_wgmma_desc(pg_{self.name}s + {word}, {self.bx * 16}, 128)"
 
 
 def _acc_size(acc) -> int:
@@ -993,6 +1200,10 @@ class CUDAProgram:
                 device.activate()
                 module = device.check(driver.cuModuleLoadData(self.image), f"loading kernel {self.name}")
                 fn = device.check(driver.cuModuleGetFunction(module, self.name.encode()), f"finding {self.name}")
+                if self.launch.shared > 48 << 10:   # beyond the default limit a kernel must opt in
+                    limit = driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+                    device.check(driver.cuFuncSetAttribute(fn, limit, self.launch.shared),
+                                 f"allowing {self.name} {self.launch.shared} bytes of shared memory")
                 entry = self.functions[device.name] = (device, module, fn)
             return entry
 
@@ -1022,7 +1233,7 @@ class CUDAProgram:
         if launch.kind == "scatter":   # the atomic adds start from zero
             out = bufs[self.kernel.store.src[0].arg[0]]
             device.check(device.driver.cuMemsetD32Async(out.mem.ptr, 0, out.size, device.stream), "zeroing")
-        err = device.driver.cuLaunchKernel(fn, launch.grid, 1, 1, launch.threads, 1, 1, 0, device.stream,
+        err = device.driver.cuLaunchKernel(fn, launch.grid, 1, 1, launch.threads, 1, 1, launch.shared, device.stream,
                                            self.arg_address, 0)[0]
         if err != device.success:
             device.check((err,), f"launching {self.name} (grid {launch.grid}, {launch.threads} threads)")
@@ -1190,12 +1401,13 @@ class CUDADevice:
         return int(self.check(self.driver.cuDeviceGetAttribute(attr, self.device), f"reading {attr.name}"))
 
     def pick_arch(self, major, minor) -> str:
-        """The device's own sm_XY if NVRTC can target it, else the newest of the same major version it can
-        (cubins run on later minor versions of their major)."""
+        """The device's own sm_XY if NVRTC can target it (sm_90a on Hopper: the arch-specific target that has wgmma,
+        whose cubins run on sm_90 only), else the newest of the same major version it can (cubins run on later
+        minor versions of their major)."""
         archs = nvrtc_archs()
         own = major * 10 + minor
         if not archs or own in archs:
-            return f"sm_{own}"
+            return "sm_90a" if own == 90 else f"sm_{own}"
         same_major = [a for a in archs if a // 10 == major and a <= own]
         if not same_major:
             raise RuntimeError(f"{self.name} is sm_{own}, which NVRTC {nvrtc_version()} cannot compile for "

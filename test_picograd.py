@@ -3199,6 +3199,7 @@ static inline uchar4 make_uchar4(unsigned char a, unsigned char b, unsigned char
   return {a, b, c, d};
 }
 static inline float __int_as_float(int i) { float f; memcpy(&f, &i, 4); return f; }
+static inline float __uint_as_float(unsigned i) { float f; memcpy(&f, &i, 4); return f; }
 static inline int atomicCAS(int* p, int expected, int value) {
   __atomic_compare_exchange_n(p, &expected, value, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
   return expected;
@@ -3244,8 +3245,53 @@ extern "C" int pg_launch(void** args, unsigned grid, unsigned threads, double ti
 """
 
 
+# wgmma, per thread: each thread computes its own accumulators from the shared-memory operands, reading them the
+# way the PTX ISA describes a descriptor without swizzling (8-row x 16-byte core matrices, the one of rows 8i ..
+# and k 4j .. at i * stride + j * leading bytes from the start). Written from the ISA, not from the renderer. The
+# multiply happens at issue, which equals the GPU's asynchronous one in a program whose fences and barriers are right.
+EMU_WGMMA = r"""
+struct pg_desc { const unsigned* base; unsigned leading, stride; };
+#define PG_DYNAMIC_SHARED(name, words) static unsigned name[words] __attribute__((aligned(128)))
+static inline pg_desc pg_wgmma_desc(const unsigned* tile, unsigned leading, unsigned stride) {
+  return {tile, leading, stride};
+}
+static inline void pg_wgmma_fence() {}
+static inline void pg_wgmma_commit() {}
+static inline void pg_wgmma_wait_1() {}
+static inline void pg_wgmma_wait_0() {}
+static inline void pg_shared_to_async() {}
+static inline void pg_copy16(unsigned* shared, const float* global, int bytes) {   /* cp.async: zero-filled past bytes */
+  memset(shared, 0, 16);
+  memcpy(shared, global, bytes);
+}
+static inline void pg_copy_commit() {}
+static inline void pg_copy_wait() {}
+static inline float pg_wgmma_element(pg_desc d, unsigned x, unsigned k) {
+  unsigned u = d.base[((x / 8) * d.stride + (k / 4) * d.leading) / 4 + (x % 8) * 4 + k % 4] & 0xffffe000u;
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+}
+/* 64 x N x 8, D += A B^T with A 64 x 8 and B N x 8 (both k-major): warp w of the warpgroup holds rows 16w ..
+   16w + 15 of D, d[4j + i] at (g + 8 * (i >> 1), 8j + 2t + (i & 1)) */
+static inline void pg_wgmma_tf32(float* d, pg_desc a, pg_desc b) {
+  unsigned lane = threadIdx.x & 31u, warp = (threadIdx.x >> 5) & 3u, g = lane >> 2, t = lane & 3u;
+  for (unsigned i = 0; i < %N% / 2; i++) {
+    unsigned row = 16 * warp + g + 8 * ((i >> 1) & 1), col = 8 * (i >> 2) + 2 * t + (i & 1);
+    float sum = d[i];
+    for (unsigned k = 0; k < 8; k++) sum += pg_wgmma_element(a, row, k) * pg_wgmma_element(b, col, k);
+    d[i] = sum;
+  }
+}
+"""
+
+
 class EmuRenderer(ops_cuda.CUDARenderer):
     mma_helpers = EMU_MMA
+
+    @staticmethod
+    def wgmma_helpers(n, pending):
+        return EMU_WGMMA.replace("%N%", str(n))
 
 
 class EmuMemory:
@@ -3479,6 +3525,55 @@ def test_emu_batched_and_transposed_matmul(emu, use_tf32):
 
 
 @needs_gxx
+@pytest.mark.parametrize("m,k,n", [(130, 70, 129), (200, 37, 300), (256, 1000, 136)])
+def test_emu_wgmma_matmul(m, k, n, tf32):
+    """Hopper's wgmma template (sm_90a), emulated: edges in every direction, K not a multiple of 4 (no asynchronous
+    copies) or of the slice, many slices around the buffers, operands copied or staged through registers,
+    transposed or evaluated (exp and a flip), batches; copied operands are rounded to tf32 like staged ones."""
+    device = EmuDevice(EMU, arch="sm_90a")
+    old = pg.Device._open.get(EMU)
+    pg.Device._open[EMU] = device
+    try:
+        a, b, bias = randn(m, k), randn(k, n), randn(n)
+        got = (on(device, a) @ on(device, b) + on(device, bias)).relu().numpy()
+        want = np.maximum(a.astype(np.float64) @ b + bias, 0)
+        got_t = (on(device, a.T.copy()).T @ on(device, b.T.copy()).T).numpy()
+        got_nt = (on(device, a) @ on(device, b.T.copy()).T).numpy()   # both k-contiguous
+        want_t = a.astype(np.float64) @ b
+        x, y = randn(2, m, k) * 0.3, randn(2, n, k)
+        got_general = (on(device, x).exp() @ on(device, y).flip(2).transpose(1, 2)).numpy()
+        want_general = np.exp(x.astype(np.float64)) @ y[:, :, ::-1].transpose(0, 2, 1)
+    finally:
+        if old is None:
+            pg.Device._open.pop(EMU, None)
+        else:
+            pg.Device._open[EMU] = old
+    assert "wgmma" in kinds(device), kinds(device)
+    for g, w in ((got, want), (got_t, want_t), (got_nt, want_t), (got_general, want_general)):
+        assert np.abs(g - w).max() / np.abs(w).max() < 2e-3
+
+
+@needs_gxx
+def test_emu_wgmma_rounds_copied_operands(tf32):
+    # 1 + 3 * 2^-12 rounds to the tf32 number 1 + 2^-10 (truncating its bits, as the multiply does, gives 1): the
+    # copied A must be rounded in shared memory as staged operands are
+    device = EmuDevice(EMU, arch="sm_90a")
+    old = pg.Device._open.get(EMU)
+    pg.Device._open[EMU] = device
+    try:
+        a = np.full((512, 64), 1 + 3 * 2**-12, dtype=np.float32)
+        b = np.eye(64, 256, dtype=np.float32)
+        got = (on(device, a) @ on(device, b)).numpy()
+    finally:
+        if old is None:
+            pg.Device._open.pop(EMU, None)
+        else:
+            pg.Device._open[EMU] = old
+    assert "wgmma" in kinds(device), kinds(device)
+    np.testing.assert_array_equal(got[:, :64], np.full((512, 64), 1 + 2**-10, dtype=np.float32))
+
+
+@needs_gxx
 def test_emu_tf32_rounding_is_visible(emu, tf32):
     # 1 + 2^-12 is not a tf32 number: through the tensor-core template it rounds to 1
     a = np.full((32, 32), 1 + 2**-12, dtype=np.float32)
@@ -3697,6 +3792,7 @@ class FakeDriver:
         return (self.ok,)
 
     cuEventRecord = cuEventSynchronize = cuEventDestroy = cuGraphExecDestroy = cuGraphDestroy = cuMemFreeHost = _ok
+    cuFuncSetAttribute = _ok
 
 
 class FakeCUDADevice(ops_cuda.CUDADevice):
@@ -3759,7 +3855,7 @@ def test_fake_device_replays_through_a_cuda_graph(fake):
 @needs_nvrtc
 @needs_gxx
 def test_fake_device_runs_programs_and_copies(fake):
-    assert fake.arch == "sm_90" and fake.compile_arch == "sm_90"
+    assert fake.arch == "sm_90" and fake.compile_arch == "sm_90a"   # Hopper's arch-specific target, for wgmma
     x, y = randn(20, 36), randn(36, 12)
     got = (Tensor(x, device=FAKE) @ Tensor(y, device=FAKE)).softmax(-1)
     want = np.exp(x.astype(np.float64) @ y)

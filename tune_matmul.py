@@ -2,9 +2,11 @@
 
     python tune_matmul.py w64 f1buf ...   # variants by name (default: all); each runs in a process of its own
 
-A variant replaces ops_cuda's TF32_TILES or FP32_TILES (programs are cached per process, so one process per
-variant). Shapes: square 4096 and 8192, and the 124M Llama's training products (a weight gradient among them).
-Every product is also checked against float64 (relative error printed); nothing is asserted.
+A variant replaces ops_cuda's tf32 tiles (WGMMA_TILES and TF32_TILES: on Hopper the template follows the big
+tile, wgmma for warpgroup tiles, mma.sync for the others) or FP32_TILES (programs are cached per process, so
+one process per variant). Shapes: square 4096 and 8192 in two layouts, and the 124M Llama's training products
+(a weight gradient among them). Every product is also checked against float64 (relative error printed); nothing
+is asserted.
 """
 import subprocess
 import sys
@@ -26,11 +28,14 @@ VARIANTS = {   # name: (tf32 tiles or None, fp32 tiles or None); only the precis
     "w64_mb2": ((T(128, 128, 16, warps_m=2, warps_n=2, min_blocks=2), SMALL_TF32), None),
     "t128x256": ((T(128, 256, 16, warps_m=2, warps_n=4), SMALL_TF32), None),
     "t256x128": ((T(256, 128, 16, warps_m=4, warps_n=2), SMALL_TF32), None),
+    "wg128x256_k16_s4": ((T(128, 256, 16, warpgroups=2, buffers=4), SMALL_TF32), None),
+    "wg128x256_k32_s3": ((T(128, 256, 32, warpgroups=2, buffers=3), SMALL_TF32), None),
+    "wg128x256_k32_s4": ((T(128, 256, 32, warpgroups=2, buffers=4), SMALL_TF32), None),
 }
-# (m, k, n); the weight gradient's A arrives as [k, m] (X^T dY)
-SHAPES = [(4096, 4096, 4096), (8192, 8192, 8192), (8192, 768, 768), (768, 8192, 768), (8192, 2048, 768),
-          (8192, 768, 2048)]
-WEIGHT_GRADIENT = (768, 8192, 768)
+# (m, k, n, layout): "nn" is A[m, k] @ B[k, n]; "nt" A @ B[n, k].T, a projection X W^T (both k-contiguous); "tn"
+# A[k, m].T @ B, a weight gradient X^T dY
+SHAPES = [(4096, 4096, 4096, "nn"), (8192, 8192, 8192, "nn"), (8192, 8192, 8192, "nt"), (8192, 768, 2304, "nt"),
+          (8192, 768, 768, "nn"), (768, 8192, 768, "tn"), (8192, 2048, 768, "nn"), (8192, 768, 2048, "nt")]
 
 
 def run_variant(name):
@@ -38,7 +43,7 @@ def run_variant(name):
     import picograd as pg
     import ops_cuda
     tf32_tiles, fp32_tiles = VARIANTS[name]
-    ops_cuda.TF32_TILES = tf32_tiles or ops_cuda.TF32_TILES
+    ops_cuda.TF32_TILES = ops_cuda.WGMMA_TILES = tf32_tiles or ops_cuda.TF32_TILES
     ops_cuda.FP32_TILES = fp32_tiles or ops_cuda.FP32_TILES
 
     def sync():
@@ -49,23 +54,29 @@ def run_variant(name):
             continue
         pg.TF32 = tf32
         torch.backends.cuda.matmul.allow_tf32 = tf32
-        mm = pg.compile(lambda x, y: x @ y)
-        mm_t = pg.compile(lambda x, y: x.T @ y)
-        for m, k, n in SHAPES:
-            transposed = (m, k, n) == WEIGHT_GRADIENT
-            a_np = np.random.rand(*((k, m) if transposed else (m, k))).astype(np.float32)
-            b_np = np.random.rand(k, n).astype(np.float32)
+        products = {"nn": pg.compile(lambda x, y: x @ y), "nt": pg.compile(lambda x, y: x @ y.T),
+                    "tn": pg.compile(lambda x, y: x.T @ y)}
+        torch_products = {"nn": lambda x, y: x @ y, "nt": lambda x, y: x @ y.T, "tn": lambda x, y: x.T @ y}
+        for m, k, n, layout in SHAPES:
+            a_np = np.random.rand(*((k, m) if layout == "tn" else (m, k))).astype(np.float32)
+            b_np = np.random.rand(*((n, k) if layout == "nt" else (k, n))).astype(np.float32)
             a, b = pg.Tensor(a_np, device="CUDA"), pg.Tensor(b_np, device="CUDA")
             ta, tb = torch.tensor(a_np, device="cuda"), torch.tensor(b_np, device="cuda")
-            ours = (lambda: mm_t(a, b)) if transposed else (lambda: mm(a, b))
-            theirs = (lambda: ta.T @ tb) if transposed else (lambda: ta @ tb)
-            want = (ta.double().T if transposed else ta.double()) @ tb.double()
+            mm, tmm = products[layout], torch_products[layout]
+
+            def ours():
+                return mm(a, b)
+
+            def theirs():
+                return tmm(ta, tb)
+            want = tmm(ta.double(), tb.double())
             got = torch.tensor(ours().numpy(), device="cuda").double()
             err = float((got - want).norm() / want.norm())
             flop = 2 * m * n * k
             t_ours, t_theirs = (median_time(fn, reps=10, sync=sync) for fn in (ours, theirs))
-            print(f"{name:12s} {'tf32' if tf32 else 'fp32'} {m}x{k}x{n}: {flop / t_ours / 1e12:7.1f} TFLOP/s  cuBLAS "
-                  f"{flop / t_theirs / 1e12:7.1f}  ratio {t_theirs / t_ours:5.2f}  err {err:.1e}", flush=True)
+            print(f"{name:12s} {'tf32' if tf32 else 'fp32'} {layout} {m}x{k}x{n}: {flop / t_ours / 1e12:7.1f} "
+                  f"TFLOP/s  cuBLAS {flop / t_theirs / 1e12:7.1f}  ratio {t_theirs / t_ours:5.2f}  err {err:.1e}",
+                  flush=True)
 
 
 if __name__ == "__main__":
