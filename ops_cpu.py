@@ -20,7 +20,7 @@ import threading
 import numpy as np
 
 import picograd as pg
-from picograd import Ops, float32, int32, bool_
+from picograd import UOp, Ops, float32, int32, bool_
 import compile as compiler
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -44,8 +44,8 @@ typedef union { float f; int i; } pg_bits;
 static inline float pg_exp2(float x) {
   float xc = x < -150.0f ? -150.0f : (x > 128.0f ? 128.0f : x);   /* NaN passes through */
   float n = floorf(xc + 0.5f), f = xc - n;                          /* 2^x = 2^n 2^f, |f| <= 1/2 */
-  float p = 1.0f + f * (0.69314718f + f * (0.24022651f + f * (0.05550411f + f * (0.00961813f
-          + f * (0.00133336f + f * (1.5403530e-4f + f * 1.5252734e-5f))))));
+  float p = 1.0f + f * (0.69314718f + f * (0.24022648f + f * (0.055503324f + f * (0.0096184369f
+          + f * (0.0013398875f + f * 1.5353362e-4f)))));            /* minimax, relative error 2e-9 */
   int ni = (int)n, n1 = ni >> 1, n2 = ni - n1;                      /* two steps keep denormals and inf */
   pg_bits s1, s2;
   s1.i = (n1 + 127) << 23;
@@ -137,6 +137,7 @@ class CRenderer:
     # -- kernel structure
     def render(self, kernel: compiler.Kernel) -> str:
         self.lines, self.scopes, self.counter, self.kernel = [], [{}], 0, kernel
+        self.parked, self.next_row = {}, None   # see park_shared_value and hoist_rows
         self.lines.append(self.signature(kernel) + " {")
         self.render_body(kernel)
         self.lines.append("}")
@@ -161,23 +162,69 @@ class CRenderer:
         # writes it) are computed as soon as those loops are open: once per row, not once per element
         deps = compiler.range_sets(kernel.store)
         accs = [n for n in kernel.store.toposort() if n.op is Ops.ACC and not set(kernel.ranges) <= deps[n]]
+        shared = self.park_shared_value(kernel, accs, deps)
         opened = set()
         for i, r in enumerate(kernel.ranges):
-            self.hoist_rows(accs, deps, opened, depth)
+            self.hoist_rows(accs, deps, opened, depth, kernel.ranges[i - 1] if i else None)
             if i == 0 and r.arg[1] > 1 and work >= PARALLEL_WORK and self.threads > 1:
                 self.emit(f"#pragma omp parallel for num_threads({self.threads})", depth)
             self.open_loop(r, depth)
             opened.add(r)
             depth += 1
+        if shared is not None:   # read back what the reduction's pass parked in the output
+            param, index, _ = kernel.store.src
+            self.temp(shared, f"d{param.arg[0]}[{self.expr(index, depth)}]", depth, "v")
         self.store(kernel.store, depth)
         for _ in kernel.ranges:
             depth -= 1
             self.close_loop(depth)
 
-    def hoist_rows(self, accs, deps, opened, depth):
+    def hoist_rows(self, accs, deps, opened, depth, row):
+        """Emit the reductions that the open loops determine (once per row of `row`, the innermost of them). The
+        first pass brings the row from memory; the passes after it read it from cache and meanwhile fetch the next
+        row (see prefetch_next_row)."""
+        self.next_row = None
         for acc in accs:
             if deps[acc] <= opened and self.lookup(acc) is None:
                 self.expr(acc, depth)
+                self.next_row = row
+        self.next_row = None
+
+    def park_shared_value(self, kernel, accs, deps):
+        """A row reduction and the store may compute the same costly value for each element of the row (a softmax's
+        exponentials: summed in one pass, scaled and stored in the next). The reduction's pass then also writes the
+        value to the output element it belongs to, and the store pass reads it back from there, still in cache,
+        instead of computing it again. Fills self.parked (reduction -> the value and where it goes) and returns the
+        value as the store pass names it, or None."""
+        param, index, _ = kernel.store.src
+        in_store = set(kernel.store.toposort())
+        if any(n.op is Ops.LOAD and n.src[0].arg[0] == param.arg[0] for n in in_store):
+            return None   # the output is also an input: a parked value would overwrite it before it is read
+        for acc in accs:
+            # the store's loops still to open where the reduction is hoisted must walk the reduced elements
+            level = next(i for i in range(len(kernel.ranges) + 1) if deps[acc] <= set(kernel.ranges[:i]))
+            rows, reduced = kernel.ranges[level:], acc.arg[1]
+            if [r.arg[1] for r in rows] != [r.arg[1] for r in reduced]:
+                continue
+            for node in reversed(acc.src[0].toposort()):   # the outermost shared value first
+                if node.dtype is not param.dtype or not self.costly(node, set(reduced), deps):
+                    continue
+                in_row = compiler.substitute(node, dict(zip(reduced, rows)))
+                if in_row in in_store:
+                    self.parked[acc] = (node, compiler.substitute(index, dict(zip(rows, reduced))))
+                    return in_row   # the output holds one value per element
+        return None
+
+    def costly(self, node, reduced, deps) -> bool:
+        """Whether node calls a math function for every reduced element (worth a store and a load to keep)."""
+        return any(n.op in self.math_fns and deps[n] & reduced for n in node.toposort())
+
+    def park(self, acc, depth):
+        """Inside a reduction's loop: write the value the store will read back (see park_shared_value)."""
+        if acc in self.parked:
+            node, index = self.parked[acc]
+            param = self.kernel.store.src[0]
+            self.emit(f"d{param.arg[0]}[{self.expr(index, depth)}] = {self.expr(node, depth)};", depth)
 
     def render_scatter(self, kernel):
         """Zero the output (in parallel), then for each reduction step add its values at the index it names."""
@@ -288,6 +335,7 @@ class CRenderer:
             depth += 1
         value = self.expr(u.src[0], depth)
         self.emit(f"{acc} = {self.acc_update(reduce_op, acc, value, u.dtype)};", depth)
+        self.park(u, depth)
         for _ in ranges:
             depth -= 1
             self.close_loop(depth)
@@ -312,17 +360,22 @@ class CRenderer:
             self.open_loop(r, depth)
             depth += 1
         self.emit(f"for (int {name}_o = 0; {name}_o < {main}; {name}_o += {lanes}) {{", depth)
+        self.scopes.append({})
+        self.prefetch_next_row(u, UOp(Ops.RANGE, inner.dtype, (), (f"{name}_o", n)), lanes, depth + 1)
         self.emit(f"for (int {name}_l = 0; {name}_l < {lanes}; {name}_l++) {{", depth + 1)
         self.scopes.append({})
         self.emit(f"int {name} = {name}_o + {name}_l;", depth + 2)
         self.emit(update(f"{acc}_p[{name}_l]", self.expr(u.src[0], depth + 2)), depth + 2)
+        self.park(u, depth + 2)
         self.scopes.pop()
         self.emit("}", depth + 1)
+        self.scopes.pop()
         self.emit("}", depth)
         if main < n:
             self.emit(f"for (int {name} = {main}; {name} < {n}; {name}++) {{", depth)
             self.scopes.append({})
             self.emit(update(f"{acc}_p[{name} - {main}]", self.expr(u.src[0], depth + 1)), depth + 1)
+            self.park(u, depth + 1)
             self.scopes.pop()
             self.emit("}", depth)
         for _ in ranges[:-1]:
@@ -332,6 +385,26 @@ class CRenderer:
         self.emit(f"for (int {acc}_l = 0; {acc}_l < {lanes}; {acc}_l++) {update(acc, f'{acc}_p[{acc}_l]')}", depth)
         self.scopes[-1][u] = acc
         return acc
+
+    def prefetch_next_row(self, u, start, lanes, depth):
+        """In a pass over a row that is already in cache (hoist_rows sets next_row): request the cache lines that the
+        next row's pass will read from memory, for the `lanes` elements from `start` of every load that walks the
+        row contiguously, so that memory works while this pass computes."""
+        if self.next_row is None:
+            return
+        inner = u.arg[1][-1]
+        for load in u.src[0].toposort(stop=lambda n: n.op is Ops.ACC):
+            if load.op is not Ops.LOAD:
+                continue
+            index = load.src[1]
+            if compiler._coeff(index, inner) != 1 or compiler._coeff(index, self.next_row) in (0, None) or any(
+                    n.op is Ops.CHECK for n in index.toposort()):
+                continue
+            line = max(1, 64 // load.dtype.itemsize)
+            for k in range(0, lanes, line):
+                at = compiler.substitute(index, {self.next_row: compiler.i_add(self.next_row, compiler.iconst(1)),
+                                                 inner: compiler.i_add(start, compiler.iconst(k))})
+                self.emit(f"__builtin_prefetch(&d{load.src[0].arg[0]}[{self.expr(at, depth)}]);", depth)
 
     def acc_init(self, reduce_op, dtype):
         if reduce_op is Ops.ADD:
@@ -371,6 +444,7 @@ class GemmRenderer(CRenderer):
 
     def render_gemm(self, c: compiler.Contraction, threads: int) -> str:
         self.lines, self.scopes, self.counter, self.kernel = [], [{}], 0, c.kernel
+        self.parked, self.next_row = {}, None
         MR, NR, KC, MC = self.MR, self.NR, self.KC, self.MC
         M, N, K = c.M, c.N, c.K
         NB = self.block_cols(K)

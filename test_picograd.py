@@ -403,6 +403,12 @@ CASES = [
                                                                                        "atol": 1e-4}),
     ("softmax_with_neg_inf", [A], lambda a: torch.where(a > 0, a, float("-inf")).softmax(-1),
      lambda a: pg.where(a > 0, a, float("-inf")).softmax(-1), {"low": -1, "high": 3}),
+    # rows of each length the CPU renderer loops over differently (not fused, scalar, vector partials and a tail,
+    # long), and strided rows: the exponentials are computed once, in the sum's pass, and kept in the output row
+    ("softmax_row_lengths", [(5, 1), (3, 7), (4, 129), (3, 1000)],
+     lambda *xs: [y for x in xs for y in (x.softmax(-1), x.log_softmax(-1))], None, {"low": -5, "high": 5}),
+    ("softmax_strided_rows", [(129, 6)], lambda a: (a.T.softmax(-1), a.T.log_softmax(-1), a.T.softmax(-1) * a.T),
+     None, {"low": -5, "high": 5}),
     ("cross_entropy", [(5, 7), (5,)], lambda x, t: F.cross_entropy(x, t), pg.cross_entropy,
      {"dtypes": ["float32", "int32"], "low": [-3, 0], "high": [3, 7]}),
     ("cross_entropy_large_logits", [(5, 7), (5,)], lambda x, t: F.cross_entropy(x, t), pg.cross_entropy,
@@ -578,6 +584,42 @@ def test_kernels_elementwise_chain_fuses(device):
 def test_kernels_softmax(device):
     (x,) = _realized((16, 33), device=device)
     assert _launches(lambda: x.softmax(-1).realize()) <= 3
+
+
+def test_softmax_into_a_slice_and_in_place(device):
+    """Rows stored with a stride and an offset (a slice of a wider buffer), and over the input itself: values a
+    fused kernel keeps in its output between passes land only where the results go."""
+    x = RNG.standard_normal((6, 1000)).astype(np.float32) * 3
+    want = torch.from_numpy(x).softmax(-1).numpy()
+    with pg.no_grad():
+        wide = pg.zeros(6, 1010, device=device)
+        wide[:, 3:1003] = pg.Tensor(x, device=device).softmax(-1)
+        got = wide.numpy()
+        np.testing.assert_allclose(got[:, 3:1003], want, rtol=1e-5, atol=1e-7)
+        assert not got[:, :3].any() and not got[:, 1003:].any()
+        t = pg.Tensor(x, device=device)
+        t.assign(t.softmax(-1)).realize()
+        np.testing.assert_allclose(t.numpy(), want, rtol=1e-5, atol=1e-7)
+
+
+def test_cpu_exp2_within_2_ulp():
+    """The CPU's exp2 (a polynomial gcc can vectorize) against float64: a dense sweep over the whole range, denormal
+    results and overflow included, then the special values."""
+    halves = np.arange(-151, 129, dtype=np.float32)[:, None] + np.array([0.4999, 0.5, 0.5001], dtype=np.float32)
+    x = np.concatenate([np.linspace(-152, 130, 1 << 21, dtype=np.float32),
+                        np.linspace(-0.5, 0.5, 1 << 18, dtype=np.float32), halves.reshape(-1)])
+    got = pg.Tensor(x, device="CPU").exp2().numpy().astype(np.float64)
+    want = np.exp2(x.astype(np.float64))
+    with np.errstate(over="ignore"):
+        rounded = want.astype(np.float32)
+    finite = np.isfinite(rounded)
+    assert np.all(got[~finite] == np.inf)
+    ulp = np.maximum(np.spacing(np.abs(rounded[finite])).astype(np.float64), 2.0 ** -149)
+    assert np.max(np.abs(got[finite] - want[finite]) / ulp) <= 2
+    special = np.array([np.nan, np.inf, -np.inf, 0, -0.0, 128, -149, -150, -1e30, 1e30], dtype=np.float32)
+    got = pg.Tensor(special, device="CPU").exp2().numpy()
+    np.testing.assert_array_equal(got, np.array([np.nan, np.inf, 0, 1, 1, np.inf, 2.0 ** -149, 0, 0, np.inf],
+                                                dtype=np.float32))
 
 
 def test_kernels_mse(device):
