@@ -793,9 +793,11 @@ class CPUDevice:
         if contraction is not None and self.worth_gemm(contraction):
             source = GemmRenderer().render_gemm(contraction, self.threads)
             need = GemmRenderer.workspace(contraction.K) * self.threads
-            if self.workspace.size < need:
-                self.workspace = np.zeros(need, dtype=np.float32)
-            return CPUProgram(kernel, source, compile_c(source), self.error_flags, self.workspace)
+            with self.lock:   # programs are built on several threads: check and grow together
+                if self.workspace.size < need:
+                    self.workspace = np.zeros(need, dtype=np.float32)
+                workspace = self.workspace
+            return CPUProgram(kernel, source, compile_c(source), self.error_flags, workspace)
         source = CRenderer().render(kernel)
         return CPUProgram(kernel, source, compile_c(source), self.error_flags)
 
