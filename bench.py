@@ -120,16 +120,52 @@ print(time.perf_counter() - start)
 '''
 
 
-def bench_compile_time():
-    """Cold (empty kernel cache) against warm (disk cache) time of a 20-op graph, each in a fresh process."""
+# the seconds of each call of a compiled training step, in a fresh process: the first call schedules, builds (or
+# loads from the disk cache) and runs every kernel, the second traces, the third builds the replay, later ones replay
+_TRAINING_STEPS = r'''
+import sys, time
+sys.path.insert(0, {root!r})
+import numpy as np
+import bench, llama, picograd as pg
+config = llama.LlamaConfig(**bench.SHAPES[{shape!r}])
+model = llama.Llama(config, llama.Llama.init_weights(config, seed=0), device={device!r}, max_seq_len={seq},
+                    requires_grad=True)
+step = pg.compile(bench._training_step(model, pg.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)))
+rng = np.random.default_rng(0)
+times = []
+for _ in range({steps}):
+    tokens, targets = rng.integers(0, config.vocab_size, (2, {batch}, {seq})).astype(np.int32)
+    tokens, targets = pg.Tensor(tokens, device={device!r}), pg.Tensor(targets, device={device!r})
+    start = time.perf_counter()
+    step(tokens, targets).item()
+    times.append(time.perf_counter() - start)
+print(*times)
+'''
+
+
+def bench_compile_time(device, shape="stories15M", batch=8, seq=256, steps=6):
+    """Cold (empty kernel cache) against warm (disk cache) start, each in a fresh process: a 20-op graph, and the
+    first call of a compiled training step, whose overhead is its time beyond a steady (replayed) step."""
+    root = os.path.dirname(os.path.abspath(__file__))
+
+    def fresh_process(code, env):
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        return [float(x) for x in out.stdout.split()]
     with tempfile.TemporaryDirectory() as cache:
         env = dict(os.environ, PICOGRAD_CACHE=cache)
-        code = _TWENTY_OPS.format(root=os.path.dirname(os.path.abspath(__file__)))
-        cold = float(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                                    check=True).stdout)
-        warm = float(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                                    check=True).stdout)
+        code = _TWENTY_OPS.format(root=root)
+        cold, warm = fresh_process(code, env)[0], fresh_process(code, env)[0]
     record("compile", "20-op graph, cold cache vs warm (s)", cold, warm, "s", "warm")
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, PICOGRAD_CACHE=cache)
+        code = _TRAINING_STEPS.format(root=root, shape=shape, device=device, batch=batch, seq=seq, steps=steps)
+        for start in ("cold", "warm"):
+            times = fresh_process(code, env)
+            steady = float(np.median(times[3:]))
+            print(f"  {shape} training step, {start} start: " + " ".join(f"{t:.2f}" for t in times) + " s", flush=True)
+            record("compile", f"{shape} train step, {start} cache: first call (s)", times[0], steady, "s", "steady")
+            record("compile", f"{shape} train step, {start} cache: overhead (s)", times[0] - steady,
+                   20.0 if start == "cold" else 2.0, "s", "target")
 
 
 _NUMPY_MATMUL = r'''
@@ -454,7 +490,7 @@ def main():
     if want("eager"):
         bench_eager(device)
     if want("compile"):
-        bench_compile_time()
+        bench_compile_time(device)
     if want("modes"):
         bench_modes(device)
     if want("matmul"):

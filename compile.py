@@ -235,19 +235,16 @@ def create_schedule(targets: list, devices: list) -> list:
         # the eager fast path: one op over memory that already exists
         device = next((d for d in devices if d is not None), None) or roots[0].device or Device.default
         return [_build_item(roots[0], {roots[0]}, {}, device)]
-    order, seen = [], set()
-    for t in roots:
-        for node in t.toposort(stop=lambda n: _is_source(n) and n not in roots):
-            if node not in seen:
-                seen.add(node)
-                order.append(node)
+    root_set, order, seen = set(roots), [], set()
+    for t in roots:   # one walk shared by all roots: the graph behind many gradients is mostly common
+        order += t.toposort(stop=lambda n: _is_source(n) and n not in root_set, seen=seen)
     consumers = {}
     for node in order:
-        if _is_source(node) and node not in roots:
+        if _is_source(node) and node not in root_set:
             continue
         for s in dict.fromkeys(node.src):
             consumers.setdefault(s, []).append(node)
-    points = _find_realize_points(set(roots), order, consumers)
+    points = _find_realize_points(root_set, order, consumers)
     device_of = {t: d for t, d in zip(targets, devices) if d is not None}
     # a kernel over constants only (no buffers, so no device of its own) runs where the realize was asked for
     fallback = next((d for d in devices if d is not None), Device.default)
@@ -448,26 +445,30 @@ def _input_buffer(node: UOp, produced) -> Buffer:
 
 
 def _order_items(items):
-    """Producers before consumers; an ASSIGN after every other reader of its target's old contents."""
-    item_of = {item.root: item for item in items}
-    deps = {id(item): {id(item_of[n]) for n in item.reads if n in item_of} for item in items}
-    for writer in items:
-        if writer.assign_target is None:
-            continue
-        for reader in items:
-            if reader is not writer and writer.assign_target in reader.reads_old:
-                deps[id(writer)].add(id(reader))
-    by_id = {id(item): item for item in items}
+    """Producers before consumers; an ASSIGN after every other reader of its target's old contents. Otherwise the
+    schedule's order is kept, so one graph gives one order in every process (and a captured step the same replay
+    program, which the disk cache then finds)."""
+    position = {item.root: k for k, item in enumerate(items)}
+    readers_of = {}   # buffer -> the items reading its old contents
+    for k, item in enumerate(items):
+        for buf in item.reads_old:
+            readers_of.setdefault(buf, []).append(k)
+    deps = []
+    for k, item in enumerate(items):
+        before = {position[n] for n in item.reads if n in position}
+        if item.assign_target is not None:
+            before.update(r for r in readers_of.get(item.assign_target, ()) if r != k)
+        deps.append(sorted(before, reverse=True))   # popped from a stack: the earliest runs first
     ordered, done, active = [], set(), set()
-    for item in items:   # depth-first, iterative (a recursive closure would be a reference cycle holding buffers)
-        stack = [(id(item), False)]
+    for k in range(len(items)):   # depth-first, iterative (a recursive closure would be a reference cycle)
+        stack = [(k, False)]
         while stack:
             key, expanded = stack.pop()
             if expanded:
                 active.discard(key)
                 if key not in done:
                     done.add(key)
-                    ordered.append(by_id[key])
+                    ordered.append(items[key])
                 continue
             if key in done:
                 continue
@@ -493,7 +494,9 @@ def realize_uops(targets: list, devices: list):
 
 # ----------------------------------------------------------------------------------------------------------------------
 # 2. Index arithmetic. Views become integer expressions over loop variables; these constructors keep them simple
-# (linear forms, div/mod folding by value ranges) so that a contiguous access renders as `base + i`.
+# (linear forms, div/mod folding by value ranges) so that a contiguous access renders as `base + i`. They are pure
+# functions of hash-consed nodes, so the costly ones are memoized (in bounded caches): the same views of the same
+# shapes are lowered again and again, in every kernel that reads a weight and in both attempts of lower_kernel.
 
 _bounds_cache = weakref.WeakKeyDictionary()
 INT_MIN, INT_MAX = -2**31, 2**31 - 1
@@ -613,6 +616,7 @@ def _build_linear(terms: dict, const: int) -> UOp:
     return out if const == 0 else UOp(Ops.ADD, int32, (out, iconst(const)))
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def i_add(a: UOp, b: UOp) -> UOp:
     ta, ca = _linear(a)
     tb, cb = _linear(b)
@@ -622,6 +626,7 @@ def i_add(a: UOp, b: UOp) -> UOp:
     return _build_linear(terms, ca + cb)
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def i_mul(a: UOp, k: int) -> UOp:
     t, c = _linear(a)
     return _build_linear({n: v * k for n, v in t.items()}, c * k)
@@ -641,6 +646,7 @@ def _split_by_factor(terms: dict, const: int, d: int):
     return None
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def i_div(a: UOp, d: int) -> UOp:
     if d == 1:
         return a
@@ -671,6 +677,7 @@ def i_div(a: UOp, d: int) -> UOp:
     return i_add(_build_linear(quotient, q_const), inner)
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def i_mod(a: UOp, d: int) -> UOp:
     if d == 1:
         return iconst(0)
@@ -751,8 +758,10 @@ def substitute(u: UOp, mapping: dict) -> UOp:
     return go(u)
 
 
-def depends_on(u: UOp, node: UOp) -> bool:
-    return node in u.toposort()
+@functools.lru_cache(maxsize=1 << 16)
+def _ranges_of(u: UOp) -> frozenset:
+    """The loop variables u depends on (asked again and again of the same index terms while lowering)."""
+    return frozenset(n for n in u.toposort() if n.op is Ops.RANGE)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -963,7 +972,7 @@ def _gather_rewrite(op, body: UOp, ranges):
     a, b = cond.src
     if a is not r:
         a, b = b, a
-    if a is not r or depends_on(b, r):
+    if a is not r or r in _ranges_of(b):
         return None
     lo, hi = bounds(b)
     if lo < 0 or hi >= r.arg[1]:
@@ -995,7 +1004,7 @@ def _coeff(expr: UOp, r: UOp):
     terms, _ = _linear(expr)
     coeff = terms.get(r, 0)
     for t in terms:
-        if t is not r and depends_on(t, r):
+        if t is not r and r in _ranges_of(t):
             return None
     return coeff
 
@@ -1016,14 +1025,15 @@ def _accesses(expr: UOp):
 def range_sets(store):
     """For every node under the store: the loop variables its value depends on (a reduction's own ranges are
     bound inside it, so an ACC depends only on the ranges its body uses besides them)."""
-    out = {}
+    out, no_ranges = {}, frozenset()
     for node in store.toposort():
         if node.op is Ops.RANGE:
             deps = frozenset((node,))
-        elif node.src:
-            deps = frozenset().union(*(out[s] for s in node.src))
         else:
-            deps = frozenset()
+            deps = out[node.src[0]] if node.src else no_ranges
+            for s in node.src[1:]:   # most nodes depend on what their first source does: share its set
+                if not out[s] <= deps:
+                    deps = deps | out[s]
         if node.op is Ops.ACC:
             deps = deps - frozenset(node.arg[1])
         out[node] = deps
@@ -1064,27 +1074,26 @@ def lower_kernel(ast: UOp, buf_sizes: list) -> Kernel:
             # dims merge unless a reduction depends on only some of them (a row reduction fused into the kernel
             # that broadcasts it: merged with the row's elements, it would be recomputed for every element)
             deps, loops = range_sets(store_op), {r for r in ranges if r.arg[1] > 1}
-            partial = any(n.op is Ops.ACC and deps[n] & loops and not loops <= deps[n] for n in store_op.toposort())
+            partial = any(n.op is Ops.ACC and deps[n] & loops and not loops <= deps[n] for n in deps)
             groups = _merge_dims(shape, _accesses(store_op), ranges)
             if len(groups) == len(shape) or partial:
                 break
     # a size-1 range is just the constant 0
     ranges = [r for r in ranges if r.arg[1] != 1]
-    zero_map = {r: iconst(0) for r in _all_ranges(store_op) if r.arg[1] == 1}
+    nodes = store_op.toposort()   # walked once for everything below
+    zero_map = {r: iconst(0) for r in nodes if r.op is Ops.RANGE and r.arg[1] == 1}
     if zero_map:
         store_op = substitute(store_op, zero_map)
-    params, written = {}, {}
-    for node in store_op.toposort():
-        if node.op is Ops.PARAM:
-            params[node.arg[0]] = node
-    loads = {n.src[0].arg[0] for n in store_op.toposort() if n.op is Ops.LOAD}
+        nodes = store_op.toposort()
+    params = {n.arg[0]: n for n in nodes if n.op is Ops.PARAM}
+    loads = {n.src[0].arg[0] for n in nodes if n.op is Ops.LOAD}
     kparams = [KernelParam(i, params[i].dtype, buf_sizes[i], i == out_param.arg[0], i in loads)
                for i in sorted(params)]
-    var_names = sorted({n.arg for n in store_op.toposort() if n.op is Ops.DEFINE_VAR})
-    uses_check = any(n.op is Ops.CHECK for n in store_op.toposort())
-    flops, mem = _estimate_cost(store_op, ranges, kparams)
+    var_names = sorted({n.arg for n in nodes if n.op is Ops.DEFINE_VAR})
+    uses_check = any(n.op is Ops.CHECK for n in nodes)
+    flops, mem = _estimate_cost(nodes, ranges, kparams)
     scatter = _match_scatter(store_op, ranges)
-    kind = "s" if scatter else "r" if any(n.op is Ops.ACC for n in store_op.toposort()) else "e"
+    kind = "s" if scatter else "r" if any(n.op is Ops.ACC for n in nodes) else "e"
     name = f"{kind}_" + "_".join(str(r.arg[1]) for r in ranges) if ranges else f"{kind}_scalar"
     return Kernel(name, ast, kparams, var_names, ranges, store_op, uses_check, flops, mem, scatter)
 
@@ -1106,7 +1115,7 @@ def _match_scatter(store: UOp, out_ranges):
     if cond.op is not Ops.CMPEQ or other.op is not Ops.CONST or other.arg != 0:
         return None
     for o, e in (cond.src, reversed(cond.src)):
-        if o.op is Ops.RANGE and o in out_ranges and not any(depends_on(e, r) for r in out_ranges):
+        if o.op is Ops.RANGE and o in out_ranges and _ranges_of(e).isdisjoint(out_ranges):
             lo, hi = bounds(e)
             if lo < 0 or hi >= o.arg[1]:
                 return None   # only indices proven in range (CHECK) may be scattered
@@ -1115,21 +1124,18 @@ def _match_scatter(store: UOp, out_ranges):
     return None
 
 
-def _all_ranges(u: UOp):
-    return [n for n in u.toposort() if n.op is Ops.RANGE]
-
-
-def _estimate_cost(store, ranges, params):
-    """Flops: ALU ops times the iterations they run; bytes: each parameter buffer once."""
+def _estimate_cost(nodes, ranges, params):
+    """Flops: ALU ops times the iterations they run; bytes: each parameter buffer once. `nodes`: the kernel's
+    store in toposort order."""
     out_iters = prod(r.arg[1] for r in ranges)
     flops = 0
     reduce_sizes = {}
-    for node in store.toposort():
+    for node in nodes:
         if node.op is Ops.ACC:
             n = prod(r.arg[1] for r in node.arg[1])
             for inner in node.src[0].toposort():
                 reduce_sizes[inner] = max(reduce_sizes.get(inner, 1), n)
-    for node in store.toposort():
+    for node in nodes:
         if node.op in ALU and node.dtype is not int32 and node.dtype is not bool_:
             flops += out_iters * reduce_sizes.get(node, 1)
         elif node.op is Ops.ACC:
@@ -1173,10 +1179,6 @@ def _linear_in_ranges(expr: UOp):
     if any(t.op is not Ops.RANGE for t in terms):
         return None
     return terms, const
-
-
-def _ranges_of(u: UOp) -> set:
-    return {n for n in u.toposort() if n.op is Ops.RANGE}
 
 
 def match_contraction(kernel: Kernel):

@@ -248,20 +248,25 @@ class UOp:
         return UOp(Ops.REDUCE, self.dtype, (self,), (op, axes)) if axes else self
 
     # -- graph walks
-    def toposort(self, stop=lambda node: False):
-        """Nodes reachable from self, sources before users; `stop` nodes are included but not entered."""
-        order, seen, stack = [], set(), [(self, False)]
+    def toposort(self, stop=None, seen=None):
+        """Nodes reachable from self, sources before users; `stop` nodes are included but not entered. Nodes already
+        in `seen` are skipped, and the ones returned are added to it (so several roots can share one walk)."""
+        seen = set() if seen is None else seen
+        if self in seen:
+            return []
+        # depth-first, each stack entry a node and the iterator over the sources still to visit
+        order, stack = [], [(self, iter(() if stop is not None and stop(self) else self.src))]
+        seen.add(self)
         while stack:
-            node, expanded = stack.pop()
-            if expanded:
+            node, sources = stack[-1]
+            for s in sources:
+                if s not in seen:
+                    seen.add(s)
+                    stack.append((s, iter(() if stop is not None and stop(s) else s.src)))
+                    break
+            else:
+                stack.pop()
                 order.append(node)
-                continue
-            if node in seen:
-                continue
-            seen.add(node)
-            stack.append((node, True))
-            if not stop(node):
-                stack.extend((s, False) for s in reversed(node.src) if s not in seen)
         return order
 
     def base(self) -> UOp:
@@ -740,7 +745,7 @@ class Tensor:
         if flag and self._is_leaf:
             # a leaf needs a node of its own: two lazy zeros() would otherwise be the same hash-consed node
             self.realize()
-            _GRAD_LEAVES.add(self)
+            _GRAD_LEAVES[self] = None
         self.requires_grad = flag
         return self
 
@@ -2017,7 +2022,7 @@ def _no_host_data_in_capture(what):
 # built from primitives, so they get gradients for free. A rule maps (output gradient, node) to one gradient per
 # source (None where none flows).
 
-_GRAD_LEAVES = weakref.WeakSet()
+_GRAD_LEAVES = weakref.WeakKeyDictionary()   # a set kept in creation order, so every run schedules alike
 _LN2 = math.log(2)
 
 
