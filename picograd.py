@@ -860,6 +860,12 @@ class Tensor:
             raise RuntimeError(f"assign from {value.device} into a tensor on {self.device}")
         if self.requires_grad and not self._is_leaf and CTX.grad_enabled:
             raise RuntimeError("assign() to a tensor that is part of a gradient graph")
+        if self.uop.op in MOVEMENT and self.uop.base().op is Ops.BUFFER and self._buffer() is None:
+            # a view of part of a buffer (or a permuted one): the write would land in a copy of the view, leaving the
+            # tensor it views unchanged, where torch writes through
+            raise RuntimeError(f"assign() into a view ({self.uop.op.name.lower()}, shape {self.shape}) of another "
+                               f"tensor would not write through to it: assign the whole tensor, or write a region "
+                               f"of it with t[a:b] = value")
         self._make_buffer_view()
         self.uop = UOp(Ops.ASSIGN, self.dtype, (self.uop, value.uop.cast(self.dtype)))
         if CTX.eager:

@@ -1384,6 +1384,20 @@ def test_closure_tensor_rebound_is_seen():
     np.testing.assert_allclose(f(x).numpy(), [0, 10, 20])
 
 
+def test_assign_into_a_view_raises_instead_of_writing_a_copy():
+    """A transposed, sliced or flipped view's assign() used to write into a copy of the view (the base unchanged,
+    silently); torch writes through. Now it says so; t[a:b] = value writes a region in place."""
+    base = pg.Tensor(np.zeros((3, 4), np.float32))
+    for view in (lambda t: t.T, lambda t: t[:, 1:3], lambda t: t.flip(0)):
+        with pytest.raises(RuntimeError, match="would not write through"):
+            view(base).assign(1.0)
+    base[:, 1:3] = pg.Tensor(np.ones((3, 2), np.float32))
+    np.testing.assert_array_equal(base.numpy(), np.repeat([[0, 1, 1, 0]], 3, axis=0))
+    whole = pg.Tensor(np.zeros((3, 4), np.float32))
+    whole.assign(whole + 2)   # a tensor's own memory: written
+    np.testing.assert_array_equal(whole.numpy(), np.full((3, 4), 2, np.float32))
+
+
 def test_item_inside_compiled_function_raises():
     def bad(x):
         return x * float(x.sum().item())
