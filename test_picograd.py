@@ -3474,17 +3474,27 @@ def _emu_runtime():
 EMU = "CUDA:15"
 
 
-@pytest.fixture
-def emu():
-    """Device "CUDA:15" is the emulator for the duration of a test."""
+def _emulator_as_device(arch):
     old = pg.Device._open.get(EMU)
-    device = EmuDevice(EMU)
+    device = EmuDevice(EMU, arch)
     pg.Device._open[EMU] = device
     yield device
     if old is None:
         pg.Device._open.pop(EMU, None)
     else:
         pg.Device._open[EMU] = old
+
+
+@pytest.fixture
+def emu():
+    """Device "CUDA:15" is the emulator for the duration of a test."""
+    yield from _emulator_as_device("sm_90")
+
+
+@pytest.fixture
+def emu_hopper():
+    """The emulator compiling for Hopper's arch-specific target, sm_90a: tf32 products of big tiles run on wgmma."""
+    yield from _emulator_as_device("sm_90a")
 
 
 def kinds(device):
@@ -3582,50 +3592,32 @@ def test_emu_batched_and_transposed_matmul(emu, use_tf32):
 
 @needs_gxx
 @pytest.mark.parametrize("m,k,n", [(130, 70, 129), (200, 37, 300), (256, 1000, 136)])
-def test_emu_wgmma_matmul(m, k, n, tf32):
+def test_emu_wgmma_matmul(emu_hopper, m, k, n, tf32):
     """Hopper's wgmma template (sm_90a), emulated: edges in every direction, K not a multiple of 4 (no asynchronous
     copies) or of the slice, many slices around the buffers, operands copied or staged through registers,
-    transposed or evaluated (exp and a flip), batches; copied operands are rounded to tf32 like staged ones."""
-    device = EmuDevice(EMU, arch="sm_90a")
-    old = pg.Device._open.get(EMU)
-    pg.Device._open[EMU] = device
-    try:
-        a, b, bias = randn(m, k), randn(k, n), randn(n)
-        got = (on(device, a) @ on(device, b) + on(device, bias)).relu().numpy()
-        want = np.maximum(a.astype(np.float64) @ b + bias, 0)
-        got_t = (on(device, a.T.copy()).T @ on(device, b.T.copy()).T).numpy()
-        got_nt = (on(device, a) @ on(device, b.T.copy()).T).numpy()   # both k-contiguous
-        want_t = a.astype(np.float64) @ b
-        x, y = randn(2, m, k) * 0.3, randn(2, n, k)
-        got_general = (on(device, x).exp() @ on(device, y).flip(2).transpose(1, 2)).numpy()
-        want_general = np.exp(x.astype(np.float64)) @ y[:, :, ::-1].transpose(0, 2, 1)
-    finally:
-        if old is None:
-            pg.Device._open.pop(EMU, None)
-        else:
-            pg.Device._open[EMU] = old
+    transposed or evaluated (exp and a flip), batches."""
+    device = emu_hopper
+    a, b, bias = randn(m, k), randn(k, n), randn(n)
+    got = (on(device, a) @ on(device, b) + on(device, bias)).relu().numpy()
+    want = np.maximum(a.astype(np.float64) @ b + bias, 0)
+    got_t = (on(device, a.T.copy()).T @ on(device, b.T.copy()).T).numpy()
+    got_nt = (on(device, a) @ on(device, b.T.copy()).T).numpy()   # both k-contiguous
+    want_t = a.astype(np.float64) @ b
+    x, y = randn(2, m, k) * 0.3, randn(2, n, k)
+    got_general = (on(device, x).exp() @ on(device, y).flip(2).transpose(1, 2)).numpy()
+    want_general = np.exp(x.astype(np.float64)) @ y[:, :, ::-1].transpose(0, 2, 1)
     assert "wgmma" in kinds(device), kinds(device)
     for g, w in ((got, want), (got_t, want_t), (got_nt, want_t), (got_general, want_general)):
         assert np.abs(g - w).max() / np.abs(w).max() < 2e-3
 
 
 @needs_gxx
-def test_emu_wgmma_rounds_copied_operands(tf32):
+def test_emu_wgmma_rounds_copied_operands(emu_hopper, tf32):
     # 1 + 3 * 2^-12 rounds to the tf32 number 1 + 2^-10 (truncating its bits, as the multiply does, gives 1): the
     # copied A must be rounded in shared memory as staged operands are
-    device = EmuDevice(EMU, arch="sm_90a")
-    old = pg.Device._open.get(EMU)
-    pg.Device._open[EMU] = device
-    try:
-        a = np.full((512, 64), 1 + 3 * 2**-12, dtype=np.float32)
-        b = np.eye(64, 256, dtype=np.float32)
-        got = (on(device, a) @ on(device, b)).numpy()
-    finally:
-        if old is None:
-            pg.Device._open.pop(EMU, None)
-        else:
-            pg.Device._open[EMU] = old
-    assert "wgmma" in kinds(device), kinds(device)
+    a = np.full((512, 64), 1 + 3 * 2**-12, dtype=np.float32)
+    got = (on(emu_hopper, a) @ on(emu_hopper, np.eye(64, 256, dtype=np.float32))).numpy()
+    assert "wgmma" in kinds(emu_hopper), kinds(emu_hopper)
     np.testing.assert_array_equal(got[:, :64], np.full((512, 64), 1 + 2**-10, dtype=np.float32))
 
 
