@@ -3316,7 +3316,7 @@ static inline void pg_wgmma_commit() {}
 static inline void pg_wgmma_wait_1() {}
 static inline void pg_wgmma_wait_0() {}
 static inline void pg_shared_to_async() {}
-static inline void pg_copy16(unsigned* shared, const float* global, int bytes) {   /* cp.async: zero-filled past bytes */
+static inline void pg_copy16(unsigned* shared, const float* global, int bytes) {   /* cp.async: zeros past bytes */
   memset(shared, 0, 16);
   memcpy(shared, global, bytes);
 }
