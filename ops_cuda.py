@@ -951,6 +951,14 @@ class _GroupOperand(_Operand):
     def registers(self, threads) -> int:
         return 4 * self.groups_per_thread(threads)
 
+    def coords(self, emit, depth, threads):
+        """(pg_x, pg_q) of this thread's group pg_l: where k is contiguous, the layout's own order (k_fast_coords);
+        else consecutive threads take consecutive rows of one group (coalesced along x)."""
+        emit(f"int pg_e = pg_tid + pg_l * {threads};", depth)
+        x, q = self.k_fast_coords() if self.k_fast else (f"pg_e % {self.bx}", f"pg_e / {self.bx}")
+        emit(f"int pg_x = {x};", depth)
+        emit(f"int pg_q = {q};", depth)
+
     def groups_per_thread(self, threads) -> int:
         assert self.bx * self.bk // 4 % threads == 0, (self.bx, self.bk, threads)
         return self.bx * self.bk // 4 // threads
@@ -998,14 +1006,8 @@ class _FragmentOperand(_GroupOperand):
         super().__init__(renderer, name, c, value, side, bx, bk, extent)
         assert bk == 16, "the fragment layout is built for 16-deep slices"
 
-    def coords(self, emit, depth, threads):
-        emit(f"int pg_e = pg_tid + pg_l * {threads};", depth)
-        if self.k_fast:   # consecutive threads: a row's 4 groups, then the next row
-            emit("int pg_x = pg_e >> 2;", depth)
-            emit("int pg_q = pg_e & 3;", depth)
-        else:             # consecutive threads: consecutive rows, one group
-            emit(f"int pg_x = pg_e % {self.bx};", depth)
-            emit(f"int pg_q = pg_e / {self.bx};", depth)
+    def k_fast_coords(self):
+        return "pg_e >> 2", "pg_e & 3"   # consecutive threads: a row's 4 groups, then the next row
 
     def group_slot(self, buf) -> str:
         return f"pg_{self.name}s[{buf}][pg_x * 16 + 4 * (pg_q ^ ((pg_x >> 1) & 3))]"
@@ -1019,15 +1021,9 @@ class _CoreMatrixOperand(_GroupOperand):
     on x % 8, so each 8 lanes store 8 consecutive rows: when k is contiguous, a warp takes 8 rows x 4 groups (64
     contiguous bytes of each row), else 32 consecutive rows of one group."""
 
-    def coords(self, emit, depth, threads):
-        emit(f"int pg_e = pg_tid + pg_l * {threads};", depth)
-        groups = self.bk // 4
-        if self.k_fast:
-            emit(f"int pg_x = (pg_e & 7) + ((pg_e >> 3) / {groups}) * 8;", depth)
-            emit(f"int pg_q = (pg_e >> 3) % {groups};", depth)
-        else:
-            emit(f"int pg_x = pg_e % {self.bx};", depth)
-            emit(f"int pg_q = pg_e / {self.bx};", depth)
+    def k_fast_coords(self):
+        groups = self.bk // 4   # 8 consecutive rows per 8 threads, then the next group of those rows
+        return f"(pg_e & 7) + ((pg_e >> 3) / {groups}) * 8", f"(pg_e >> 3) % {groups}"
 
     def group_slot(self, buf) -> str:
         core_matrix = f"pg_q * {self.bx // 8} + (pg_x >> 3)"
