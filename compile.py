@@ -149,6 +149,22 @@ def _find_realize_points(roots, order, consumers):
                 continue
             if reduces.get(base) or (base.dtype.is_float and base.op in ALU and reads.get(base)):
                 points.add(base)
+    # a product whose result flows, through elementwise ops alone, into one value that several kernels read (a
+    # residual stream: x + attention's output projection) gets its buffer there instead: the product's kernel adds
+    # the rest as its epilogue, and the readers load one buffer rather than recomputing the whole sum each (the sum
+    # would grow by a term per layer). No kernel is added: the product needed its own kernel anyway.
+    for node in order:
+        if node.op is not Ops.REDUCE or node in points or node in row_reductions or _is_source(node):
+            continue
+        value = node
+        while len(consumers.get(value, ())) == 1:
+            user = consumers[value][0]
+            if user in points or user.op not in ALU | {Ops.RESHAPE} or prod(user.shape) != prod(node.shape):
+                break
+            value = user
+        if (value is not node and value.op in ALU and value.dtype.is_float and value not in row_values and
+                _kernels_reached(value, points, consumers) >= 2):
+            points.add(value)
     # top-down, so a reduction above is settled before the ones it contains. A reduction fused into a kernel is
     # computed once per element the kernel reads it at: paths that fork and then read it through different views
     # (q[:, :32] * q[:, 32:], a rotation) would compute it twice, so those get a buffer too.
@@ -204,6 +220,21 @@ def _find_realize_points(roots, order, consumers):
         if depth[node] >= MAX_FUSED_DEPTH and node not in points:
             points.add(node)
     return points
+
+
+def _kernels_reached(node, points, consumers, enough=2) -> int:
+    """How many kernels (up to enough) node's value flows into, following its users until each reaches a realize
+    point or a reduction (whose loop runs in a kernel of its own or fused as a row reduction: a boundary either
+    way for a product in node, which cannot run inside another reduction's loop)."""
+    reached, stack, seen = set(), [node], {node}
+    while stack and len(reached) < enough:
+        for user in consumers.get(stack.pop(), ()):
+            if user in points or user.op is Ops.REDUCE:
+                reached.add(user)
+            elif user not in seen:
+                seen.add(user)
+                stack.append(user)
+    return len(reached)
 
 
 def _kernel_reductions(point, points, row_values):

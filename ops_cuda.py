@@ -205,6 +205,7 @@ class CUDARenderer(CRenderer):
     # CUDA's own: exp2f and sinf within 2 ulp, log2f 1 ulp, sqrtf correctly rounded (no fast-math, no flushing)
     math_fns = {Ops.EXP2: "exp2f", Ops.LOG2: "log2f", Ops.SIN: "sinf", Ops.SQRT: "sqrtf"}
     THREADS = 256
+    FULL_THREADS = 2048   # resident threads per multiprocessor (Hopper, Ampere): what a memory-bound launch should fill
     cuda_preamble = CUDA_PREAMBLE
     mma_helpers = MMA_HELPERS
     wgmma_helpers = staticmethod(wgmma_helpers)
@@ -255,16 +256,12 @@ class CUDARenderer(CRenderer):
             n_rows = prod(r.arg[1] for r in self.rows[0])
             if size <= 1024:
                 return LaunchPlan("row_warp", self.THREADS, _cdiv(n_rows, self.THREADS // 32), group=32)
-            group = max(64, min(1024, _next_pow2(_cdiv(size, 16))))
-            if n_rows >= 2 * self.sm_count:
-                group = min(group, 256)
+            group = self.group_size(size, n_rows)
             return LaunchPlan("row_block", group, n_rows, group=group)
         if size >= 32 and all(self.contiguous_range(a) is not None for a in top):
             if size <= 1024:
                 return LaunchPlan("warp", self.THREADS, _cdiv(n_out, self.THREADS // 32), group=32)
-            group = max(64, min(1024, _next_pow2(_cdiv(size, 16))))
-            if n_out >= 2 * self.sm_count:
-                group = min(group, 256)
+            group = self.group_size(size, n_out)
             return LaunchPlan("block", group, n_out, group=group)
         if size >= 32:
             # strided: 32 adjacent outputs per block along the lanes, their reductions cut into `by` slices
@@ -272,6 +269,18 @@ class CUDARenderer(CRenderer):
             if by > 1:
                 return LaunchPlan("split", 32 * by, _cdiv(n_out, 32), group=by)
         return LaunchPlan("serial", self.THREADS, _cdiv(n_out, self.THREADS))
+
+    def group_size(self, size, n_groups) -> int:
+        """Threads per block for n_groups reductions of size elements each, a block apiece: about 16 elements per
+        thread; but when the blocks are few (a matrix-vector product with 512 outputs, one norm's row) the group
+        grows, down to 4 elements a thread (one 16-byte load), so the GPU has enough loads in flight to reach its
+        bandwidth."""
+        group = max(64, min(1024, _next_pow2(_cdiv(size, 16))))
+        if n_groups >= 2 * self.sm_count:
+            group = min(group, 256)
+        while group < 1024 and group * 8 <= size and n_groups * group < self.FULL_THREADS * self.sm_count:
+            group *= 2
+        return group
 
     def plan_matmul(self, c) -> LaunchPlan:
         tiles = (WGMMA_TILES if self.wgmma else TF32_TILES) if self.tf32 else FP32_TILES
@@ -548,13 +557,18 @@ class CUDARenderer(CRenderer):
         self.counter += 1
         acc, rr = f"acc{n}", f"rr{n}"
         self.emit(f"{ctype} {acc} = {self.acc_init(reduce_op, u.dtype)};", depth)
-        self.emit(f"for (int {rr} = {lane}; {rr} < {_acc_size(u)}; {rr} += {size}) {{", depth)
+        moving = self.vector_loads(u, fast) if fast is not None else None
+        steps = _acc_size(u) // (4 if moving else 1)
+        self.emit(f"for (int {rr} = {lane}; {rr} < {steps}; {rr} += {size}) {{", depth)
         self.scopes.append({})
         self.reduce_depth += 1
         self.loop_stack.extend(ranges)
-        self.decompose(rr, self.dims(order), depth + 1)
-        value = self.expr(u.src[0], depth + 1)
-        self.emit(f"{acc} = {self.acc_update(reduce_op, acc, value, u.dtype)};", depth + 1)
+        if moving:
+            self.accumulate_vectors(u, acc, rr, order, moving, depth + 1)
+        else:
+            self.decompose(rr, self.dims(order), depth + 1)
+            value = self.expr(u.src[0], depth + 1)
+            self.emit(f"{acc} = {self.acc_update(reduce_op, acc, value, u.dtype)};", depth + 1)
         del self.loop_stack[-len(ranges):]
         self.reduce_depth -= 1
         self.scopes.pop()
@@ -579,6 +593,59 @@ class CUDARenderer(CRenderer):
                 self.combine_shared(acc, other, combine, ctype, lambda w: f"pg_red_{tag}[{w}]", size // 32, depth)
         self.scopes[-1][u] = acc
         return acc
+
+    def vector_loads(self, u, fast):
+        """The loads of u's body that walk its contiguous range `fast`, when each thread can take 4 consecutive steps
+        of it with one 16-byte load per such load: fast has a multiple of 4 steps and every moving load is 16-byte
+        aligned along it with a validity that does not change along it (as wide_ok asks of an elementwise kernel),
+        and no reduction inside moves with it. None otherwise (one step per thread, scalar loads)."""
+        if fast.arg[1] % 4:
+            return None
+        moving = []
+        for node in u.src[0].toposort():
+            if fast not in self.ranges_of.get(node, ()) or self.lookup(node) is not None:
+                continue
+            if node.op is Ops.ACC:
+                return None
+            if node.op is Ops.LOAD:
+                if (self.ctype(node.dtype) not in VECTOR_TYPES or fast in self.ranges_of[node.src[2]] or
+                        not self.aligned_walk(node.src[1], fast)):
+                    return None
+                moving.append(node)
+        return moving or None
+
+    def accumulate_vectors(self, u, acc, quad, order, moving, depth):
+        """One loop step of a group reduction over 4 consecutive steps of its contiguous range: the moving loads as
+        16-byte vectors, then the body once per lane, each lane's loads read from its vector component."""
+        reduce_op = u.arg[0]
+        fast = order[-1]
+        name, size = fast.arg
+        self.decompose(quad, self.dims(order[:-1]) + [(name + "_q", size // 4)], depth)
+        self.emit(f"int {name}_4 = {name}_q * 4;", depth)
+        for node in u.src[0].toposort():   # loads that stay put along the range: read once for the 4 lanes
+            if node.op is Ops.LOAD and fast not in self.ranges_of[node] and self.ranges_of[node] <= self.available():
+                self.expr(node, depth)
+        lanes = {}
+        for load in moving:
+            vtype = VECTOR_TYPES[self.ctype(load.dtype)]
+            vec = f"w{self.counter}"
+            self.counter += 1
+            self.emit(f"{vtype} {vec};", depth)
+            self.open_block(f"int {name} = {name}_4;", depth)
+            param, index, valid = load.src
+            code = f"*(const {vtype}*)(d{param.arg[0]} + {self.expr(index, depth + 1)})"
+            if valid.op is not Ops.CONST:
+                zero = self.literal(0, load.dtype)
+                code = f"({self.expr(valid, depth + 1)} ? {code} : make_{vtype}({', '.join([zero] * 4)}))"
+            self.emit(f"{vec} = {code};", depth + 1)
+            self.close_block(depth)
+            lanes[load] = vec
+        for j, component in enumerate("xyzw"):
+            self.open_block(f"int {name} = {name}_4 + {j};", depth)
+            self.scopes[-1].update({load: f"{vec}.{component}" for load, vec in lanes.items()})
+            value = self.expr(u.src[0], depth + 1)
+            self.emit(f"{acc} = {self.acc_update(reduce_op, acc, value, u.dtype)};", depth + 1)
+            self.close_block(depth)
 
     def combine_shared(self, acc, other, combine, ctype, slot, count, depth):
         """After each part's result is stored in shared memory: every thread combines slot(0) .. slot(count - 1)."""

@@ -622,6 +622,36 @@ def test_cpu_exp2_within_2_ulp():
                                                 dtype=np.float32))
 
 
+def test_residual_stream_stored_by_its_products(device):
+    """x = x + norm(x) @ w.T, layer after layer, the way a transformer's residual stream grows: each product's
+    kernel stores the updated stream as its epilogue, so every norm reads one stream buffer (not the sum of every
+    earlier product, growing per layer) and no kernel is added. Realized layer by layer, as a KV cache's writes
+    make a decode step do, as well as in one schedule."""
+    n_layers, dim = 6, 48
+    x0 = RNG.standard_normal((3, dim)).astype(np.float32)
+    ws = [RNG.standard_normal((dim, dim)).astype(np.float32) / 8 for _ in range(n_layers)]
+    g = RNG.standard_normal(dim).astype(np.float32)
+    want = torch.from_numpy(x0)
+    for w in ws:
+        h = want * torch.rsqrt((want * want).mean(-1, keepdim=True) + 1e-5) * torch.from_numpy(g)
+        want = want + h @ torch.from_numpy(w).T
+    for step_by_step in (False, True):
+        x, gain = pg.Tensor(x0, device=device), pg.Tensor(g, device=device)
+        weights = [pg.Tensor(w, device=device) for w in ws]
+        kernels = []
+        for w in weights:
+            h = pg.rms_norm(x, gain, 1e-5)
+            x = x + h @ w.T
+            if step_by_step:
+                kernels += lowered(h)
+                h.realize()
+        kernels += lowered(x)
+        np.testing.assert_allclose(x.numpy(), want.numpy(), rtol=1e-4, atol=1e-4)
+        assert len(kernels) == 2 * n_layers, [k.name for k in kernels]
+        # a norm reads the stream and the gain; a product its input, its weight and the stream it adds to
+        assert max(len(k.params) for k in kernels) == 4, [len(k.params) for k in kernels]
+
+
 def test_kernels_mse(device):
     a, b = _realized((16, 32), (16, 32), device=device)
     assert _launches(lambda: ((a - b) ** 2).mean().realize()) in (1, 2)
@@ -3533,6 +3563,37 @@ def test_emu_reductions(emu, shape, axis):
     t = on(emu, x)
     close(t.sum(axis).numpy(), x.astype(np.float64).sum(axis), rtol=1e-4, atol=1e-3)
     close(t.max(axis).numpy(), x.max(axis))
+
+
+@needs_gxx
+def test_emu_group_reductions_with_16_byte_loads(emu, fp32):
+    """A block or warp reduction walks its contiguous range 4 steps at a time with float4 loads when every load
+    moving with it is 16-byte aligned along it: matrix-vector products (decode's shapes, scaled down, and odd
+    ones), a norm's single row, a max with a NaN. A misaligned view, a range that is not a multiple of 4, and a
+    padded load fall back to scalar loads; all give the right numbers."""
+    def check(tensor, want, vector, rtol=1e-4, atol=1e-4):
+        emu.programs.clear()
+        close(tensor.numpy(), want, rtol=rtol, atol=atol)
+        reductions = [p for p in emu.programs if p.launch.kind in ("warp", "block", "row_warp", "row_block", "split")]
+        assert reductions and all(("float4" in p.source) == vector for p in reductions), \
+            [(p.launch.kind, "float4" in p.source) for p in reductions]
+    x, w = randn(3, 2048), randn(320, 2048)
+    check(on(emu, x[:1]) @ on(emu, w).T, x[:1].astype(np.float64) @ w.T, True)
+    check(on(emu, x[2:]) @ on(emu, w[:7]).T, x[2:].astype(np.float64) @ w[:7].T, True)
+    check(on(emu, x)[1:2, 1:2045] @ on(emu, w)[:5, 1:2045].T,
+          x[1:2, 1:2045].astype(np.float64) @ w[:5, 1:2045].T, False)   # offset 1: not 16-byte aligned
+    check(on(emu, x)[:, :1030].sum(1), x[:, :1030].astype(np.float64).sum(1), False)
+    check(on(emu, x)[:, 4:1004].sum(1), x[:, 4:1004].astype(np.float64).sum(1), True)   # a 4-aligned offset
+    padded = on(emu, x[:, :2044]).pad((0, 4)).sum(1)   # the load's validity changes along the range
+    check(padded, x[:, :2044].astype(np.float64).sum(1), False)
+    g = randn(2048)
+    row = x[:1]
+    want = row * (1 / np.sqrt((row.astype(np.float64) ** 2).mean(-1, keepdims=True) + 1e-5)) * g
+    check(pg.rms_norm(on(emu, row), on(emu, g), 1e-5), want, True)
+    spiky = x.copy()
+    spiky[1, 999] = np.nan
+    got = on(emu, spiky).max(1).numpy()
+    assert np.isnan(got[1]) and np.array_equal(got[[0, 2]], x[[0, 2]].max(1))
 
 
 @needs_gxx
