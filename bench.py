@@ -381,13 +381,43 @@ def bench_llama_inference(device, shape, decode_tokens=48, prompt_len=256):
         theirs_decode = decode_tokens / (time.perf_counter() - start)
         prompt = torch.tensor(rng.integers(0, config.vocab_size, (1, prompt_len)), device=dev)
         theirs_prefill = prompt_len / median_time(lambda: ref(prompt).logits[:, -1].sum().item(), reps=3)
+        # on the GPU also torch.compile with CUDA graphs (not on this CPU: inductor's C++ build takes minutes)
+        compiled = _torch_compiled_decode(ref, hf, decode_tokens) if dev == "cuda" else None
     label = f"{shape} ({device})"
     record("llama", f"{label} decode tokens/s", ours_decode, theirs_decode, "tok/s", "torch")
+    if compiled is not None:
+        record("llama", f"{label} decode vs torch.compile + CUDA graphs", ours_decode, compiled, "tok/s",
+               "torch.compile")
     if shape in LLAMA2C_DECODE and device == "CPU":
         lo, hi = map(float, LLAMA2C_DECODE[shape].split("-"))
         record("llama", f"{label} decode vs llama2.c (its low figure)", ours_decode, lo, "tok/s", "llama2.c")
     record("llama", f"{label} prefill {prompt_len} tokens/s", ours_prefill, theirs_prefill, "tok/s", "torch")
     record("llama", f"{label} prefill/decode per-token speedup", ours_prefill / ours_decode, 10.0, "x", "target")
+
+
+def _torch_compiled_decode(ref, hf, decode_tokens) -> float:
+    """Tokens/s of transformers' model decoding through a static KV cache with torch.compile's "reduce-overhead"
+    mode (CUDA graphs), the token read back to the host each step as ours is; the median of 5 runs."""
+    import torch
+    from transformers import StaticCache
+    cache = StaticCache(config=hf, max_cache_len=decode_tokens)
+    one = torch.tensor([0], device="cuda")
+    ref(one.view(1, 1), past_key_values=cache, cache_position=one, use_cache=True)   # the cache allocates, eagerly
+    step = torch.compile(ref.forward, mode="reduce-overhead", fullgraph=True)
+
+    def decode_run():
+        cache.reset()
+        token = torch.tensor([[1]], device="cuda")
+        for pos in range(decode_tokens):
+            position = torch.tensor([pos], device="cuda")
+            torch.compiler.cudagraph_mark_step_begin()
+            out = step(token, past_key_values=cache, cache_position=position, position_ids=position.view(1, 1),
+                       use_cache=True)
+            token = out.logits[:, -1:].argmax(-1).clone()
+            token.item()
+    for _ in range(3):   # compiles, records the graphs, then warm
+        decode_run()
+    return decode_tokens / median_time(decode_run, reps=5, warmup=0)
 
 
 def print_kernel_profile(fn, what, top=20):

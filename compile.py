@@ -60,13 +60,13 @@ def _expands(node: UOp) -> bool:
 ROW_FUSE_MAX = 1 << 17
 
 
-def _row_reductions(roots, order, consumers):
+def _row_reductions(roots, order, consumers, reads):
     """Reductions that the kernel consuming them can compute itself, once per row: the reduced axes trail, the rows
     are short enough to stay in cache, and every use is a broadcast back over those axes (through per-row
     arithmetic: a mean, an rsqrt) to exactly the reduction's input shape. That is a softmax's max and sum, a norm's
     mean square, a log-sum-exp: fused, the row is read from memory once instead of once per reduction. Their input
-    may broadcast nothing but constants and other such reductions (so a matmul, which broadcasts both operands,
-    never is one).
+    may broadcast nothing that reads memory but other such reductions: constants and index arithmetic (a causal or
+    a decode mask, from aranges and a position) are fine, a matmul's operands are not.
     Returns (reductions, row_values): row_values are the nodes between a reduction and its broadcasts."""
     rows, row_values = set(), set()
     for node in order:
@@ -83,7 +83,7 @@ def _row_reductions(roots, order, consumers):
                 continue
             if _expands(u):
                 base = u.src[0].base()
-                ok = base in row_values or base.op in (Ops.CONST, Ops.IOTA)
+                ok = base in row_values or not reads.get(base, True)
                 continue
             if u.op is Ops.REDUCE:
                 continue   # a reduction inside this one's loop gets a kernel of its own (see below): a boundary
@@ -138,7 +138,7 @@ def _find_realize_points(roots, order, consumers):
             points.update(s for s in node.src if not _is_whole_buffer(s))
         reads[node] = any(reads.get(s, False) for s in node.src)
         reduces[node] = node.op is Ops.REDUCE or any(reduces.get(s, False) for s in node.src)
-    row_reductions, row_values = _row_reductions(roots, order, consumers)
+    row_reductions, row_values = _row_reductions(roots, order, consumers, reads)
     for node in order:
         if _expands(node) and not (_is_source(node) and node not in roots):
             # a broadcast recomputes its source once per copy: worth a buffer when that is a reduction, or float

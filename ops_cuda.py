@@ -246,7 +246,7 @@ class CUDARenderer(CRenderer):
                 return LaunchPlan("wide", self.THREADS, _cdiv(n_out // 4, self.THREADS))
             return LaunchPlan("elementwise", self.THREADS, _cdiv(n_out, self.THREADS))
         c = compiler.match_contraction(kernel)
-        if c is not None and c.m_ranges and c.n_ranges:
+        if c is not None and c.m_ranges and c.n_ranges and not self.latency_bound(c):
             return self.plan_matmul(c)
         outputs = set(kernel.ranges)
         top = [a for a in accs if self.ranges_of[a] <= outputs]
@@ -281,6 +281,16 @@ class CUDARenderer(CRenderer):
         while group < 1024 and group * 8 <= size and n_groups * group < self.FULL_THREADS * self.sm_count:
             group *= 2
         return group
+
+    SMALL_PRODUCT = 1 << 20   # operand elements, all batches together, below which a thin product is a reduction
+
+    def latency_bound(self, c) -> bool:
+        """A product with a side thinner than a tile's fragment (decode's attention: 4 query heads of a group
+        against 128 keys) and operands small enough to stay in cache runs as a reduction per output: a tile would
+        be mostly padding, few blocks, and each k-step a barrier. Thin products over big operands (a batched
+        matrix-vector product through a weight) keep the tile, which reads each weight once for the batch."""
+        n_batch = prod(r.arg[1] for r in c.batch)
+        return min(c.M, c.N) < 16 and (c.M + c.N) * c.K * n_batch <= self.SMALL_PRODUCT
 
     def plan_matmul(self, c) -> LaunchPlan:
         tiles = (WGMMA_TILES if self.wgmma else TF32_TILES) if self.tf32 else FP32_TILES
