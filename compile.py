@@ -1122,7 +1122,7 @@ def lower_kernel(ast: UOp, buf_sizes: list) -> Kernel:
                for i in sorted(params)]
     var_names = sorted({n.arg for n in nodes if n.op is Ops.DEFINE_VAR})
     uses_check = any(n.op is Ops.CHECK for n in nodes)
-    flops, mem = _estimate_cost(nodes, ranges, kparams)
+    flops, mem = _estimate_cost(store_op, nodes, kparams)
     scatter = _match_scatter(store_op, ranges)
     kind = "s" if scatter else "r" if any(n.op is Ops.ACC for n in nodes) else "e"
     name = f"{kind}_" + "_".join(str(r.arg[1]) for r in ranges) if ranges else f"{kind}_scalar"
@@ -1155,22 +1155,17 @@ def _match_scatter(store: UOp, out_ranges):
     return None
 
 
-def _estimate_cost(nodes, ranges, params):
-    """Flops: ALU ops times the iterations they run; bytes: each parameter buffer once. `nodes`: the kernel's
-    store in toposort order."""
-    out_iters = prod(r.arg[1] for r in ranges)
+def _estimate_cost(store, nodes, params):
+    """Flops: each ALU op, and each step of a reduction, once per iteration of the loops its value depends on (a
+    row's reduction fused into the kernel that broadcasts it runs once per row, not once per element); bytes: each
+    parameter buffer once. `nodes`: the store in toposort order."""
+    deps = range_sets(store)
     flops = 0
-    reduce_sizes = {}
-    for node in nodes:
-        if node.op is Ops.ACC:
-            n = prod(r.arg[1] for r in node.arg[1])
-            for inner in node.src[0].toposort():
-                reduce_sizes[inner] = max(reduce_sizes.get(inner, 1), n)
     for node in nodes:
         if node.op in ALU and node.dtype is not int32 and node.dtype is not bool_:
-            flops += out_iters * reduce_sizes.get(node, 1)
+            flops += prod(r.arg[1] for r in deps[node])
         elif node.op is Ops.ACC:
-            flops += out_iters * prod(r.arg[1] for r in node.arg[1])
+            flops += prod(r.arg[1] for r in deps[node] | set(node.arg[1]))
     mem = sum(p.size * p.dtype.itemsize for p in params)
     return flops, mem
 

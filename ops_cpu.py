@@ -163,15 +163,18 @@ class CRenderer:
         # writes it) are computed as soon as those loops are open: once per row, not once per element
         deps = compiler.range_sets(kernel.store)
         accs = [n for n in kernel.store.toposort() if n.op is Ops.ACC and not set(kernel.ranges) <= deps[n]]
+        invariants = self.loop_invariants(kernel, deps)
         shared = self.park_shared_value(kernel, accs, deps)
         opened = set()
         for i, r in enumerate(kernel.ranges):
+            self.hoist_invariants(invariants, deps, opened, depth)
             self.hoist_rows(accs, deps, opened, depth, kernel.ranges[i - 1] if i else None)
             if i == 0 and r.arg[1] > 1 and work >= PARALLEL_WORK and self.threads > 1:
                 self.emit(f"#pragma omp parallel for num_threads({self.threads})", depth)
             self.open_loop(r, depth)
             opened.add(r)
             depth += 1
+        self.hoist_invariants(invariants, deps, opened, depth)
         if shared is not None:   # read back what the reduction's pass parked in the output
             param, index, _ = kernel.store.src
             self.temp(shared, f"d{param.arg[0]}[{self.expr(index, depth)}]", depth, "v")
@@ -179,6 +182,22 @@ class CRenderer:
         for _ in kernel.ranges:
             depth -= 1
             self.close_loop(depth)
+
+    @staticmethod
+    def loop_invariants(kernel, deps):
+        """Loads and index checks, to be emitted as soon as the loops they depend on are open (hoist_invariants).
+        gcc moves plain arithmetic out of loops itself, but not always a load from a loop that stores, and never a
+        check, which may write the error flags; a check left in a loop also stops gcc vectorizing it (a gather's
+        gradient compares every class with each row's checked target: 10x slower per element). The output's own
+        loads stay where they are: the loop's stores may change what they read."""
+        out = kernel.store.src[0].arg[0]
+        return [n for n in kernel.store.toposort()
+                if n.op is Ops.CHECK or (n.op is Ops.LOAD and n.src[0].arg[0] != out)]
+
+    def hoist_invariants(self, invariants, deps, opened, depth):
+        for node in invariants:
+            if deps[node] <= opened and self.lookup(node) is None:
+                self.expr(node, depth)
 
     def hoist_rows(self, accs, deps, opened, depth, row):
         """Emit the reductions that the open loops determine (once per row of `row`, the innermost of them). The
@@ -431,11 +450,15 @@ class GemmRenderer(CRenderer):
     evaluates the operands' strided views once, so transposed and broadcast operands cost nothing extra.
     Per-thread panels live in a workspace the device passes in."""
     MR, NR, KC, MC = 6, 16, 256, 120
+    B_FLOATS, NB_MAX = 1 << 22, 512
 
     @classmethod
     def block_cols(cls, K):
-        """Columns per item: all of B's packed depth for them must stay a few MB."""
-        return max(cls.NR, min(256, (1 << 20) // max(K, 1) // cls.NR * cls.NR))
+        """Columns per item: at most NB_MAX, with all of B's packed depth for them within B_FLOATS (16 MB a thread).
+        Every column block packs all of A again: a deep K with a small budget made many narrow blocks (the vocabulary
+        head's input gradient, K = 32000, N = 288, took 9 blocks of 32 columns at 4 MB and read its 262 MB A 9
+        times; now 3 blocks). NB_MAX lets N = 288 (the weight gradient, K = 2048) be one block."""
+        return max(cls.NR, min(cls.NB_MAX, cls.B_FLOATS // max(K, 1) // cls.NR * cls.NR))
 
     @classmethod
     def workspace(cls, K):

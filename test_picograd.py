@@ -617,6 +617,83 @@ def test_softmax_into_a_slice_and_in_place(device):
         np.testing.assert_allclose(t.numpy(), want, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("rows,classes", [(1, 1), (7, 7), (129, 129), (7, 1000)])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_cross_entropy_gradient_sizes(device, rows, classes, layout):
+    """Cross entropy and its gradient against torch: the gradient kernel compares every class with each row's
+    (bounds-checked) target, the check and the target's load emitted once per row."""
+    x = RNG.standard_normal((rows, classes)).astype(np.float32) * 3
+    y = RNG.integers(0, classes, rows).astype(np.int32)
+    if layout == "transposed":
+        logits = pg.Tensor(np.ascontiguousarray(x.T), device=device, requires_grad=True)
+        pg_logits = logits.T
+    else:
+        logits = pg_logits = pg.Tensor(x, device=device, requires_grad=True)
+    loss = pg.cross_entropy(pg_logits, pg.Tensor(y, device=device))
+    loss.backward()
+    t_logits = torch.from_numpy(x).requires_grad_()
+    t_loss = F.cross_entropy(t_logits, torch.from_numpy(y).long())
+    t_loss.backward()
+    np.testing.assert_allclose(loss.numpy(), t_loss.detach().numpy(), rtol=1e-5, atol=1e-6)
+    grad = logits.grad.numpy().T if layout == "transposed" else logits.grad.numpy()
+    np.testing.assert_allclose(grad, t_logits.grad.numpy(), rtol=1e-4, atol=1e-7)
+
+
+def test_cross_entropy_gradient_target_out_of_range(device):
+    logits = pg.Tensor(RNG.standard_normal((3, 7)).astype(np.float32), device=device, requires_grad=True)
+    with pytest.raises(IndexError, match="index 9 is out of bounds for a dimension of size 7"):
+        pg.cross_entropy(logits, pg.Tensor(np.array([1, 9, 2], dtype=np.int32), device=device)).backward()
+        logits.grad.numpy()
+
+
+def test_cpu_index_check_hoisted_out_of_row_loops():
+    """A gather's gradient (one-hot columns against a checked target) checks the target once per row: a check, a
+    call that may write the error flags, inside the loop over the 1003 classes keeps gcc from vectorizing it."""
+    logits = pg.Tensor(RNG.standard_normal((5, 1003)).astype(np.float32), requires_grad=True)
+    pg.cross_entropy(logits, pg.Tensor(RNG.integers(0, 1003, 5).astype(np.int32))).backward()
+    logits.grad.numpy()
+    sources = [p.source for key, p in compiler._programs.items() if key[0] == "CPU" and
+               getattr(getattr(p, "kernel", None), "uses_check", False) and "< 1003;" in p.source]
+    assert sources
+    for source in sources:
+        lines = source.splitlines()
+        body = lines[next(i for i, line in enumerate(lines) if line.startswith("void ")):]
+        class_loops = [line for line in body if re.search(r"for \(int \w+ = \d+; \w+ < (1003|992);", line)]
+        checks = [line for line in body if "pg_check(" in line]
+        indent = min(len(line) - len(line.lstrip()) for line in class_loops)
+        assert checks and all(len(line) - len(line.lstrip()) <= indent for line in checks), source
+
+
+@pytest.mark.parametrize("m,k,n", [(129, 289, 257), (7, 1000, 33), (1000, 9, 129), (33, 20000, 300), (9, 513, 1000)])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_cpu_packed_matmul_depth_slices_and_column_blocks(m, k, n, transposed):
+    """The packed CPU product over several depth slices and several column blocks (more than NB_MAX columns, or a
+    deep K that narrows the blocks: B's packed depth per block is bounded), with operands given transposed
+    (strided packing), at odd sizes."""
+    a = RNG.standard_normal((m, k)).astype(np.float32)
+    b = RNG.standard_normal((k, n)).astype(np.float32)
+    if transposed:
+        pa, pb = pg.Tensor(np.ascontiguousarray(a.T)).T, pg.Tensor(np.ascontiguousarray(b.T)).T
+    else:
+        pa, pb = pg.Tensor(a), pg.Tensor(b)
+    got = (pa @ pb).numpy()
+    want = a.astype(np.float64) @ b.astype(np.float64)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.sqrt(k))
+    if m >= 8:
+        assert any("pg_ukernel" in p.source and f"< {k}" in p.source for key, p in compiler._programs.items()
+                   if key[0] == "CPU" and hasattr(p, "source"))
+
+
+def test_kernel_flops_count_a_fused_row_reduction_once_per_row():
+    """DEBUG=2's GFLOP/s: the max and the sum of a softmax fused into its kernel run once per row, so they count
+    row length x rows, not once more for every element (which showed the cross entropy's gradient at 15 TFLOP/s)."""
+    x = pg.Tensor(RNG.standard_normal((4, 1000)).astype(np.float32))
+    x.softmax(-1).numpy()
+    kernels = [p.kernel for key, p in compiler._programs.items()
+               if key[0] == "CPU" and getattr(p, "kernel", None) is not None and p.kernel.name == "r_4_1000"]
+    assert kernels and all(4000 <= k.flops <= 20 * 4000 for k in kernels), [k.flops for k in kernels]
+
+
 def test_cpu_exp2_within_2_ulp():
     """The CPU's exp2 (a polynomial gcc can vectorize) against float64: a dense sweep over the whole range, denormal
     results and overflow included, then the special values."""
