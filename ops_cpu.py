@@ -163,8 +163,8 @@ class CRenderer:
         # writes it) are computed as soon as those loops are open: once per row, not once per element
         deps = compiler.range_sets(kernel.store)
         accs = [n for n in kernel.store.toposort() if n.op is Ops.ACC and not set(kernel.ranges) <= deps[n]]
-        invariants = self.loop_invariants(kernel, deps)
         shared = self.park_shared_value(kernel, accs, deps)
+        invariants = self.loop_invariants(kernel, shared)
         opened = set()
         for i, r in enumerate(kernel.ranges):
             self.hoist_invariants(invariants, deps, opened, depth)
@@ -184,14 +184,16 @@ class CRenderer:
             self.close_loop(depth)
 
     @staticmethod
-    def loop_invariants(kernel, deps):
+    def loop_invariants(kernel, shared):
         """Loads and index checks, to be emitted as soon as the loops they depend on are open (hoist_invariants).
         gcc moves plain arithmetic out of loops itself, but not always a load from a loop that stores, and never a
         check, which may write the error flags; a check left in a loop also stops gcc vectorizing it (a gather's
         gradient compares every class with each row's checked target: 10x slower per element). The output's own
-        loads stay where they are: the loop's stores may change what they read."""
+        loads stay where they are: the loop's stores may change what they read. Nothing only a parked value
+        (`shared`, read back from the output) needs is hoisted: it would be loaded and never used."""
         out = kernel.store.src[0].arg[0]
-        return [n for n in kernel.store.toposort()
+        inside_shared = (lambda n: n == shared) if shared is not None else None
+        return [n for n in kernel.store.toposort(stop=inside_shared)
                 if n.op is Ops.CHECK or (n.op is Ops.LOAD and n.src[0].arg[0] != out)]
 
     def hoist_invariants(self, invariants, deps, opened, depth):
