@@ -11,7 +11,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
-import mmap
 import os
 import shutil
 import subprocess
@@ -760,28 +759,15 @@ class CPUGraph:
 ASAN = os.environ.get("PICOGRAD_ASAN", "") not in ("", "0")   # kernels built with AddressSanitizer (make test-asan)
 
 
-# numpy asks the kernel for transparent huge pages for arrays from this size up. Where memory comes from a hypervisor
-# (a cloud VM, the 2-core machine of PERF.md), faulting huge pages in the first time was measured at 0.5 GB/s against
-# 1.1-1.4 GB/s for small pages, and a training step's first call touches 1.5 GB of fresh memory. Blocks this big are
-# mapped directly instead, without the request: the system's default applies, as for torch's allocator.
-MAP_DIRECTLY = 4 << 20
-
-
 class CPUMemory:
-    """A 64-byte aligned block inside a numpy array (the array keeps it alive); a big one is a private anonymous
-    mapping of its own. Under AddressSanitizer the block is exactly the array, so a read one element past the end is
-    reported."""
+    """A 64-byte aligned block inside a numpy array (the array keeps it alive). Under AddressSanitizer the block
+    is exactly the array, so a read one element past the end is reported. Big arrays get transparent huge pages
+    (numpy asks for them): slow to fault in the first time on this VM (a training step's first call spends about
+    1 s of system time on its 1.5 GB), but decode, which streams its weights every token, ran 10% slower without
+    them."""
     __slots__ = ("array", "address", "nbytes")
 
     def __init__(self, nbytes):
-        if nbytes >= MAP_DIRECTLY and not ASAN:
-            try:
-                block = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)   # page-aligned, zeroed
-                self.array = np.frombuffer(block, dtype=np.uint8)
-            except (OSError, ValueError, OverflowError):
-                raise MemoryError(f"CPU: cannot allocate {nbytes} bytes ({nbytes / 2**30:.2f} GiB)") from None
-            self.address, self.nbytes = self.array.ctypes.data, nbytes
-            return
         pad = 0 if ASAN else 64
         try:
             raw = np.empty(nbytes + pad, dtype=np.uint8)

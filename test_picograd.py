@@ -1257,28 +1257,6 @@ def test_c_compiler_looked_up_once(monkeypatch, tmp_path):
     ops_cpu._checked_cc.cache_clear()
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="needs Linux's /proc/self/smaps")
-def test_cpu_big_blocks_do_not_ask_for_huge_pages():
-    """Big CPU buffers are mapped without MADV_HUGEPAGE (numpy's arrays of 4 MiB and more ask for it), since
-    faulting huge pages in for the first time costs a step's first call on a VM; they still hold data as any other."""
-    if ops_cpu.ASAN:
-        pytest.skip("under AddressSanitizer every block is a plain numpy array")
-    mem = ops_cpu.CPUMemory(ops_cpu.MAP_DIRECTLY + 64)
-    assert mem.address % 64 == 0 and mem.array.nbytes == mem.nbytes == ops_cpu.MAP_DIRECTLY + 64
-    with open("/proc/self/smaps") as f:
-        text = f.read()
-    # each mapping: a header line "start-end perms ...", then fields, VmFlags last ("hg" = huge pages advised)
-    flags = None
-    for header, *fields in (block.splitlines() for block in re.split(r"\n(?=[0-9a-f]+-[0-9a-f]+ )", text)):
-        start, end = (int(x, 16) for x in header.split()[0].split("-"))
-        if start <= mem.address + mem.nbytes // 2 < end:   # numpy advises from the block's second page on
-            flags = next(line for line in fields if line.startswith("VmFlags:")).split()[1:]
-    assert flags is not None and "hg" not in flags and "sh" not in flags, flags   # and private, not shared memory
-    n = ops_cpu.MAP_DIRECTLY // 4 + 3   # a tensor this big lives in such a block: values round-trip, kernels run
-    x = np.arange(n, dtype=np.float32)
-    np.testing.assert_array_equal((pg.Tensor(x, device="CPU") * 2 + 1).numpy(), x * 2 + 1)
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # The on-disk kernel cache
 
