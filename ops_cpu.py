@@ -191,8 +191,7 @@ class CRenderer:
         loads stay where they are: the loop's stores may change what they read. Nothing only a parked value
         (`shared`, read back from the output) needs is hoisted: it would be loaded and never used."""
         out = kernel.store.src[0].arg[0]
-        inside_shared = (lambda n: n == shared) if shared is not None else None
-        return [n for n in kernel.store.toposort(stop=inside_shared)
+        return [n for n in kernel.store.toposort(stop=lambda n: n is shared)
                 if n.op is Ops.CHECK or (n.op is Ops.LOAD and n.src[0].arg[0] != out)]
 
     def hoist_invariants(self, invariants, deps, opened, depth):

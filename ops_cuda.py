@@ -206,6 +206,7 @@ class CUDARenderer(CRenderer):
     math_fns = {Ops.EXP2: "exp2f", Ops.LOG2: "log2f", Ops.SIN: "sinf", Ops.SQRT: "sqrtf"}
     THREADS = 256
     FULL_THREADS = 2048   # resident threads per multiprocessor (Hopper, Ampere): what a memory-bound launch should fill
+    SMALL_PRODUCT = 1 << 20   # operand elements, all batches together, below which a thin product is a reduction
     cuda_preamble = CUDA_PREAMBLE
     mma_helpers = MMA_HELPERS
     wgmma_helpers = staticmethod(wgmma_helpers)
@@ -281,8 +282,6 @@ class CUDARenderer(CRenderer):
         while group < 1024 and group * 8 <= size and n_groups * group < self.FULL_THREADS * self.sm_count:
             group *= 2
         return group
-
-    SMALL_PRODUCT = 1 << 20   # operand elements, all batches together, below which a thin product is a reduction
 
     def latency_bound(self, c) -> bool:
         """A product with a side thinner than a tile's fragment (decode's attention: 4 query heads of a group
@@ -395,23 +394,7 @@ class CUDARenderer(CRenderer):
         for load in loads:
             if last not in self.ranges_of[load]:
                 self.expr(load, 1)   # the same element for all 4 lanes
-        lanes = {}
-        for load in loads:
-            if last not in self.ranges_of[load]:
-                continue
-            vtype = VECTOR_TYPES[self.ctype(load.dtype)]
-            vec = f"w{self.counter}"
-            self.counter += 1
-            self.emit(f"{vtype} {vec};", 1)
-            self.open_block(f"int {name} = {base};", 1)
-            param, index, valid = load.src
-            code = f"*(const {vtype}*)(d{param.arg[0]} + {self.expr(index, 2)})"
-            if valid.op is not Ops.CONST:
-                zero = self.literal(0, load.dtype)
-                code = f"({self.expr(valid, 2)} ? {code} : make_{vtype}({', '.join([zero] * 4)}))"
-            self.emit(f"{vec} = {code};", 2)
-            self.close_block(1)
-            lanes[load] = vec
+        lanes = {load: self.vector_load(load, name, base, 1) for load in loads if last in self.ranges_of[load]}
         param, index, value = kernel.store.src
         out_type = self.ctype(param.dtype)
         outs = [f"o{self.counter}_{j}" for j in range(4)]
@@ -426,6 +409,23 @@ class CUDARenderer(CRenderer):
         vtype = VECTOR_TYPES[out_type]
         self.emit(f"*({vtype}*)(d{param.arg[0]} + {self.expr(index, 2)}) = make_{vtype}({', '.join(outs)});", 2)
         self.close_block(1)
+
+    def vector_load(self, load, name, base, depth) -> str:
+        """The 16-byte vector of load's 4 elements at loop variable `name` = base .. base + 3 (the caller checked
+        the alignment: wide_ok, vector_loads); returns its name, whose .x .y .z .w are the lanes."""
+        vtype = VECTOR_TYPES[self.ctype(load.dtype)]
+        vec = f"w{self.counter}"
+        self.counter += 1
+        self.emit(f"{vtype} {vec};", depth)
+        self.open_block(f"int {name} = {base};", depth)
+        param, index, valid = load.src
+        code = f"*(const {vtype}*)(d{param.arg[0]} + {self.expr(index, depth + 1)})"
+        if valid.op is not Ops.CONST:
+            zero = self.literal(0, load.dtype)
+            code = f"({self.expr(valid, depth + 1)} ? {code} : make_{vtype}({', '.join([zero] * 4)}))"
+        self.emit(f"{vec} = {code};", depth + 1)
+        self.close_block(depth)
+        return vec
 
     def body_warp(self, kernel):
         per_block = self.launch.threads // 32
@@ -639,21 +639,7 @@ class CUDARenderer(CRenderer):
         for node in u.src[0].toposort():   # loads that stay put along the range: read once for the 4 lanes
             if node.op is Ops.LOAD and fast not in self.ranges_of[node] and self.ranges_of[node] <= self.available():
                 self.expr(node, depth)
-        lanes = {}
-        for load in moving:
-            vtype = VECTOR_TYPES[self.ctype(load.dtype)]
-            vec = f"w{self.counter}"
-            self.counter += 1
-            self.emit(f"{vtype} {vec};", depth)
-            self.open_block(f"int {name} = {name}_4;", depth)
-            param, index, valid = load.src
-            code = f"*(const {vtype}*)(d{param.arg[0]} + {self.expr(index, depth + 1)})"
-            if valid.op is not Ops.CONST:
-                zero = self.literal(0, load.dtype)
-                code = f"({self.expr(valid, depth + 1)} ? {code} : make_{vtype}({', '.join([zero] * 4)}))"
-            self.emit(f"{vec} = {code};", depth + 1)
-            self.close_block(depth)
-            lanes[load] = vec
+        lanes = {load: self.vector_load(load, name, f"{name}_4", depth) for load in moving}
         for j, component in enumerate("xyzw"):
             self.open_block(f"int {name} = {name}_4 + {j};", depth)
             self.scopes[-1].update({load: f"{vec}.{component}" for load, vec in lanes.items()})
