@@ -649,8 +649,8 @@ def test_cross_entropy_gradient_target_out_of_range(device):
 def test_cpu_index_check_hoisted_out_of_row_loops():
     """A gather's gradient (one-hot columns against a checked target) checks the target once per row: a check, a
     call that may write the error flags, inside the loop over the 1003 classes keeps gcc from vectorizing it."""
-    logits = pg.Tensor(RNG.standard_normal((5, 1003)).astype(np.float32), requires_grad=True)
-    pg.cross_entropy(logits, pg.Tensor(RNG.integers(0, 1003, 5).astype(np.int32))).backward()
+    logits = pg.Tensor(RNG.standard_normal((5, 1003)).astype(np.float32), device="CPU", requires_grad=True)
+    pg.cross_entropy(logits, pg.Tensor(RNG.integers(0, 1003, 5).astype(np.int32), device="CPU")).backward()
     logits.grad.numpy()
     sources = [p.source for key, p in compiler._programs.items() if key[0] == "CPU" and
                getattr(getattr(p, "kernel", None), "uses_check", False) and "< 1003;" in p.source]
@@ -673,9 +673,10 @@ def test_cpu_packed_matmul_depth_slices_and_column_blocks(m, k, n, transposed):
     a = RNG.standard_normal((m, k)).astype(np.float32)
     b = RNG.standard_normal((k, n)).astype(np.float32)
     if transposed:
-        pa, pb = pg.Tensor(np.ascontiguousarray(a.T)).T, pg.Tensor(np.ascontiguousarray(b.T)).T
+        pa = pg.Tensor(np.ascontiguousarray(a.T), device="CPU").T
+        pb = pg.Tensor(np.ascontiguousarray(b.T), device="CPU").T
     else:
-        pa, pb = pg.Tensor(a), pg.Tensor(b)
+        pa, pb = pg.Tensor(a, device="CPU"), pg.Tensor(b, device="CPU")
     got = (pa @ pb).numpy()
     want = a.astype(np.float64) @ b.astype(np.float64)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.sqrt(k))
@@ -687,7 +688,7 @@ def test_cpu_packed_matmul_depth_slices_and_column_blocks(m, k, n, transposed):
 def test_kernel_flops_count_a_fused_row_reduction_once_per_row():
     """DEBUG=2's GFLOP/s: the max and the sum of a softmax fused into its kernel run once per row, so they count
     row length x rows, not once more for every element (which showed the cross entropy's gradient at 15 TFLOP/s)."""
-    x = pg.Tensor(RNG.standard_normal((4, 1000)).astype(np.float32))
+    x = pg.Tensor(RNG.standard_normal((4, 1000)).astype(np.float32), device="CPU")
     x.softmax(-1).numpy()
     kernels = [p.kernel for key, p in compiler._programs.items()
                if key[0] == "CPU" and getattr(p, "kernel", None) is not None and p.kernel.name == "r_4_1000"]
