@@ -39,13 +39,16 @@ class LaunchPlan:
     row_block, sgemm, mma, wgmma), `threads` per block, `grid` blocks (1-D). The group kinds give each output `group`
     threads that split its reductions (warp: 32 lanes; block: the whole block; split: `group` warps, one slice each,
     32 outputs per block); the row kinds give each row of a kernel with fused row reductions a warp or a block.
-    `contraction` and `tile` describe a matmul; `shared` is the dynamic shared memory a block needs, in bytes."""
-    __slots__ = ("kind", "threads", "grid", "group", "contraction", "tile", "shared")
+    `contraction` and `tile` describe a matmul; `shared` is the dynamic shared memory a block needs, in bytes.
+    `programmatic` (Hopper on): the kernel may launch while the one before it in the stream still runs, and waits
+    for that one's results in its first instruction (programmatic dependent launch, see CUDARenderer.render)."""
+    __slots__ = ("kind", "threads", "grid", "group", "contraction", "tile", "shared", "programmatic")
 
     def __init__(self, kind, threads, grid, group=1, contraction=None, tile=None):
         self.kind, self.threads, self.grid, self.group = kind, threads, grid, group
         self.contraction, self.tile = contraction, tile
         self.shared = tile.shared_bytes() if tile is not None else 0
+        self.programmatic = False   # launched as a programmatic dependent of the kernel before it (set by render)
 
     def __repr__(self):
         return f"LaunchPlan({self.kind}, threads={self.threads}, grid={self.grid}, group={self.group})"
@@ -112,6 +115,13 @@ __device__ __forceinline__ int pg_check(int i, int n, int* err) {
   }
   return i;
 }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define pg_wait_for_previous_kernel() asm volatile("griddepcontrol.wait;" ::: "memory")
+#define pg_release_next_kernel() asm volatile("griddepcontrol.launch_dependents;")
+#else
+#define pg_wait_for_previous_kernel()
+#define pg_release_next_kernel()
+#endif
 """
 
 # cvt.rna rounds fp32 to tf32 (10-bit mantissa, nearest, ties away) as cuBLAS does; the mma accumulates in fp32.
@@ -225,6 +235,11 @@ class CUDARenderer(CRenderer):
         self.ranges_of = compiler.range_sets(kernel.store)
         self.rows = None
         self.launch = self.plan(kernel)
+        # Hopper's programmatic dependent launch: a kernel's blocks are dispatched while the kernel before it still
+        # runs its last blocks, and wait (griddepcontrol.wait, every thread, before anything else) until that
+        # kernel has finished and its writes are visible. Decode runs hundreds of kernels of a few microseconds,
+        # whose launch and ramp-up this overlaps with the previous kernel's tail.
+        self.launch.programmatic = self.sm >= 90
         kind = self.launch.kind
         self.preamble = self.cuda_preamble + (self.mma_helpers if kind in ("mma", "wgmma") else "") + (
             self.wgmma_helpers(self.launch.tile.BN, self.launch.tile.buffers - 3) if kind == "wgmma" else "")
@@ -354,6 +369,12 @@ class CUDARenderer(CRenderer):
         return f'extern "C" __global__ void __launch_bounds__({bounds}) ' + c_signature[len("void "):]
 
     def render_body(self, kernel):
+        if self.launch.programmatic:
+            # the wait comes first so that every thread, early returns included, sees the previous kernel done
+            # (then the next kernel's completion implies this one's predecessors'); the dependents are released
+            # only after it, so at most one kernel waits ahead of the running one
+            self.emit("pg_wait_for_previous_kernel();", 1)
+            self.emit("pg_release_next_kernel();", 1)
         for name, _, _ in kernel.var_names:
             self.emit(f"const int {name} = pg_vars[{var_slot(name)}];", 1)
         self.loop_stack, self.reduce_depth, self.store_guard, self.group = [], 0, None, None
@@ -1243,7 +1264,7 @@ class CUDAProgram:
         self.image = compiler.cached_payload(cubin_path)
         self.name = kernel.name
         self.home = device
-        self.functions = {}   # device name -> (device, module, function)
+        self.functions = {}   # device name -> (device, module, function, launch configuration)
         self.param_index = [p.index for p in kernel.params]
         self.var_order = [name for name, _, _ in kernel.var_names]
         self.ptr_slots = [ctypes.c_uint64(0) for _ in self.param_index]
@@ -1267,15 +1288,31 @@ class CUDAProgram:
                     limit = driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
                     device.check(driver.cuFuncSetAttribute(fn, limit, self.launch.shared),
                                  f"allowing {self.name} {self.launch.shared} bytes of shared memory")
-                entry = self.functions[device.name] = (device, module, fn)
+                entry = self.functions[device.name] = (device, module, fn, self.launch_config(device))
             return entry
+
+    def launch_config(self, device):
+        """cuLaunchKernelEx's configuration for a programmatic dependent launch on device's stream (None: a plain
+        cuLaunchKernel)."""
+        launch, driver = self.launch, device.driver
+        if not launch.programmatic:
+            return None
+        attribute = driver.CUlaunchAttribute()
+        attribute.id = driver.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+        attribute.value.programmaticStreamSerializationAllowed = 1
+        config = driver.CUlaunchConfig()
+        config.gridDimX, config.gridDimY, config.gridDimZ = launch.grid, 1, 1
+        config.blockDimX, config.blockDimY, config.blockDimZ = launch.threads, 1, 1
+        config.sharedMemBytes, config.hStream = launch.shared, device.stream
+        config.attrs, config.numAttrs = [attribute], 1
+        return config
 
     def __call__(self, bufs, var_vals):
         where = bufs[self.param_index[0]].device if self.param_index else self.home.name
         entry = self.functions.get(where)
         if entry is None:
             entry = self.function_on(pg.Device[where])
-        device, _, fn = entry
+        device, _, fn, config = entry
         try:
             for slot, i in zip(self.ptr_slots, self.param_index):
                 slot.value = bufs[i].mem.ptr
@@ -1296,8 +1333,11 @@ class CUDAProgram:
         if launch.kind == "scatter":   # the atomic adds start from zero
             out = bufs[self.kernel.store.src[0].arg[0]]
             device.check(device.driver.cuMemsetD32Async(out.mem.ptr, 0, out.size, device.stream), "zeroing")
-        err = device.driver.cuLaunchKernel(fn, launch.grid, 1, 1, launch.threads, 1, 1, launch.shared, device.stream,
-                                           self.arg_address, 0)[0]
+        if config is not None:
+            err = device.driver.cuLaunchKernelEx(config, fn, self.arg_address, 0)[0]
+        else:
+            err = device.driver.cuLaunchKernel(fn, launch.grid, 1, 1, launch.threads, 1, 1, launch.shared,
+                                               device.stream, self.arg_address, 0)[0]
         if err != device.success:
             device.check((err,), f"launching {self.name} (grid {launch.grid}, {launch.threads} threads)")
 

@@ -3156,6 +3156,10 @@ def test_render_and_compile_for_sm90(name, fp32):
         path = ops_cuda.compile_cuda(source, "sm_90", k.name)
         cubin = compiler.cached_payload(path)
         assert cubin[:4] == b"\x7fELF", "NVRTC must produce a cubin, not PTX"
+        # Hopper launches every kernel as a programmatic dependent: each thread's first act is the wait
+        body = source[source.index("__global__"):].splitlines()
+        assert plan.programmatic and body[1].strip() == "pg_wait_for_previous_kernel();", source
+        assert not ops_cuda.render_cuda(k, "sm_80")[1].programmatic
         seen.add(plan.kind)
         sources.append(source)
     if kinds is not None:
@@ -3882,6 +3886,8 @@ class FakeDriver:
         self.CUresult, self.CUdevice_attribute, self.CUstream_flags = real.CUresult, real.CUdevice_attribute, \
             real.CUstream_flags
         self.CUstreamCaptureMode = real.CUstreamCaptureMode
+        self.CUlaunchConfig, self.CUlaunchAttribute = real.CUlaunchConfig, real.CUlaunchAttribute
+        self.CUlaunchAttributeID = real.CUlaunchAttributeID
         self.ok, self.oom = real.CUresult.CUDA_SUCCESS, real.CUresult.CUDA_ERROR_OUT_OF_MEMORY
         self.capacity, self.used, self.blocks, self.libraries = capacity, 0, {}, {}
         self.launches = 0
@@ -3910,7 +3916,7 @@ class FakeDriver:
         return (self.ok, self.attributes[attr])
 
     def cuStreamCreate(self, flags):
-        return (self.ok, "stream")
+        return (self.ok, 0)
 
     def cuStreamSynchronize(self, stream):
         return (self.ok,)
@@ -3976,6 +3982,17 @@ class FakeDriver:
         self.launches += 1
         fn.pg_launch(params, gx, bx, 60.0)
         return (self.ok,)
+
+    def cuLaunchKernelEx(self, config, fn, params, extra):
+        """Hopper's programmatic dependent launch: in order, as a plain launch (the emulator runs kernels one at a
+        time, so there is no overlap to allow)."""
+        serialization = self.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+        assert config.numAttrs == 1 and config.attrs[0].id == serialization, config
+        assert config.attrs[0].value.programmaticStreamSerializationAllowed == 1
+        self.programmatic_launches = getattr(self, "programmatic_launches", 0) + 1
+        return self.cuLaunchKernel(fn, config.gridDimX, config.gridDimY, config.gridDimZ, config.blockDimX,
+                                   config.blockDimY, config.blockDimZ, config.sharedMemBytes, config.hStream, params,
+                                   extra)
 
     # graph capture: work queued while capturing is recorded, and cuGraphLaunch runs it
     recording = None
@@ -4080,6 +4097,7 @@ def test_fake_device_runs_programs_and_copies(fake):
     back = (Tensor(x).to(FAKE) * 2).to("CPU").numpy()
     np.testing.assert_array_equal(back, x * 2)
     assert fake.driver.launches >= 3
+    assert fake.driver.programmatic_launches == fake.driver.launches   # Hopper: cuLaunchKernelEx, serialization
 
 
 @needs_nvrtc
