@@ -350,11 +350,12 @@ def bench_llama_inference(device, shape, decode_tokens=48, prompt_len=256):
     sync = pg.Device[device].synchronize
 
     def decode_run():
-        # decode positions 0..n-1 one token at a time (the cache fills as it goes); the first two calls of a new
-        # context length warm up and trace, so they are run once before timing
+        # decode positions 0..n-1 one token at a time (the cache fills as it goes), greedily, the token read back
+        # to the host each step as the torch loops below do; the first two calls of a new context length warm up
+        # and trace, so they are run once before timing
         token = 1
         for pos in range(decode_tokens):
-            token = int(model.decode([token], pos).numpy().argmax())
+            token = int(model.decode([token], pos, greedy=True).numpy()[0])
     decode_run()
     start = time.perf_counter()
     decode_run()

@@ -1611,13 +1611,26 @@ class Trace:
                     slots.append(("state", ref))
                     state.append(ref)
             self.launches.append((prog, slots, var_vals, device))
-        self.guards += [lambda r=ref: r() is not None for ref in dict.fromkeys(state)]
+        # the state's liveness is watched by weak references whose callbacks mark the capture stale, rather than
+        # checked on every call: a Llama step holds a few hundred parameters (the checks were 60 us of a 2 ms
+        # token). The flag is a list so that the callbacks do not keep the trace alive.
+        self.state_freed = freed = [False]
+        self.state_watches = []
+        for ref in dict.fromkeys(state):
+            owner = ref()
+            if owner is None:
+                freed[0] = True   # already gone
+            else:
+                self.state_watches.append(weakref.ref(owner, lambda _, f=freed: f.__setitem__(0, True)))
+        self.recorded_vars = {}   # each variable's value at trace time, for calls that leave it out
+        for _, _, var_vals, _ in self.launches:
+            self.recorded_vars.update(var_vals)
         self.input_meta = {k: (meta[s][3], meta[s][1], meta[s][2]) for s, k in input_serials.items() if s in meta}
         self.kernel_count = sum(1 for prog, *_ in self.launches if prog is not None)
         self.graph, self.graph_device = None, self._graph_device()
 
     def is_stale(self):
-        return not all(guard() for guard in self.guards)
+        return self.state_freed[0] or not all(guard() for guard in self.guards)
 
     def _graph_device(self):
         """The device whose graph can replay the whole step: every launch a kernel or copy on one device that
@@ -1690,12 +1703,9 @@ class Trace:
         return _unflatten_outputs(self.structure, iter(fresh))
 
     def _replay_graph(self, inputs, var_vals):
-        recorded = {}
-        for _, _, vv, _ in self.launches:
-            recorded.update(vv)
         outs = [Buffer(*spec) if kind == "fresh" else None for kind, spec in self.outputs]
         self.graph.replay({k: inputs[k] for k in self.input_meta}, {k: b for k, b in enumerate(outs) if b},
-                          {name: var_vals.get(name, value) for name, value in recorded.items()})
+                          {name: var_vals.get(name, value) for name, value in self.recorded_vars.items()})
         pg._STATS["kernels_launched"] += self.kernel_count
         self.graph_device.check_errors()
         return self._results(outs)

@@ -638,7 +638,7 @@ class Llama:
                                    last)
         return logits.reshape(tokens.shape[0], self.config.vocab_size)
 
-    def _decode_step(self, tokens: pg.Tensor, pos: pg.Variable, ctx: int) -> pg.Tensor:
+    def _decode_step(self, tokens: pg.Tensor, pos: pg.Variable, ctx: int, greedy: bool = False) -> pg.Tensor:
         # positions are a runtime Variable and attention spans a fixed ctx keys, masked beyond pos, so one trace
         # serves every position below ctx; ctx doubles as the sequence grows, costing one trace per power of two
         mask = (pg.arange(ctx, device=self.device) <= pos).reshape(1, ctx)
@@ -650,11 +650,15 @@ class Llama:
             return attention(q, cache_k[:, :ctx], cache_v[:, :ctx], mask)
 
         logits = self._transformer(tokens, self.cos[pos:pos + 1], self.sin[pos:pos + 1], attend)
-        return logits.reshape(tokens.shape[0], self.config.vocab_size)
+        logits = logits.reshape(tokens.shape[0], self.config.vocab_size)
+        # greedy decoding picks the token in the same step: 4 bytes come back to the host instead of the logits
+        # (on the GPU the logits' copy and a host argmax took 140 of 2000 us a token)
+        return logits.argmax(-1) if greedy else logits
 
-    def decode(self, tokens, pos: int) -> pg.Tensor:
+    def decode(self, tokens, pos: int, greedy: bool = False) -> pg.Tensor:
         """Logits [batch, vocab] for one token per sequence (a list of ids or an int32 tensor [batch, 1]) at
-        position pos, through the compiled step; positions before pos must already be in the cache."""
+        position pos, through the compiled step; positions before pos must already be in the cache. greedy: the
+        most likely token ids [batch] (int32, the first on ties) instead of the logits."""
         if not isinstance(tokens, pg.Tensor):
             tokens = pg.Tensor(np.asarray(tokens, dtype=np.int32).reshape(-1, 1), device=self.device)
         if not 0 <= pos < self.max_seq_len:
@@ -662,7 +666,7 @@ class Llama:
         self._ensure_cache(tokens.shape[0])
         ctx = min(max(32, 1 << pos.bit_length()), self.max_seq_len)
         with pg.no_grad():
-            return self.decode_step(tokens, pg.Variable("pos", 0, self.max_seq_len - 1).bind(pos), ctx)
+            return self.decode_step(tokens, pg.Variable("pos", 0, self.max_seq_len - 1).bind(pos), ctx, greedy)
 
     # -- training: no cache, every position attends causally within its own sequence
     def causal(self, seq: int):
@@ -1486,14 +1490,13 @@ def generate(model: Llama, prompt_ids, max_new_tokens: int, temperature: float =
                "compile_s": 0.0}
     model.timings = timings
     start = time.perf_counter()
-    logits = model.prefill(prompt_ids).numpy().reshape(-1)
+    token = sampler(model.prefill(prompt_ids).numpy().reshape(-1))
     timings["prefill_s"] = time.perf_counter() - start
     generated = []
     pos = len(prompt_ids)
-    while len(generated) < max_new_tokens:
-        token = sampler(logits)
-        if token in stop_ids:
-            break
+    # at temperature 0 the decode step itself picks the token: only its id comes back to the host
+    greedy = sampler.temperature == 0.0
+    while len(generated) < max_new_tokens and token not in stop_ids:
         generated.append(token)
         if on_token is not None:
             on_token(token)
@@ -1502,7 +1505,8 @@ def generate(model: Llama, prompt_ids, max_new_tokens: int, temperature: float =
             break
         traces = pg.stats()["traces"]
         start = time.perf_counter()
-        logits = model.decode([token], pos).numpy().reshape(-1)
+        out = model.decode([token], pos, greedy).numpy().reshape(-1)
+        token = int(out[0]) if greedy else sampler(out)
         took = time.perf_counter() - start
         if pg.stats()["traces"] > traces:
             timings["compile_s"] += took

@@ -1520,6 +1520,23 @@ def test_closure_tensor_rebound_is_seen():
     np.testing.assert_allclose(f(x).numpy(), [0, 10, 20])
 
 
+def test_state_replaced_behind_an_attribute_retraces():
+    """A parameter swapped on an object the step reads (model.w = ...): no closure guard sees it, but the old
+    tensor's buffer is freed, which marks the capture stale, and the next call traces again with the new one."""
+    class Model:
+        w = pg.Tensor(np.ones(3, np.float32))
+    model = Model()
+    f = pg.compile(lambda x: x * model.w)
+    x = pg.Tensor(np.arange(3, dtype=np.float32))
+    for _ in range(3):
+        np.testing.assert_allclose(f(x).numpy(), [0, 1, 2])
+    model.w = pg.Tensor(np.full(3, 10.0, np.float32))
+    Model.w = None
+    for _ in range(3):
+        np.testing.assert_allclose(f(x).numpy(), [0, 10, 20])
+    assert len(f.traces) == 1
+
+
 def test_assign_into_a_view_raises_instead_of_writing_a_copy():
     """A transposed, sliced or flipped view's assign() used to write into a copy of the view (the base unchanged,
     silently); torch writes through. Now it says so; t[a:b] = value writes a region in place."""
@@ -2756,6 +2773,11 @@ def test_batched_decode_matches_single_sequences():
     for b in range(3):
         single = llama.Llama(config, weights)(pg.Tensor(tokens[b:b + 1])).numpy()[0, -1]
         np.testing.assert_allclose(batched[b], single, rtol=0, atol=1e-4)
+    # the greedy step picks each sequence's first most likely token inside the compiled step
+    model(pg.Tensor(tokens[:, :5]))
+    picked = model.decode(tokens[:, 5], 5, greedy=True).numpy()
+    assert picked.dtype == np.int32 and picked.shape == (3,)
+    np.testing.assert_array_equal(picked, batched.argmax(-1))
 
 
 def test_generate_seeded_sampling_and_stops():
