@@ -168,53 +168,89 @@ def bench_compile_time(device, shape="stories15M", batch=8, seq=256, steps=6):
                    20.0 if start == "cold" else 2.0, "s", "target")
 
 
-_NUMPY_MATMUL = r'''
+_NUMPY_MATMUL = r"""
 import sys, time, numpy as np
-for n in map(int, sys.argv[1:]):
-    a = np.random.rand(n, n).astype(np.float32); b = np.random.rand(n, n).astype(np.float32)
+for spec in sys.argv[1:]:
+    batch, m, k, n, transposed = map(int, spec.split(","))
+    a = np.random.rand(batch, m, k).astype(np.float32)
+    b = np.random.rand(batch, n, k).astype(np.float32)
+    b = b.transpose(0, 2, 1) if transposed else np.ascontiguousarray(b.transpose(0, 2, 1))
+    if batch == 1:
+        a, b = a[0], b[0]
     a @ b
     ts = []
     for _ in range(5):
         t = time.perf_counter(); a @ b; ts.append(time.perf_counter() - t)
-    print(n, 2 * n**3 / np.median(ts) / 1e9)
-'''
+    print(spec, 2 * batch * m * k * n / np.median(ts) / 1e9)
+"""
 
 
-def numpy_matmul_gflops(sizes, coretype_env: bool):
+def numpy_matmul_gflops(cases, coretype_env: bool):
     """numpy's OpenBLAS in a subprocess, with the environment as set, or with OPENBLAS_CORETYPE/L2_SIZE unset
-    (OpenBLAS reads them when it loads)."""
+    (OpenBLAS reads them when it loads): GFLOP/s by case spec."""
     env = dict(os.environ)
     if not coretype_env:
         env.pop("OPENBLAS_CORETYPE", None)
         env.pop("OPENBLAS_L2_SIZE", None)
-    out = subprocess.run([sys.executable, "-c", _NUMPY_MATMUL, *map(str, sizes)], env=env, capture_output=True,
+    specs = [",".join(map(str, case[1:])) for case in cases]
+    out = subprocess.run([sys.executable, "-c", _NUMPY_MATMUL, *specs], env=env, capture_output=True,
                          text=True, check=True).stdout
-    return {int(n): float(g) for n, g in (line.split() for line in out.splitlines())}
+    return {spec: float(g) for spec, g in (line.split() for line in out.splitlines())}
 
 
-def bench_matmul(device, sizes):
+def matmul_cases(sizes, shapes):
+    """(label, batch, m, k, n, transposed): square products, then each Llama shape's products in the prefill of a
+    256-token prompt, weights stored [out, in] as the model keeps them (x @ W.T, transposed = 1)."""
+    cases = [(f"{n}x{n}", 1, n, n, n, 0) for n in sizes]
+    for shape in shapes:
+        s = SHAPES[shape]
+        dim, hidden, heads, vocab = s["dim"], s["hidden_dim"], s["n_heads"], s["vocab_size"]
+        head_dim = dim // heads
+        cases += [(f"{shape} q/o projection 256x{dim}x{dim}", 1, 256, dim, dim, 1),
+                  (f"{shape} MLP up 256x{dim}x{hidden}", 1, 256, dim, hidden, 1),
+                  (f"{shape} MLP down 256x{hidden}x{dim}", 1, 256, hidden, dim, 1),
+                  (f"{shape} attention scores {heads}x256x{head_dim}x256", heads, 256, head_dim, 256, 1),
+                  (f"{shape} output head 256x{dim}x{vocab}", 1, 256, dim, vocab, 1)]
+    return cases
+
+
+def bench_matmul(device, sizes, shapes):
+    cases = matmul_cases(sizes, shapes)
     if device == "CPU":
-        as_set = numpy_matmul_gflops(sizes, True)
-        unset = numpy_matmul_gflops(sizes, False)
+        as_set = numpy_matmul_gflops(cases, True)
+        unset = numpy_matmul_gflops(cases, False)
+    rng = np.random.default_rng(0)
     for tf32 in ([False] if device == "CPU" else [False, True]):
         pg.TF32 = tf32
-        mm = pg.compile(lambda x, y: x @ y)
-        for n in sizes:
-            a = pg.Tensor(np.random.rand(n, n).astype(np.float32), device=device)
-            b = pg.Tensor(np.random.rand(n, n).astype(np.float32), device=device)
+        for label, batch, m, k, n, transposed in cases:
+            mm = pg.compile(lambda x, y: x @ y)
+            a_np = rng.random((batch, m, k), dtype=np.float32)
+            b_np = rng.random((batch, n, k), dtype=np.float32)
+            if batch == 1:
+                a_np, b_np = a_np[0], b_np[0]
+            a = pg.Tensor(a_np, device=device)
+            b = pg.Tensor(b_np, device=device).transpose(-1, -2)   # a view: what x @ W.T gives the kernel
+            if not transposed:
+                b = b.contiguous().realize()
             t = median_time(lambda: mm(a, b), reps=5, sync=pg.Device[device].synchronize)
-            ours = 2 * n ** 3 / t / 1e9
+            ours = 2 * batch * m * k * n / t / 1e9
+            spec = ",".join(map(str, (batch, m, k, n, transposed)))
             if device == "CPU":
-                record("matmul", f"fp32 matmul {n}x{n} (OpenBLAS env as set)", ours, as_set[n], "GFLOP/s", "numpy")
-                record("matmul", f"fp32 matmul {n}x{n} (OPENBLAS_CORETYPE unset)", ours, unset[n], "GFLOP/s",
+                record("matmul", f"fp32 matmul {label} (OpenBLAS env as set)", ours, as_set[spec], "GFLOP/s",
+                       "numpy")
+                record("matmul", f"fp32 matmul {label} (OPENBLAS_CORETYPE unset)", ours, unset[spec], "GFLOP/s",
                        "numpy")
             else:
                 import torch
                 torch.backends.cuda.matmul.allow_tf32 = tf32
-                ta, tb = torch.rand(n, n, device="cuda"), torch.rand(n, n, device="cuda")
-                theirs = 2 * n ** 3 / median_time(lambda: ta @ tb, reps=10, sync=torch.cuda.synchronize) / 1e9
+                ta = torch.tensor(a_np, device="cuda")
+                tb = torch.tensor(b_np, device="cuda").transpose(-1, -2)
+                if not transposed:
+                    tb = tb.contiguous()
+                t = median_time(lambda: ta @ tb, reps=10, sync=torch.cuda.synchronize)
+                theirs = 2 * batch * m * k * n / t / 1e9
                 name = "tf32" if tf32 else "fp32"
-                record("matmul", f"{name} matmul {n}x{n}", ours / 1e3, theirs / 1e3, "TFLOP/s", "cuBLAS")
+                record("matmul", f"{name} matmul {label}", ours / 1e3, theirs / 1e3, "TFLOP/s", "cuBLAS")
     pg.TF32 = False
 
 
@@ -506,7 +542,7 @@ def main():
                         "bandwidth,llama,train")
     parser.add_argument("--sizes", default="512,1024,2048,4096")
     parser.add_argument("--json", default="", help="also write the rows to this file")
-    parser.add_argument("--llama", default="stories15M,stories110M", help="shapes for decode/prefill")
+    parser.add_argument("--llama", default="stories15M,stories110M", help="shapes for decode/prefill and the matmul section's products")
     parser.add_argument("--train", default="stories15M", help="shapes for training throughput")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=256)
@@ -525,7 +561,7 @@ def main():
     if want("modes"):
         bench_modes(device)
     if want("matmul"):
-        bench_matmul(device, [int(s) for s in args.sizes.split(",")])
+        bench_matmul(device, [int(s) for s in args.sizes.split(",") if s], [s for s in args.llama.split(",") if s])
     if want("bandwidth"):
         bench_bandwidth_kernels(device, read_bw, copy_bw)
     for shape in args.llama.split(","):
