@@ -648,6 +648,27 @@ def _reduce_columns(x: UOp, op: Ops, axes) -> UOp:
     return parts.reduce(op, (0,)).reshape((1,) * lead + rest)
 
 
+# split-K: a product with fewer output tiles than a GPU has multiprocessors splits its depth into pieces
+SPLIT_K_TILE = 128        # the output tile edge a GPU's big matmul template uses
+SPLIT_K_MIN_DEPTH = 256   # the least depth a piece keeps
+
+
+def _split_depth(m, n, k, batch, multiprocessors) -> int:
+    """How many pieces a [batch, m, k] @ [batch, k, n] product's depth is split into: 1 (no split) unless the
+    device has many multiprocessors (a GPU; the CPU's few cores are filled by any real product) and the product's
+    output tiles fill less than two waves of them, as a prefill's projections do (256 tokens x 2048 features: 32
+    tiles on 132 multiprocessors, each a chain 2048 to 8192 deep). Thin products (decode's matrix-vector
+    products) run as reductions, not tiles, and are never split."""
+    if multiprocessors < 16 or min(m, n) < 64:
+        return 1
+    tiles = batch * -(-m // SPLIT_K_TILE) * -(-n // SPLIT_K_TILE)
+    pieces = 1
+    while (tiles * pieces * 2 <= 2 * multiprocessors and k % (2 * pieces) == 0
+           and k // (2 * pieces) >= SPLIT_K_MIN_DEPTH):
+        pieces *= 2
+    return pieces
+
+
 def _shape_arg(shape):
     """Accept f(2, 3), f((2, 3)) and f([2, 3])."""
     if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
@@ -1703,12 +1724,25 @@ class Tensor:
         if x.shape[-1] != w.shape[-2]:
             raise ValueError(f"matmul shape mismatch: {self.shape} @ {other.shape} "
                              f"({x.shape[-1]} != {w.shape[-2]})")
-        _broadcast_shape(x.shape[:-2], w.shape[:-2])
+        batch = _broadcast_shape(x.shape[:-2], w.shape[:-2])
+        m, k, n = x.shape[-2], x.shape[-1], w.shape[-1]
+        pieces = _split_depth(m, n, k, prod(batch), getattr(Device[self.device], "sm_count", 0))
+        if pieces > 1:
+            # split-K: the pieces' products as one batched product [pieces, ..., m, n], then their sum (both
+            # operands get every batch dim first, so that the pieces' dim lines up)
+            x = x.reshape((1,) * (len(batch) + 2 - x.ndim) + x.shape)
+            w = w.reshape((1,) * (len(batch) + 2 - w.ndim) + w.shape)
+            x = x.reshape(x.shape[:-1] + (pieces, k // pieces))
+            x = x.permute([x.ndim - 2] + list(range(x.ndim - 2)) + [x.ndim - 1])
+            w = w.reshape(w.shape[:-2] + (pieces, k // pieces, n))
+            w = w.permute([w.ndim - 3] + list(range(w.ndim - 3)) + [w.ndim - 2, w.ndim - 1])
         # [..., m, 1, k] * [..., 1, n, k] summed over k: the product broadcasts batch dims in one step, so the
         # gradient of each operand is a single reduction (over batch and the other side's rows at once)
         xb = x.unsqueeze(-2)
         wb = w.transpose(-1, -2).unsqueeze(-3)
         out = (xb * wb).sum(-1)
+        if pieces > 1:
+            out = out.contiguous().sum(0)
         if self.ndim == 1:
             out = out.squeeze(-2)
         if other.ndim == 1:

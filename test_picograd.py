@@ -1108,6 +1108,32 @@ def test_matmul_mismatch_names_shapes(device, mode):
     assert _shapes_in(str(err.value), (3, 4), (5, 6)), str(err.value)
 
 
+@pytest.mark.parametrize("sa,sb", [((256, 1024), (1024, 192)), ((3, 128, 512), (512, 64)),
+                                   ((2, 64, 2048), (1, 2048, 96))])
+def test_split_depth_products_match_torch(device, monkeypatch, sa, sb):
+    """Products with few output tiles and a long depth run split-K on a GPU (the pieces as one batched product,
+    then their sum); the CPU is made to look like a GPU of 132 multiprocessors. Values and both gradients
+    (broadcast batch dims included) against torch."""
+    dev = pg.Device[device]
+    if getattr(dev, "sm_count", 0) < 16:
+        monkeypatch.setattr(dev, "sm_count", 132, raising=False)
+    batch = np.broadcast_shapes(sa[:-2], sb[:-2])
+    assert pg._split_depth(sa[-2], sb[-1], sa[-1], pg.prod(batch), dev.sm_count) > 1
+    a, b = RNG.standard_normal(sa).astype(np.float32), RNG.standard_normal(sb).astype(np.float32)
+    scale = RNG.standard_normal(batch + (sa[-2], sb[-1])).astype(np.float32)
+    pa = pg.Tensor(a, device=device, requires_grad=True)
+    pb = pg.Tensor(b, device=device, requires_grad=True)
+    out = (pa @ pb).relu()
+    (out * pg.Tensor(scale, device=device)).sum().backward()
+    ta, tb = torch.tensor(a, requires_grad=True), torch.tensor(b, requires_grad=True)
+    tout = (ta @ tb).relu()
+    (tout * torch.tensor(scale)).sum().backward()
+    depth = sa[-1]
+    np.testing.assert_allclose(out.numpy(), tout.detach().numpy(), rtol=1e-4, atol=1e-4 * np.sqrt(depth))
+    np.testing.assert_allclose(pa.grad.numpy(), ta.grad.numpy(), rtol=1e-4, atol=1e-4 * np.sqrt(sb[-1]))
+    np.testing.assert_allclose(pb.grad.numpy(), tb.grad.numpy(), rtol=1e-4, atol=1e-4 * np.sqrt(a.size // depth))
+
+
 def test_cat_mismatch_names_shapes(device, mode):
     with pytest.raises(ValueError) as err:
         pg.cat([pg.zeros(2, 3, device=device), pg.zeros(2, 4, device=device)])
