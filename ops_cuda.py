@@ -70,14 +70,14 @@ class MatmulTile:
         self.warps_m, self.warps_n, self.TM, self.TN, self.warpgroups = warps_m, warps_n, TM, TN, warpgroups
         self.min_blocks, self.buffers = min_blocks, buffers
         if warpgroups:
-            assert BM == 64 * warpgroups and BK % 8 == 0 and buffers >= 3, (BM, BK, warpgroups, buffers)
+            assert BM == 64 * warpgroups and BK == 32 and buffers >= 3, (BM, BK, warpgroups, buffers)   # rows of 128 B
             self.threads = 128 * warpgroups
         else:
             self.threads = 32 * warps_m * warps_n if warps_m else (BM // TM) * (BN // TN)
 
     def shared_bytes(self) -> int:
         """Dynamic shared memory of the wgmma template (the others declare theirs statically)."""
-        return 4 * self.buffers * (self.BM + self.BN) * self.BK if self.warpgroups else 0
+        return 4 * self.buffers * (self.BM + self.BN) * self.BK + 1024 if self.warpgroups else 0
 
 
 TF32_TILES = (MatmulTile(128, 128, 16, warps_m=2, warps_n=2), MatmulTile(64, 64, 16, warps_m=2, warps_n=2))
@@ -144,8 +144,7 @@ __device__ __forceinline__ void pg_mma_tf32(float* d, const unsigned* a, const u
 
 def wgmma_helpers(n: int, pending: int) -> str:
     """Hopper's warpgroup mma (sm_90a) for a 64 x n x 8 step with both operands in shared memory, as the wgmma
-    template uses it: a descriptor of an operand's core matrices (address, leading and stride byte offsets, no
-    swizzle), the fences, and the multiply itself, whose n / 2 accumulators per thread lie as mma's C fragments
+    template uses it: a descriptor of an operand in the 128-byte swizzled layout (_CoreMatrixOperand), the fences, and the multiply itself, whose n / 2 accumulators per thread lie as mma's C fragments
     of 16-row pieces: warp w of the group holds rows 16w .. 16w + 15, d[4j + i] at (g + 8 * (i >> 1), 8j + 2t +
     (i & 1)). And the asynchronous 16-byte copies, waited for with `pending` groups still in flight."""
     regs = n // 2
@@ -153,9 +152,9 @@ def wgmma_helpers(n: int, pending: int) -> str:
     return f"""\
 typedef unsigned long long pg_desc;
 #define PG_DYNAMIC_SHARED(name, words) extern __shared__ __align__(128) unsigned name[]
-__device__ __forceinline__ pg_desc pg_wgmma_desc(const unsigned* tile, unsigned leading, unsigned stride) {{
+__device__ __forceinline__ pg_desc pg_wgmma_desc(const unsigned* tile) {{   /* 128-byte swizzle, 1024-byte atoms */
   unsigned address = (unsigned)__cvta_generic_to_shared(tile);
-  return (pg_desc)((address & 0x3ffff) >> 4) | ((pg_desc)(leading >> 4) << 16) | ((pg_desc)(stride >> 4) << 32);
+  return (pg_desc)((address & 0x3ffff) >> 4) | ((pg_desc)1 << 16) | ((pg_desc)(1024 >> 4) << 32) | ((pg_desc)1 << 62);
 }}
 __device__ __forceinline__ void pg_wgmma_fence() {{ asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }}
 __device__ __forceinline__ void pg_wgmma_commit() {{ asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }}
@@ -706,9 +705,11 @@ class CUDARenderer(CRenderer):
         # 180 TFLOP/s at 8192: see PERF.md)
         copied = [(a_op, "pg_m0")] if a_op.vector else []
         staged = [(op, x0) for op, x0 in operands if (op, x0) not in copied]
-        emit(f"PG_DYNAMIC_SHARED(pg_smem, {S * (BM + BN) * BK});", 1)
-        emit("unsigned* pg_As = pg_smem;", 1)
-        emit(f"unsigned* pg_Bs = pg_smem + {S * BM * BK};", 1)
+        emit(f"PG_DYNAMIC_SHARED(pg_smem, {S * (BM + BN) * BK + 256});", 1)
+        # the swizzle's atoms start on 1024 bytes (the XOR takes address bits 7-9): the buffers start at the first
+        # such address of the allocation, which has a kilobyte to spare
+        emit("unsigned* pg_As = (unsigned*)(((unsigned long long)pg_smem + 1023) & ~1023ull);", 1)
+        emit(f"unsigned* pg_Bs = pg_As + {S * BM * BK};", 1)
         self.tile_origin(c, t, (a_op, b_op))
         for op, _ in staged:
             emit(f"float {op.staging}[{op.registers(T)}];", 1)
@@ -1102,20 +1103,22 @@ class _FragmentOperand(_GroupOperand):
 
 
 class _CoreMatrixOperand(_GroupOperand):
-    """An operand of the wgmma template, in shared memory as wgmma reads it without swizzling: "core matrices" of
-    8 rows x 4 consecutive k (128 contiguous bytes, row-major), the one of rows 8r .. 8r + 7 and group q at word
-    (q * BX / 8 + r) * 32 of the slice. A descriptor then steps 128 bytes from one 8-row core matrix to the next
-    (its stride) and BX * 16 bytes from one group of k to the next (its leading offset). A store's bank depends only
-    on x % 8, so each 8 lanes store 8 consecutive rows: when k is contiguous, a warp takes 8 rows x 4 groups (64
-    contiguous bytes of each row), else 32 consecutive rows of one group."""
+    """An operand of the wgmma template, in shared memory as wgmma reads it with the 128-byte swizzle: row x of
+    the slice (its BK = 32 values of k, 128 bytes) at byte 128 x, its 16-byte group q (k 4q .. 4q + 3) in chunk
+    q ^ (x % 8) of the row. Each 8 rows (1024 bytes, aligned) are a swizzle atom: a descriptor steps 1024 bytes
+    from one to the next, and a k-step of 8 starts 32 bytes further into the row (the multiply applies the XOR to
+    the address bits itself). Rows whole and contiguous let a warp fetch 4 full rows (128 bytes each) when k is
+    contiguous, and the XOR spreads both a row's 8 groups and one group of 8 consecutive rows over all the banks,
+    so the stores of either fetch order are free of conflicts. Without the swizzle (core matrices of 8 rows x 16
+    bytes) a k-contiguous fetch read 8 rows x 64 bytes per warp and ran the nt layout (x @ W.T) at 0.31 of cuBLAS
+    against 0.43 for nn (PERF.md)."""
 
     def k_fast_coords(self):
-        groups = self.bk // 4   # 8 consecutive rows per 8 threads, then the next group of those rows
-        return f"(pg_e & 7) + ((pg_e >> 3) / {groups}) * 8", f"(pg_e >> 3) % {groups}"
+        groups = self.bk // 4   # each 8 threads take one row's 8 groups
+        return f"pg_e / {groups}", f"pg_e % {groups}"
 
     def group_slot(self, buf) -> str:
-        core_matrix = f"pg_q * {self.bx // 8} + (pg_x >> 3)"
-        return f"pg_{self.name}s[({buf}) * {self.smem_size} + ({core_matrix}) * 32 + (pg_x & 7) * 4]"
+        return f"pg_{self.name}s[({buf}) * {self.smem_size} + pg_x * 32 + ((pg_q ^ (pg_x & 7)) << 2)]"
 
     def emit_copy(self, emit, depth, threads, x0, k0, buf):
         """Global -> shared memory buffer `buf` without registers (cp.async, 16 bytes a group; zeros past the edges):
@@ -1143,9 +1146,9 @@ class _CoreMatrixOperand(_GroupOperand):
         emit("}", depth)
 
     def descriptor(self, buf, group, row) -> str:
-        """The wgmma descriptor of the core matrices from (row, 4 * group) of buffer `buf` on."""
-        word = f"({buf}) * {self.smem_size} + {group * self.bx // 8 * 32} + ({row} >> 3) * 32"
-        return f"pg_wgmma_desc(pg_{self.name}s + {word}, {self.bx * 16}, 128)"
+        """The wgmma descriptor of the operand from (row, 4 * group) of buffer `buf` on (row a multiple of 8)."""
+        word = f"({buf}) * {self.smem_size} + {group * 4} + ({row}) * 32"
+        return f"pg_wgmma_desc(pg_{self.name}s + {word})"
 
 
 def _acc_size(acc) -> int:

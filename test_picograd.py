@@ -3490,14 +3490,16 @@ extern "C" int pg_launch(void** args, unsigned grid, unsigned threads, double ti
 
 
 # wgmma, per thread: each thread computes its own accumulators from the shared-memory operands, reading them the
-# way the PTX ISA describes a descriptor without swizzling (8-row x 16-byte core matrices, the one of rows 8i ..
-# and k 4j .. at i * stride + j * leading bytes from the start). Written from the ISA, not from the renderer. The
-# multiply happens at issue, which equals the GPU's asynchronous one in a program whose fences and barriers are right.
+# way the PTX ISA describes a K-major operand with the 128-byte swizzle: rows of 128 bytes, 8 rows (1024 bytes) to a
+# swizzle atom and 1024 bytes from one atom to the next (the descriptor's stride), element (x, k) at byte
+# x * 128 + 4 k past the start (x within the atom) with address bits 4-6 XORed with bits 7-9. Written from the ISA,
+# not from the renderer. The multiply happens at issue, which equals the GPU's asynchronous one in a program whose
+# fences and barriers are right.
 EMU_WGMMA = r"""
-struct pg_desc { const unsigned* base; unsigned leading, stride; };
+struct pg_desc { unsigned long long start; };
 #define PG_DYNAMIC_SHARED(name, words) static unsigned name[words] __attribute__((aligned(128)))
-static inline pg_desc pg_wgmma_desc(const unsigned* tile, unsigned leading, unsigned stride) {
-  return {tile, leading, stride};
+static inline pg_desc pg_wgmma_desc(const unsigned* tile) {
+  return {(unsigned long long)tile};
 }
 static inline void pg_wgmma_fence() {}
 static inline void pg_wgmma_commit() {}
@@ -3511,7 +3513,9 @@ static inline void pg_copy16(unsigned* shared, const float* global, int bytes) {
 static inline void pg_copy_commit() {}
 static inline void pg_copy_wait() {}
 static inline float pg_wgmma_element(pg_desc d, unsigned x, unsigned k) {
-  unsigned u = d.base[((x / 8) * d.stride + (k / 4) * d.leading) / 4 + (x % 8) * 4 + k % 4] & 0xffffe000u;
+  unsigned long long address = d.start + (x / 8) * 1024 + (x % 8) * 128 + k * 4;
+  address ^= ((address >> 7) & 7) << 4;
+  unsigned u = *(const unsigned*)address & 0xffffe000u;   /* the multiply reads tf32: the low 13 bits are ignored */
   float f;
   memcpy(&f, &u, 4);
   return f;
