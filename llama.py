@@ -442,6 +442,11 @@ def load_checkpoint(path: str) -> tuple[LlamaConfig, dict[str, np.ndarray]]:
 # the model
 
 
+# weights that read the same input, stacked for inference (see Llama.__init__): stacked name -> its parts, in order
+STACKED = {"self_attn.qkv_proj.weight": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+           "mlp.gate_up_proj.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight")}
+
+
 class Llama:
     """The Llama transformer (Llama 2 and 3) on picograd Tensors, with a KV cache for generation.
 
@@ -466,13 +471,29 @@ class Llama:
         self.n_kv_heads = config.n_kv_heads // self.tp.size
         # a tied head is the embedding itself, unless pipeline stages hold the two on different ranks
         tied = config.tie_word_embeddings and "model.embed_tokens.weight" in weights
+        # Inference stacks the projections that read the same input (a layer's q, k and v; the MLP's gate and up)
+        # into one matrix each, which runs as one product: decode's k and v products alone were too small to reach
+        # the memory's bandwidth (2.2 us for 4 MB on the H200) and every product is a launch. The weights keep
+        # their names, as views of the stacked matrix. Training keeps them apart: an optimizer updates leaves.
+        self.stacked = {} if requires_grad else {
+            f"model.layers.{i}.{whole}": [f"model.layers.{i}.{part}" for part in parts]
+            for i in self.layers for whole, parts in STACKED.items()
+            if all(f"model.layers.{i}.{part}" in weights for part in parts)}
+        in_stack = {name for parts in self.stacked.values() for name in parts}
         self.weights = {}
         for name, array in weights.items():
-            if name == "lm_head.weight" and tied:
+            if name == "lm_head.weight" and tied or name in in_stack:
                 continue
             # a contiguous float32 copy: loaders hand out read-only memory maps
             self.weights[name] = pg.Tensor(np.ascontiguousarray(array, dtype=np.float32), device=device,
                                            requires_grad=requires_grad)
+        for whole, parts in self.stacked.items():
+            arrays = [np.asarray(weights[name], dtype=np.float32) for name in parts]
+            self.stacked[whole] = pg.Tensor(np.concatenate(arrays), device=device)
+            row = 0
+            for name, array in zip(parts, arrays):
+                self.weights[name] = self.stacked[whole][row:row + array.shape[0]]
+                row += array.shape[0]
         if tied:
             # one tensor in both places, so training updates (and differentiates) it as one parameter
             self.weights["lm_head.weight"] = self.weights["model.embed_tokens.weight"]
@@ -553,14 +574,30 @@ class Llama:
         h = tp.copy_to_parallel(pg.rms_norm(x, w[p + "input_layernorm.weight"], c.norm_eps))
         # contiguous: RoPE reads q and k at two places each, and the scheduler would otherwise fuse (and
         # repeat) the whole matmul into each read
-        q = (h @ w[p + "self_attn.q_proj.weight"].T).contiguous().reshape(batch, seq, self.n_heads, c.head_dim)
-        k = (h @ w[p + "self_attn.k_proj.weight"].T).contiguous().reshape(batch, seq, self.n_kv_heads, c.head_dim)
-        v = (h @ w[p + "self_attn.v_proj.weight"].T).reshape(batch, seq, self.n_kv_heads, c.head_dim)
+        q, k, v = self.projections(h, p, "self_attn.qkv_proj.weight", contiguous=(True, True, False))
+        q = q.reshape(batch, seq, self.n_heads, c.head_dim)
+        k = k.reshape(batch, seq, self.n_kv_heads, c.head_dim)
+        v = v.reshape(batch, seq, self.n_kv_heads, c.head_dim)
         out = attend(i, rotate(q, cos, sin), rotate(k, cos, sin), v)
         x = x + tp.all_reduce(out.reshape(batch, seq, self.n_heads * c.head_dim) @ w[p + "self_attn.o_proj.weight"].T)
         h = tp.copy_to_parallel(pg.rms_norm(x, w[p + "post_attention_layernorm.weight"], c.norm_eps))
-        gate = h @ w[p + "mlp.gate_proj.weight"].T
-        return x + tp.all_reduce((gate.silu() * (h @ w[p + "mlp.up_proj.weight"].T)) @ w[p + "mlp.down_proj.weight"].T)
+        gate, up = self.projections(h, p, "mlp.gate_up_proj.weight")
+        return x + tp.all_reduce((gate.silu() * up) @ w[p + "mlp.down_proj.weight"].T)
+
+    def projections(self, h: pg.Tensor, prefix: str, group: str, contiguous=()) -> list[pg.Tensor]:
+        """h @ W.T for each weight W of the STACKED group of the layer whose names start with prefix: one product
+        and views of its columns when the model stacks the group, else one product each, made contiguous where
+        `contiguous` says so (the stacked product always is)."""
+        stacked, names = self.stacked.get(prefix + group), [prefix + part for part in STACKED[group]]
+        if stacked is None:
+            outs = [h @ self.weights[name].T for name in names]
+            return [out.contiguous() if keep else out for out, keep in zip(outs, list(contiguous) + [False] * 3)]
+        product, outs, column = (h @ stacked.T).contiguous(), [], 0
+        for name in names:
+            rows = self.weights[name].shape[0]
+            outs.append(product[..., column:column + rows])
+            column += rows
+        return outs
 
     def head(self, x: pg.Tensor) -> pg.Tensor:
         """Logits from the residual stream: the final norm and the (replicated) vocabulary projection."""
