@@ -2152,6 +2152,25 @@ def tiny_weights(config, seed=0):
     return {name: rng.standard_normal(shape).astype(np.float32) for name, shape in llama.weight_shapes(config).items()}
 
 
+def test_inference_stacks_projections(device):
+    """A model without gradients runs each layer's q, k, v (and gate, up) as one product through a stacked matrix;
+    its named weights are views of it, equal to what was loaded, and its logits equal those of a model that keeps
+    them apart (a training model) on every path: the full forward, prefill and compiled decode."""
+    config = tiny_config(dim=32, n_heads=4, n_kv_heads=2, hidden_dim=40)
+    weights = tiny_weights(config, seed=3)
+    stacked = llama.Llama(config, weights, device=device)
+    apart = llama.Llama(config, weights, device=device, requires_grad=True)
+    assert len(stacked.stacked) == 2 * config.n_layers and not apart.stacked
+    assert stacked.stacked["model.layers.1.self_attn.qkv_proj.weight"].shape == (32 + 2 * 16, 32)
+    for name, t in stacked.state_dict().items():
+        np.testing.assert_array_equal(t.numpy(), weights[name], err_msg=name)
+    tokens = pg.Tensor(np.array([[1, 7, 3, 12, 5]], np.int32), device=device)
+    want = apart.logits(tokens).numpy()
+    close(stacked.logits(tokens).numpy(), want, rtol=1e-4, atol=1e-4)
+    close(stacked.prefill([1, 7, 3, 12]).numpy(), want[:, 3], rtol=1e-4, atol=1e-4)
+    close(stacked.decode([5], 4).numpy(), want[:, 4], rtol=1e-4, atol=1e-4)
+
+
 def write_folder(folder, config, weights, shards=1):
     from safetensors.numpy import save_file
     os.makedirs(folder, exist_ok=True)
