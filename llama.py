@@ -443,8 +443,10 @@ def load_checkpoint(path: str) -> tuple[LlamaConfig, dict[str, np.ndarray]]:
 
 
 # weights that read the same input, stacked for inference (see Llama.__init__): stacked name -> its parts, in order
-STACKED = {"self_attn.qkv_proj.weight": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
-           "mlp.gate_up_proj.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight")}
+STACKED = {
+    "self_attn.qkv_proj.weight": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+    "mlp.gate_up_proj.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
+}
 
 
 class Llama:
@@ -591,7 +593,7 @@ class Llama:
         stacked, names = self.stacked.get(prefix + group), [prefix + part for part in STACKED[group]]
         if stacked is None:
             outs = [h @ self.weights[name].T for name in names]
-            return [out.contiguous() if keep else out for out, keep in zip(outs, list(contiguous) + [False] * 3)]
+            return [out.contiguous() if keep else out for out, keep in zip(outs, contiguous or [False] * len(outs))]
         product, outs, column = (h @ stacked.T).contiguous(), [], 0
         for name in names:
             rows = self.weights[name].shape[0]

@@ -144,9 +144,10 @@ __device__ __forceinline__ void pg_mma_tf32(float* d, const unsigned* a, const u
 
 def wgmma_helpers(n: int, pending: int) -> str:
     """Hopper's warpgroup mma (sm_90a) for a 64 x n x 8 step with both operands in shared memory, as the wgmma
-    template uses it: a descriptor of an operand in the 128-byte swizzled layout (_CoreMatrixOperand), the fences, and the multiply itself, whose n / 2 accumulators per thread lie as mma's C fragments
-    of 16-row pieces: warp w of the group holds rows 16w .. 16w + 15, d[4j + i] at (g + 8 * (i >> 1), 8j + 2t +
-    (i & 1)). And the asynchronous 16-byte copies, waited for with `pending` groups still in flight."""
+    template uses it: a descriptor of an operand in the 128-byte swizzled layout (_CoreMatrixOperand), the fences,
+    and the multiply itself, whose n / 2 accumulators per thread lie as mma's C fragments of 16-row pieces: warp w
+    of the group holds rows 16w .. 16w + 15, d[4j + i] at (g + 8 * (i >> 1), 8j + 2t + (i & 1)). And the
+    asynchronous 16-byte copies, waited for with `pending` groups still in flight."""
     regs = n // 2
     outputs = ", ".join(f'"+f"(d[{i}])' for i in range(regs))
     return f"""\
