@@ -13,6 +13,8 @@ import argparse
 import json
 import os
 import platform
+import re
+import struct
 import subprocess
 import sys
 import tempfile
@@ -375,7 +377,39 @@ def _eager(fn):
         return fn()
 
 
-def bench_llama_inference(device, shape, decode_tokens=48, prompt_len=256):
+def llama2c_decode(run_binary: str, config, steps: int) -> float:
+    """Tokens/s of llama2.c's `run` (a binary the user built from its run.c, e.g. with gcc -Ofast -fopenmp
+    -march=native) decoding greedily from BOS, as its own "achieved tok/s" line reports it: its timer starts after
+    the first token, so it runs steps + 1 positions. It reads random weights of the same shape, written in its
+    checkpoint format, and a placeholder tokenizer (it only prints the tokens)."""
+    rng = np.random.default_rng(0)
+    dim, hidden, layers, vocab = config.dim, config.hidden_dim, config.n_layers, config.vocab_size
+    kv_dim, head = config.kv_dim, config.head_dim
+    # token embedding, rms_att, wq, wk, wv, wo, rms_ffn, w1, w2, w3, rms_final, two legacy RoPE tables; the
+    # classifier is the embedding (a positive vocab_size in the header says so)
+    sizes = [vocab * dim, layers * dim, layers * dim * dim, 2 * layers * kv_dim * dim, layers * dim * dim,
+             layers * dim, 3 * layers * hidden * dim, dim, config.max_seq_len * head]
+    with tempfile.TemporaryDirectory() as folder:
+        checkpoint, tokenizer = os.path.join(folder, "model.bin"), os.path.join(folder, "tokenizer.bin")
+        with open(checkpoint, "wb") as f:
+            np.array([dim, hidden, layers, config.n_heads, config.n_kv_heads, vocab, config.max_seq_len],
+                     np.int32).tofile(f)
+            for size in sizes:
+                (rng.standard_normal(size, dtype=np.float32) * 0.02).tofile(f)
+        with open(tokenizer, "wb") as f:
+            pieces = [f"<{i}>".encode() for i in range(vocab)]
+            f.write(struct.pack("<i", max(map(len, pieces))))
+            for piece in pieces:
+                f.write(struct.pack("<fi", 0.0, len(piece)) + piece)
+        proc = subprocess.run([run_binary, checkpoint, "-z", tokenizer, "-n", str(steps + 1), "-t", "0"],
+                              capture_output=True, text=True, timeout=600)
+    found = re.search(r"achieved tok/s: ([0-9.]+)", proc.stdout + proc.stderr)
+    if proc.returncode != 0 or found is None:
+        raise RuntimeError(f"{run_binary} did not report its speed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
+    return float(found.group(1))
+
+
+def bench_llama_inference(device, shape, decode_tokens=48, prompt_len=256, llama2c_run=""):
     import llama
     import torch
     from transformers import LlamaForCausalLM
@@ -425,7 +459,10 @@ def bench_llama_inference(device, shape, decode_tokens=48, prompt_len=256):
     if compiled is not None:
         record("llama", f"{label} decode vs torch.compile + CUDA graphs", ours_decode, compiled, "tok/s",
                "torch.compile")
-    if shape in LLAMA2C_DECODE and device == "CPU":
+    if llama2c_run and device == "CPU":
+        record("llama", f"{label} decode vs llama2.c on this machine", ours_decode,
+               llama2c_decode(llama2c_run, config, decode_tokens), "tok/s", "llama2.c")
+    elif shape in LLAMA2C_DECODE and device == "CPU":
         lo, hi = map(float, LLAMA2C_DECODE[shape].split("-"))
         record("llama", f"{label} decode vs llama2.c (its low figure)", ours_decode, lo, "tok/s", "llama2.c")
     record("llama", f"{label} prefill {prompt_len} tokens/s", ours_prefill, theirs_prefill, "tok/s", "torch")
@@ -547,6 +584,8 @@ def main():
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--profile", action="store_true", help="also print where one training step's time goes")
+    parser.add_argument("--llama2c", default="", help="a llama2.c `run` binary: CPU decode is compared with it, run "
+                        "in the same session on the same shapes, instead of with its quoted figures")
     args = parser.parse_args()
     only = set(filter(None, args.only.split(",")))
     device = pg.Device.canonicalize(args.device)
@@ -566,7 +605,7 @@ def main():
         bench_bandwidth_kernels(device, read_bw, copy_bw)
     for shape in args.llama.split(","):
         if shape and want("llama"):
-            bench_llama_inference(device, shape)
+            bench_llama_inference(device, shape, llama2c_run=args.llama2c)
     for shape in args.train.split(","):
         if shape and want("train"):
             bench_llama_training(device, shape, batch=args.batch, seq=args.seq, profile=args.profile)
