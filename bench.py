@@ -579,7 +579,8 @@ def main():
                         "bandwidth,llama,train")
     parser.add_argument("--sizes", default="512,1024,2048,4096")
     parser.add_argument("--json", default="", help="also write the rows to this file")
-    parser.add_argument("--llama", default="stories15M,stories110M", help="shapes for decode/prefill and the matmul section's products")
+    parser.add_argument("--llama", default="stories15M,stories110M",
+                        help="shapes for decode/prefill and the matmul section's products")
     parser.add_argument("--train", default="stories15M", help="shapes for training throughput")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=256)
