@@ -709,10 +709,11 @@ def test_cpu_exp2_within_2_ulp():
     assert np.all(got[~finite] == np.inf)
     ulp = np.maximum(np.spacing(np.abs(rounded[finite])).astype(np.float64), 2.0 ** -149)
     assert np.max(np.abs(got[finite] - want[finite]) / ulp) <= 2
-    special = np.array([np.nan, np.inf, -np.inf, 0, -0.0, 128, -149, -150, -1e30, 1e30], dtype=np.float32)
+    special = np.array([np.nan, -np.nan, np.inf, -np.inf, 0, -0.0, 1e-45, -1e-45, 1e-38, 128, -149, -150, -1e30,
+                        1e30], dtype=np.float32)
     got = pg.Tensor(special, device="CPU").exp2().numpy()
-    np.testing.assert_array_equal(got, np.array([np.nan, np.inf, 0, 1, 1, np.inf, 2.0 ** -149, 0, 0, np.inf],
-                                                dtype=np.float32))
+    np.testing.assert_array_equal(got, np.array([np.nan, np.nan, np.inf, 0, 1, 1, 1, 1, 1, np.inf, 2.0 ** -149, 0, 0,
+                                                 np.inf], dtype=np.float32))
 
 
 def test_residual_stream_stored_by_its_products(device):
