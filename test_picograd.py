@@ -617,6 +617,61 @@ def test_softmax_into_a_slice_and_in_place(device):
         np.testing.assert_allclose(t.numpy(), want, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("rows,cols", [(1, 1), (7, 7), (129, 129), (3, 1000), (5, 4096)])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+@pytest.mark.parametrize("threaded", [False, True])
+def test_cpu_streamed_row_kernels(monkeypatch, rows, cols, layout, threaded):
+    """Every float output written with streaming stores (STREAM_BYTES 0), on one thread or in two slices at any size:
+    softmax (its exponentials parked in a stack row), log-softmax, RMSNorm and a flat add, against torch at odd
+    sizes, with rows read contiguously or transposed."""
+    monkeypatch.setattr(ops_cpu.CRenderer, "STREAM_BYTES", 0)
+    monkeypatch.setattr(ops_cpu.CRenderer, "threads", 2)
+    monkeypatch.setattr(ops_cpu, "PARALLEL_WORK", 0 if threaded else 1 << 62)
+    monkeypatch.setattr(compiler, "_programs", {})   # kernels built before kept their normal stores
+    x = RNG.standard_normal((rows, cols)).astype(np.float32) * 3
+    gain = RNG.standard_normal(cols).astype(np.float32)
+    px = pg.Tensor(np.ascontiguousarray(x.T), device="CPU").T if layout == "transposed" else pg.Tensor(x, device="CPU")
+    tx, tgain = torch.from_numpy(x), torch.from_numpy(gain)
+    np.testing.assert_allclose(px.softmax(-1).numpy(), tx.softmax(-1).numpy(), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(px.log_softmax(-1).numpy(), tx.log_softmax(-1).numpy(), rtol=1e-5, atol=1e-5)
+    want = tx * torch.rsqrt((tx * tx).mean(-1, keepdim=True) + 1e-5) * tgain
+    got = pg.rms_norm(px, pg.Tensor(gain, device="CPU"), 1e-5).numpy()
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose((px.reshape(-1) + 1.5).numpy(), x.reshape(-1) + np.float32(1.5), rtol=1e-6)
+    sources = [p.source for key, p in compiler._programs.items() if key[0] == "CPU" and hasattr(p, "source")]
+    assert any("pg_stream(&" in s for s in sources) == (rows * cols >= 8)
+    if cols % 8 == 0:   # rows on whole vectors: the softmax streams, its exponentials wait in a stack row
+        assert any("pg_park[" in s and "pg_stream(&" in s for s in sources)
+
+
+@pytest.mark.parametrize("size", [2, 7, 1000])
+def test_cpu_threaded_reduction_over_everything(monkeypatch, size):
+    """A softmax over a whole 1-D tensor, and its gradient, with every kernel split between two threads: the
+    reduction over everything is computed once before the threads share the loop, so the exponentials it parks in
+    the output are not written again under another thread's results."""
+    monkeypatch.setattr(ops_cpu.CRenderer, "threads", 2)
+    monkeypatch.setattr(ops_cpu, "PARALLEL_WORK", 0)
+    monkeypatch.setattr(compiler, "_programs", {})
+    check([(size,)], lambda x: x.softmax(0).abs(), lambda x: x.softmax(0).abs(), "CPU")
+
+
+def test_cpu_streamed_softmax_into_a_slice_and_in_place(monkeypatch):
+    """The slice and in-place softmax with streaming stores on: rows at an offset of 3 (not on whole vectors: plain
+    stores) and of 8 (streamed, 997 wide: a plain tail), and over the input itself (read by the kernel: plain
+    stores)."""
+    monkeypatch.setattr(ops_cpu.CRenderer, "STREAM_BYTES", 0)
+    monkeypatch.setattr(compiler, "_programs", {})
+    test_softmax_into_a_slice_and_in_place("CPU")
+    x = RNG.standard_normal((6, 997)).astype(np.float32) * 3
+    with pg.no_grad():
+        wide = pg.zeros(6, 1016, device="CPU")
+        wide[:, 8:1005] = pg.Tensor(x, device="CPU").softmax(-1)
+        got = wide.numpy()
+    np.testing.assert_allclose(got[:, 8:1005], torch.from_numpy(x).softmax(-1).numpy(), rtol=1e-5, atol=1e-7)
+    assert not got[:, :8].any() and not got[:, 1005:].any()
+    assert any("pg_stream(&" in p.source for key, p in compiler._programs.items() if hasattr(p, "source"))
+
+
 @pytest.mark.parametrize("rows,classes", [(1, 1), (7, 7), (129, 129), (7, 1000)])
 @pytest.mark.parametrize("layout", ["contiguous", "transposed"])
 def test_cross_entropy_gradient_sizes(device, rows, classes, layout):
@@ -657,7 +712,8 @@ def test_cpu_index_check_hoisted_out_of_row_loops():
     assert sources
     for source in sources:
         lines = source.splitlines()
-        body = lines[next(i for i, line in enumerate(lines) if line.startswith("void ")):]
+        # from the kernel's first function: a threaded kernel's loops are in the static function before it
+        body = lines[next(i for i, line in enumerate(lines) if line.startswith(("void ", "static void "))):]
         class_loops = [line for line in body if re.search(r"for \(int \w+ = \d+; \w+ < (1003|992);", line)]
         checks = [line for line in body if "pg_check(" in line]
         indent = min(len(line) - len(line.lstrip()) for line in class_loops)
