@@ -477,11 +477,11 @@ class Llama:
         # into one matrix each, which runs as one product: decode's k and v products alone were too small to reach
         # the memory's bandwidth (2.2 us for 4 MB on the H200) and every product is a launch. The weights keep
         # their names, as views of the stacked matrix. Training keeps them apart: an optimizer updates leaves.
-        self.stacked = {} if requires_grad else {
+        stacks = {} if requires_grad else {   # stacked name -> its parts' names
             f"model.layers.{i}.{whole}": [f"model.layers.{i}.{part}" for part in parts]
             for i in self.layers for whole, parts in STACKED.items()
             if all(f"model.layers.{i}.{part}" in weights for part in parts)}
-        in_stack = {name for parts in self.stacked.values() for name in parts}
+        in_stack = {name for parts in stacks.values() for name in parts}
         self.weights = {}
         for name, array in weights.items():
             if name == "lm_head.weight" and tied or name in in_stack:
@@ -489,7 +489,8 @@ class Llama:
             # a contiguous float32 copy: loaders hand out read-only memory maps
             self.weights[name] = pg.Tensor(np.ascontiguousarray(array, dtype=np.float32), device=device,
                                            requires_grad=requires_grad)
-        for whole, parts in self.stacked.items():
+        self.stacked = {}   # stacked name -> its matrix
+        for whole, parts in stacks.items():
             arrays = [np.asarray(weights[name], dtype=np.float32) for name in parts]
             self.stacked[whole] = pg.Tensor(np.concatenate(arrays), device=device)
             row = 0

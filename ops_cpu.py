@@ -233,7 +233,7 @@ class CRenderer:
         # A reduction over everything (x / x.sum()) is computed once, before the threads share the outermost loop:
         # in each thread's slice function it would be computed twice, its parked values written over the other
         # thread's results. Such a loop stores plainly (its threads' streaming stores would need a fence each).
-        deps = compiler.range_sets(kernel.store)
+        deps = self.deps = compiler.range_sets(kernel.store)   # which loops each node depends on
         whole = any(n.op is Ops.ACC and not deps[n] for n in kernel.store.toposort())
         if threaded and not whole:
             return self.render_threaded(kernel)
@@ -270,7 +270,7 @@ class CRenderer:
         depth = 1
         # reductions that depend on the outer loops only (a softmax's max and sum, fused into the kernel that
         # writes it) are computed as soon as those loops are open: once per row, not once per element
-        deps = self.deps = compiler.range_sets(kernel.store)
+        deps = self.deps
         accs = [n for n in kernel.store.toposort() if n.op is Ops.ACC and not set(kernel.ranges) <= deps[n]]
         shared = self.park_shared_value(kernel, accs, deps)
         invariants = self.loop_invariants(kernel, shared)

@@ -77,6 +77,7 @@ class MatmulTile:
 
     def shared_bytes(self) -> int:
         """Dynamic shared memory of the wgmma template (the others declare theirs statically)."""
+        # a kilobyte to spare: the buffers start on the first 1024-byte boundary (see body_wgmma)
         return 4 * self.buffers * (self.BM + self.BN) * self.BK + 1024 if self.warpgroups else 0
 
 
@@ -706,9 +707,9 @@ class CUDARenderer(CRenderer):
         # 180 TFLOP/s at 8192: see PERF.md)
         copied = [(a_op, "pg_m0")] if a_op.vector else []
         staged = [(op, x0) for op, x0 in operands if (op, x0) not in copied]
-        emit(f"PG_DYNAMIC_SHARED(pg_smem, {S * (BM + BN) * BK + 256});", 1)
+        emit(f"PG_DYNAMIC_SHARED(pg_smem, {t.shared_bytes() // 4});", 1)
         # the swizzle's atoms start on 1024 bytes (the XOR takes address bits 7-9): the buffers start at the first
-        # such address of the allocation, which has a kilobyte to spare
+        # such address of the allocation, which has a kilobyte to spare (MatmulTile.shared_bytes)
         emit("unsigned* pg_As = (unsigned*)(((unsigned long long)pg_smem + 1023) & ~1023ull);", 1)
         emit(f"unsigned* pg_Bs = pg_As + {S * BM * BK};", 1)
         self.tile_origin(c, t, (a_op, b_op))

@@ -662,9 +662,8 @@ def _split_depth(m, n, k, batch, multiprocessors) -> int:
     if multiprocessors < 16 or min(m, n) < 64:
         return 1
     tiles = batch * -(-m // SPLIT_K_TILE) * -(-n // SPLIT_K_TILE)
-    pieces = 1
-    while (tiles * pieces * 2 <= 2 * multiprocessors and k % (2 * pieces) == 0
-           and k // (2 * pieces) >= SPLIT_K_MIN_DEPTH):
+    pieces = 1   # doubled while the doubled pieces' tiles stay within two waves and their depth long enough
+    while tiles * pieces <= multiprocessors and k % (2 * pieces) == 0 and k // (2 * pieces) >= SPLIT_K_MIN_DEPTH:
         pieces *= 2
     return pieces
 
