@@ -57,8 +57,8 @@ class LaunchPlan:
 class MatmulTile:
     """Block tile BM x BN stepping BK along K. tf32 `mma`: a grid of WARPS_M x WARPS_N warps, each owning a
     (BM / WARPS_M) x (BN / WARPS_N) tile of m16n8k8 mma fragments. tf32 `wgmma`: WARPGROUPS groups of 4 warps, each
-    owning 64 rows x BN. fp32: (BM / TM) x (BN / TN) threads, each owning TM rows (adjacent) x TN columns (spaced
-    BN / TN apart, so a warp's stores are coalesced). `min_blocks` asks the compiler to fit that many blocks on a
+    owning 64 rows x BN. fp32: (BM / TM) x (BN / TN) threads, each owning TM adjacent rows x TN columns in groups of 4
+    (see fp32_layout). `min_blocks` asks the compiler to fit that many blocks on a
     multiprocessor (capping registers per thread). `buffers`: how many BK-deep slices shared memory holds (1 refills
     the one buffer between two barriers; 2 stages the next slice while this one is used; wgmma keeps 3 so that an
     asynchronous multiply can still read one slice while later ones are copied in)."""
@@ -84,7 +84,8 @@ class MatmulTile:
 TF32_TILES = (MatmulTile(128, 128, 16, warps_m=2, warps_n=2), MatmulTile(64, 64, 16, warps_m=2, warps_n=2))
 # Hopper (sm_90a): warpgroup mma from shared memory for the big tile; the small one stays on mma.sync
 WGMMA_TILES = (MatmulTile(128, 256, 32, warpgroups=2, buffers=4), TF32_TILES[1])
-FP32_TILES = (MatmulTile(128, 128, 8, TM=8, TN=8, buffers=1), MatmulTile(64, 64, 16, TM=4, TN=4, buffers=1))
+# fp32: 128 x 128 x 8, two slices deep, registers capped for two blocks a multiprocessor (tune_matmul.py f8x2_mb2)
+FP32_TILES = (MatmulTile(128, 128, 8, TM=8, TN=8, min_blocks=2), MatmulTile(64, 64, 16, TM=4, TN=4, buffers=1))
 
 
 def _next_pow2(x: int) -> int:
@@ -776,7 +777,7 @@ class CUDARenderer(CRenderer):
         M, N, K = c.M, c.N, c.K
         BM, BN, BK, T = t.BM, t.BN, t.BK, t.threads
         tiles_m, tiles_n = _cdiv(M, BM), _cdiv(N, BN)
-        kind = _FragmentOperand if tensor_cores else _Operand
+        kind = _FragmentOperand if tensor_cores else _PanelOperand
         a_op = kind(self, "A", c, c.a, c.m_ranges, BM, BK, M)
         b_op = kind(self, "B", c, c.b, c.n_ranges, BN, BK, N)
         stype = "unsigned" if tensor_cores else "float"
@@ -798,9 +799,12 @@ class CUDARenderer(CRenderer):
             loops = [("pg_i", mi_n), ("pg_j", ni_n), ("pg_q", 4)]
             target = "pg_acc[pg_i][pg_j][pg_q]"
         else:
-            threads_n = BN // t.TN
-            emit(f"int pg_ty = pg_tid / {threads_n};", 1)
-            emit(f"int pg_tx = pg_tid % {threads_n};", 1)
+            lanes_n, warps_n = self.fp32_layout(t)
+            emit("int pg_warp = pg_tid >> 5;", 1)
+            emit(f"int pg_ty = (pg_tid & 31) / {lanes_n};", 1)
+            emit(f"int pg_tx = (pg_tid & 31) % {lanes_n};", 1)
+            emit(f"int pg_wm = (pg_warp / {warps_n}) * {32 // lanes_n * t.TM};", 1)
+            emit(f"int pg_wn = (pg_warp % {warps_n}) * {lanes_n * t.TN};", 1)
             emit(f"float pg_acc[{t.TM}][{t.TN}];", 1)
             loops = [("pg_i", t.TM), ("pg_j", t.TN)]
             target = "pg_acc[pg_i][pg_j]"
@@ -862,8 +866,9 @@ class CUDARenderer(CRenderer):
             emit("int pg_row = pg_m0 + pg_wm + pg_i * 16 + pg_g + ((pg_q >> 1) << 3);", depth)
             emit("int pg_col = pg_n0 + pg_wn + pg_j * 8 + pg_t * 2 + (pg_q & 1);", depth)
         else:
-            emit(f"int pg_row = pg_m0 + pg_ty * {t.TM} + pg_i;", depth)
-            emit(f"int pg_col = pg_n0 + pg_tx + pg_j * {t.BN // t.TN};", depth)
+            lanes_n, _ = self.fp32_layout(t)
+            emit(f"int pg_row = pg_m0 + pg_wm + pg_ty * {t.TM} + pg_i;", depth)
+            emit(f"int pg_col = pg_n0 + pg_wn + (pg_j >> 2) * {4 * lanes_n} + pg_tx * 4 + (pg_j & 3);", depth)
         emit(f"if (pg_row < {c.M} && pg_col < {c.N}) {{", depth)
         self.scopes.append({})
         self.decompose("pg_row", self.dims(c.m_ranges), depth + 1)
@@ -914,18 +919,30 @@ class CUDARenderer(CRenderer):
             emit("}", 3)
             emit("}", 2)
 
+    @staticmethod
+    def fp32_layout(t):
+        """The fp32 template's threads: each warp owns a (32 / lanes_n * TM) x (lanes_n * TN) piece of the block tile,
+        its lanes a grid of (32 / lanes_n) x lanes_n threads. A thread owns TM adjacent rows and TN columns in groups
+        of 4, the groups 4 * lanes_n apart: its values of one k are TM / 4 + TN / 4 16-byte loads from the panels
+        (_PanelOperand), and a warp's loads of B cover 8 distinct groups, 128 bytes. Returns (lanes_n, warps_n)."""
+        assert t.TM % 4 == 0 and t.TN % 4 == 0, (t.TM, t.TN)
+        lanes_n = min(8, t.BN // t.TN)
+        assert t.BN % (lanes_n * t.TN) == 0 and t.BM % (32 // lanes_n * t.TM) == 0, (t.BM, t.BN, t.TM, t.TN)
+        return lanes_n, t.BN // (lanes_n * t.TN)
+
     def fma_steps(self, t, a_op, b_op):
+        """One BK-deep slice: at each k a thread loads its TM values of A and TN of B (16 bytes at a time) and
+        makes TM x TN fmas."""
         emit = self.emit
+        lanes_n, _ = self.fp32_layout(t)
         emit("#pragma unroll", 2)
         emit(f"for (int pg_kk = 0; pg_kk < {t.BK}; pg_kk++) {{", 2)
-        emit(f"float pg_a[{t.TM}];", 3)
-        emit(f"float pg_b[{t.TN}];", 3)
-        emit("#pragma unroll", 3)
-        emit(f"for (int pg_i = 0; pg_i < {t.TM}; pg_i++) "
-             f"pg_a[pg_i] = pg_As[pg_buf][{a_op.smem_index(f'pg_ty * {t.TM} + pg_i', 'pg_kk')}];", 3)
-        emit("#pragma unroll", 3)
-        emit(f"for (int pg_j = 0; pg_j < {t.TN}; pg_j++) "
-             f"pg_b[pg_j] = pg_Bs[pg_buf][{b_op.smem_index(f'pg_tx + pg_j * {t.BN // t.TN}', 'pg_kk')}];", 3)
+        for name, op, count, origin, step in (("a", a_op, t.TM, "pg_wm + pg_ty * {n}", 4),
+                                               ("b", b_op, t.TN, "pg_wn + pg_tx * 4", 4 * lanes_n)):
+            groups = [op.panel("pg_kk", f"{origin.format(n=t.TM)} + {g * step}") for g in range(count // 4)]
+            emit(f"float4 pg_{name}4[{count // 4}] = {{{', '.join(groups)}}};", 3)
+            values = ", ".join(f"pg_{name}4[{i // 4}].{'xyzw'[i % 4]}" for i in range(count))
+            emit(f"float pg_{name}[{count}] = {{{values}}};", 3)
         emit("#pragma unroll", 3)
         emit(f"for (int pg_i = 0; pg_i < {t.TM}; pg_i++) {{", 3)
         emit("#pragma unroll", 4)
@@ -936,12 +953,13 @@ class CUDARenderer(CRenderer):
 
 
 class _Operand:
-    """One matmul input as the templates see it, element (x, k) of the current tile (x being m for A and n for B).
-    A linear operand lives at x * sx + k * sk past the batch's base and is fetched by address; any other (a view
-    that spans several loops, a flip, an elementwise prologue) is evaluated element by element with its loops
-    bound from (x, k). In the fma template's shared memory it is stored k-fastest ([BX][BK + 4]) when k is its
-    contiguous axis in global memory, else x-fastest ([BK][BX + 8]); either way the global fetch walks the
-    contiguous axis with consecutive threads, and the paddings spread the reads over the banks."""
+    """One matmul input as the templates see it, element (x, k) of the current tile (x being m for A and n for B),
+    fetched as groups of 4 consecutive k (group q of row x: k 4q .. 4q + 3 of the slice). A linear operand lives at
+    x * sx + k * sk past the batch's base and is fetched by address: a 16-byte load per group when k is contiguous
+    and aligned (`vector`), else four loads, coalesced along x when x is the contiguous axis. Any other operand (a
+    view that spans several loops, a flip, an elementwise prologue) is evaluated element by element with its loops
+    bound from (x, k). Subclasses say where a group lives in shared memory; the tensor-core ones store it rounded to
+    tf32 as one 16-byte group (`group_slot`)."""
 
     def __init__(self, renderer, name, c, value, side, bx, bk, extent):
         self.renderer, self.name, self.value, self.side, self.k_ranges = renderer, name, value, side, c.k_ranges
@@ -957,7 +975,9 @@ class _Operand:
         else:
             loads = [n.src[1] for n in value.toposort() if n.op is Ops.LOAD]
             self.k_fast = any(compiler._coeff(index, c.k_ranges[-1]) == 1 for index in loads)
-        self.smem_size = bx * (bk + 4) if self.k_fast else bk * (bx + 8)
+        self.smem_size = bx * bk
+        self.vector = self.linear and self.k_fast and self.k_size % 4 == 0 and self.offset % 4 == 0 and \
+            self.sx % 4 == 0 and all(self.strides.get(r, 0) % 4 == 0 for r in self.batch)
 
     def emit_base(self, emit, depth):
         if self.linear:
@@ -965,94 +985,21 @@ class _Operand:
                                                      for r in self.batch if self.strides.get(r, 0)]
             emit(f"const float* __restrict__ pg_{self.name}g = d{self.param} + ({' + '.join(parts)});", depth)
 
-    def smem_index(self, x, k) -> str:
-        if self.k_fast:
-            return f"({x}) * {self.bk + 4} + ({k})"
-        return f"({k}) * {self.bx + 8} + ({x})"
-
-    def loads_per_thread(self, threads) -> int:
-        n = self.bx * self.bk
-        assert n % threads == 0, (self.bx, self.bk, threads)
-        return n // threads
-
-    def coords(self, emit, depth, threads):
-        emit(f"int pg_e = pg_tid + pg_l * {threads};", depth)
-        if self.k_fast:
-            emit(f"int pg_x = pg_e / {self.bk};", depth)
-            emit(f"int pg_kx = pg_e % {self.bk};", depth)
-        else:
-            emit(f"int pg_x = pg_e % {self.bx};", depth)
-            emit(f"int pg_kx = pg_e / {self.bx};", depth)
-
-    def emit_fetch(self, emit, depth, threads, x0, k0):
-        """Global -> registers: this thread's share of the BX x BK slice starting at (x0, k0), zero past the edges."""
-        emit("#pragma unroll", depth)
-        emit(f"for (int pg_l = 0; pg_l < {self.loads_per_thread(threads)}; pg_l++) {{", depth)
-        self.coords(emit, depth + 1, threads)
-        emit(f"int pg_gx = {x0} + pg_x;", depth + 1)
-        emit(f"int pg_gk = {k0} + pg_kx;", depth + 1)
-        self.emit_element(emit, f"{self.staging}[pg_l]", "pg_gk", depth + 1)
-        emit("}", depth)
-
-    def address(self, k) -> str:
-        return f"pg_gx * {self.sx} + {k} * {self.sk}"
-
-    def emit_element(self, emit, target, k, depth):
-        """target = element (pg_gx, k) of the operand, zero past the edges: a load at its address for a linear
-        operand; else its own loops bound from (pg_gx, k) and the expression evaluated (only inside the edges:
-        its loads are not guarded)."""
-        inside = f"pg_gx < {self.extent} && {k} < {self.k_size}"
-        if self.linear:
-            emit(f"{target} = ({inside}) ? pg_{self.name}g[{self.address(k)}] : 0.0f;", depth)
-            return
-        r = self.renderer
-        emit(f"{target} = 0.0f;", depth)
-        emit(f"if ({inside}) {{", depth)
-        r.scopes.append({})
-        r.decompose("pg_gx", r.dims(self.side), depth + 1)
-        r.decompose(k, r.dims(self.k_ranges), depth + 1)
-        emit(f"{target} = {r.expr(self.value, depth + 1)};", depth + 1)
-        r.scopes.pop()
-        emit("}", depth)
-
-    def emit_stage(self, emit, depth, threads, buf):
-        """Registers -> shared memory buffer `buf`."""
-        emit("#pragma unroll", depth)
-        emit(f"for (int pg_l = 0; pg_l < {self.loads_per_thread(threads)}; pg_l++) {{", depth)
-        self.coords(emit, depth + 1, threads)
-        emit(f"pg_{self.name}s[{buf}][{self.smem_index('pg_x', 'pg_kx')}] = {self.staging}[pg_l];", depth + 1)
-        emit("}", depth)
-
-    def registers(self, threads) -> int:
-        return self.loads_per_thread(threads)
-
-
-class _GroupOperand(_Operand):
-    """An operand of the tensor-core templates, fetched as groups of 4 consecutive k (group q of row x: k 4q .. 4q + 3
-    of the slice) and rounded to tf32 when stored: a 16-byte load when k is contiguous and aligned, else four loads
-    (coalesced along x when x is the contiguous axis). Subclasses say where a group lives in shared memory and
-    which groups a thread takes (`coords`)."""
-
-    def __init__(self, renderer, name, c, value, side, bx, bk, extent):
-        super().__init__(renderer, name, c, value, side, bx, bk, extent)
-        self.smem_size = bx * bk
-        self.vector = self.linear and self.k_fast and self.k_size % 4 == 0 and self.offset % 4 == 0 and \
-            self.sx % 4 == 0 and all(self.strides.get(r, 0) % 4 == 0 for r in self.batch)
-
     def registers(self, threads) -> int:
         return 4 * self.groups_per_thread(threads)
-
-    def coords(self, emit, depth, threads):
-        """(pg_x, pg_q) of this thread's group pg_l: where k is contiguous, the layout's own order (k_fast_coords);
-        else consecutive threads take consecutive rows of one group (coalesced along x)."""
-        emit(f"int pg_e = pg_tid + pg_l * {threads};", depth)
-        x, q = self.k_fast_coords() if self.k_fast else (f"pg_e % {self.bx}", f"pg_e / {self.bx}")
-        emit(f"int pg_x = {x};", depth)
-        emit(f"int pg_q = {q};", depth)
 
     def groups_per_thread(self, threads) -> int:
         assert self.bx * self.bk // 4 % threads == 0, (self.bx, self.bk, threads)
         return self.bx * self.bk // 4 // threads
+
+    def coords(self, emit, depth, threads):
+        """(pg_x, pg_q) of this thread's group pg_l: where k is contiguous, consecutive threads take a row's groups,
+        then the next row's; else consecutive threads take consecutive rows of one group (coalesced along x)."""
+        emit(f"int pg_e = pg_tid + pg_l * {threads};", depth)
+        groups = self.bk // 4
+        x, q = (f"pg_e / {groups}", f"pg_e % {groups}") if self.k_fast else (f"pg_e % {self.bx}", f"pg_e / {self.bx}")
+        emit(f"int pg_x = {x};", depth)
+        emit(f"int pg_q = {q};", depth)
 
     def emit_fetch(self, emit, depth, threads, x0, k0):
         """Global -> registers: this thread's groups of the BX x BK slice starting at (x0, k0), zero past the edges."""
@@ -1072,8 +1019,24 @@ class _GroupOperand(_Operand):
             self.emit_element(emit, f"{self.staging}[4 * pg_l + {j}]", f"(pg_gk + {j})", depth + 1)
         emit("}", depth)
 
-    def address(self, k) -> str:
-        return f"(long long)pg_gx * {self.sx} + (long long){k} * {self.sk}"
+    def emit_element(self, emit, target, k, depth):
+        """target = element (pg_gx, k) of the operand, zero past the edges: a load at its address for a linear
+        operand; else its own loops bound from (pg_gx, k) and the expression evaluated (only inside the edges:
+        its loads are not guarded)."""
+        inside = f"pg_gx < {self.extent} && {k} < {self.k_size}"
+        if self.linear:
+            emit(f"{target} = ({inside}) ? pg_{self.name}g[(long long)pg_gx * {self.sx} + (long long){k} * "
+                 f"{self.sk}] : 0.0f;", depth)
+            return
+        r = self.renderer
+        emit(f"{target} = 0.0f;", depth)
+        emit(f"if ({inside}) {{", depth)
+        r.scopes.append({})
+        r.decompose("pg_gx", r.dims(self.side), depth + 1)
+        r.decompose(k, r.dims(self.k_ranges), depth + 1)
+        emit(f"{target} = {r.expr(self.value, depth + 1)};", depth + 1)
+        r.scopes.pop()
+        emit("}", depth)
 
     def emit_stage(self, emit, depth, threads, buf):
         """Registers -> shared memory buffer `buf`, rounded to tf32 once here, one 16-byte store per group."""
@@ -1085,7 +1048,33 @@ class _GroupOperand(_Operand):
         emit("}", depth)
 
 
-class _FragmentOperand(_GroupOperand):
+class _PanelOperand(_Operand):
+    """An operand of the fp32 template. Shared memory holds its slice x-fastest, as BK rows of BX + 4 floats,
+    whatever its layout in global memory: a thread reads its 4 consecutive x of one k with one 16-byte load (a
+    warp's 8 distinct groups of B, or 4 of A, fill the banks once). The 4 values of a fetched group go to 4 rows.
+    The padding keeps rows 16-byte aligned and spreads the stores of a k-contiguous fetch over all the banks:
+    with BK = 8, lane (x, q) stores value j to bank (x + 16 q + 4 j) % 32."""
+
+    def __init__(self, renderer, name, c, value, side, bx, bk, extent):
+        super().__init__(renderer, name, c, value, side, bx, bk, extent)
+        self.row = bx + 4
+        self.smem_size = bk * self.row
+
+    def emit_stage(self, emit, depth, threads, buf):
+        emit("#pragma unroll", depth)
+        emit(f"for (int pg_l = 0; pg_l < {self.groups_per_thread(threads)}; pg_l++) {{", depth)
+        self.coords(emit, depth + 1, threads)
+        for j in range(4):
+            emit(f"pg_{self.name}s[{buf}][(4 * pg_q + {j}) * {self.row} + pg_x] = {self.staging}[4 * pg_l + {j}];",
+                 depth + 1)
+        emit("}", depth)
+
+    def panel(self, k, x) -> str:
+        """The 16-byte group of x .. x + 3 at depth k of the current buffer."""
+        return f"*(const float4*)&pg_{self.name}s[pg_buf][({k}) * {self.row} + {x}]"
+
+
+class _FragmentOperand(_Operand):
     """An operand of the mma.sync template. Shared memory holds it as [BX][16] tf32 words (BK is 16), each row
     four 16-byte groups, group q of row x stored at slot q ^ ((x >> 1) & 3): a swizzle that keeps both the staging
     stores (a row's groups side by side, or one group of 8 consecutive rows) and the fragment loads free of bank
@@ -1097,14 +1086,11 @@ class _FragmentOperand(_GroupOperand):
         super().__init__(renderer, name, c, value, side, bx, bk, extent)
         assert bk == 16, "the fragment layout is built for 16-deep slices"
 
-    def k_fast_coords(self):
-        return "pg_e >> 2", "pg_e & 3"   # consecutive threads: a row's 4 groups, then the next row
-
     def group_slot(self, buf) -> str:
         return f"pg_{self.name}s[{buf}][pg_x * 16 + 4 * (pg_q ^ ((pg_x >> 1) & 3))]"
 
 
-class _CoreMatrixOperand(_GroupOperand):
+class _CoreMatrixOperand(_Operand):
     """An operand of the wgmma template, in shared memory as wgmma reads it with the 128-byte swizzle: row x of
     the slice (its BK = 32 values of k, 128 bytes) at byte 128 x, its 16-byte group q (k 4q .. 4q + 3) in chunk
     q ^ (x % 8) of the row. Each 8 rows (1024 bytes, aligned) are a swizzle atom: a descriptor steps 1024 bytes
@@ -1114,10 +1100,6 @@ class _CoreMatrixOperand(_GroupOperand):
     so the stores of either fetch order are free of conflicts. Without the swizzle (core matrices of 8 rows x 16
     bytes) a k-contiguous fetch read 8 rows x 64 bytes per warp and ran the nt layout (x @ W.T) at 0.31 of cuBLAS
     against 0.43 for nn (PERF.md)."""
-
-    def k_fast_coords(self):
-        groups = self.bk // 4   # each 8 threads take one row's 8 groups
-        return f"pg_e / {groups}", f"pg_e % {groups}"
 
     def group_slot(self, buf) -> str:
         return f"pg_{self.name}s[({buf}) * {self.smem_size} + pg_x * 32 + ((pg_q ^ (pg_x & 7)) << 2)]"

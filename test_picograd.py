@@ -3869,6 +3869,26 @@ def test_emu_matmul_any_size(emu, use_tf32, m, k, n):
 
 
 @needs_gxx
+@pytest.mark.parametrize("layout", ["nn", "nt", "tn", "misaligned"])
+def test_emu_fp32_big_tile_layouts(emu, layout, fp32):
+    """The fp32 template's 128 x 128 tile (four of them fill the emulator's 4 multiprocessors) with its operands in
+    every layout: A k-contiguous and 16-byte aligned (a 16-byte load per group), k-contiguous at an odd offset
+    (four loads), or m-contiguous; B n- or k-contiguous. Edges on all three sides, and an epilogue."""
+    m, k, n = 130, 72, 131
+    a, b, bias = randn(m, k + 1), randn(k, n), randn(n)
+    want_a = a[:, 1:] if layout == "misaligned" else a[:, :k]
+    A = on(emu, np.ascontiguousarray(want_a.T)).T if layout == "tn" else on(emu, a)[:, 1:] if \
+        layout == "misaligned" else on(emu, want_a)
+    B = on(emu, np.ascontiguousarray(b.T)).T if layout == "nt" else on(emu, b)
+    got = (A @ B * 0.5 + on(emu, bias)).numpy()
+    want = want_a.astype(np.float64) @ b * 0.5 + bias
+    close(got, want, rtol=1e-4, atol=1e-4)
+    products = [p for p in emu.programs if p.launch.kind == "sgemm"]
+    assert products and all(p.launch.tile.BM == 128 for p in products)
+    assert any("float4 pg_v" in p.source for p in products) == (layout in ("nn", "nt"))
+
+
+@needs_gxx
 @pytest.mark.parametrize("use_tf32", [False, True], ids=["fp32", "tf32"])
 def test_emu_batched_and_transposed_matmul(emu, use_tf32):
     old = pg.TF32

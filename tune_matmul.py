@@ -17,9 +17,14 @@ from bench import median_time
 from ops_cuda import MatmulTile as T
 
 SMALL_TF32 = T(64, 64, 16, warps_m=2, warps_n=2)
+SMALL_FP32 = T(64, 64, 16, TM=4, TN=4, buffers=1)
 VARIANTS = {   # name: (tf32 tiles or None, fp32 tiles or None); only the precisions given are timed
-    "f1buf": (None, (T(128, 128, 8, TM=8, TN=8, buffers=1), T(64, 64, 16, TM=4, TN=4, buffers=1))),
-    "f2buf": (None, (T(128, 128, 8, TM=8, TN=8), T(64, 64, 16, TM=4, TN=4))),
+    "f8x1": (None, (T(128, 128, 8, TM=8, TN=8, buffers=1), SMALL_FP32)),
+    "f8x2": (None, (T(128, 128, 8, TM=8, TN=8, buffers=2), SMALL_FP32)),
+    "f8x2_mb2": (None, (T(128, 128, 8, TM=8, TN=8, buffers=2, min_blocks=2), SMALL_FP32)),
+    "f16x1": (None, (T(128, 128, 16, TM=8, TN=8, buffers=1), SMALL_FP32)),
+    "f16x2": (None, (T(128, 128, 16, TM=8, TN=8, buffers=2), SMALL_FP32)),
+    "f128x64": (None, (T(128, 64, 16, TM=8, TN=4, buffers=2), SMALL_FP32)),
     "w32x64": ((T(128, 128, 16, warps_m=2, warps_n=4), SMALL_TF32), None),
     "w32x64_mb2": ((T(128, 128, 16, warps_m=2, warps_n=4, min_blocks=2), SMALL_TF32), None),
     "w64": ((T(128, 128, 16, warps_m=2, warps_n=2), SMALL_TF32), None),
