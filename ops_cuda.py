@@ -42,12 +42,23 @@ class LaunchPlan:
     `contraction` and `tile` describe a matmul; `shared` is the dynamic shared memory a block needs, in bytes.
     `programmatic` (Hopper on): the kernel may launch while the one before it in the stream still runs, and waits
     for that one's results in its first instruction (programmatic dependent launch, see CUDARenderer.render)."""
-    __slots__ = ("kind", "threads", "grid", "group", "contraction", "tile", "shared", "programmatic")
+    __slots__ = ("kind", "threads", "grid", "group", "contraction", "tile", "shared", "programmatic", "scratch",
+                 "prologue_grid")
 
     def __init__(self, kind, threads, grid, group=1, contraction=None, tile=None):
         self.kind, self.threads, self.grid, self.group = kind, threads, grid, group
         self.contraction, self.tile = contraction, tile
         self.shared = tile.shared_bytes() if tile is not None else 0
+        # wgmma: the bytes of device scratch its prologue writes the tf32 copies of the operands to, and that
+        # prologue's blocks (of `threads`); see CUDARenderer.render_tf32_copies
+        self.scratch = self.prologue_grid = 0
+        if kind == "wgmma":
+            _, b_offset, (a_groups, b_groups) = _tf32_copies(contraction)
+            if a_groups + b_groups >= 2**31:
+                raise ValueError(f"a tf32 product with {4 * (a_groups + b_groups)} operand elements: its operand copies "
+                                 f"do not fit 32-bit indexing")
+            self.scratch = 4 * b_offset + 16 * b_groups
+            self.prologue_grid = _cdiv(a_groups + b_groups, threads)
         self.programmatic = False   # launched as a programmatic dependent of the kernel before it (set by render)
 
     def __repr__(self):
@@ -86,6 +97,16 @@ TF32_TILES = (MatmulTile(128, 128, 16, warps_m=2, warps_n=2), MatmulTile(64, 64,
 WGMMA_TILES = (MatmulTile(128, 256, 32, warpgroups=2, buffers=4), TF32_TILES[1])
 # fp32: 128 x 128 x 8, two slices deep, registers capped for two blocks a multiprocessor (tune_matmul.py f8x2_mb2)
 FP32_TILES = (MatmulTile(128, 128, 8, TM=8, TN=8, min_blocks=2), MatmulTile(64, 64, 16, TM=4, TN=4, buffers=1))
+
+
+def _tf32_copies(c):
+    """The layout of a wgmma product's operand copies in scratch: rows of k4 floats (K rounded up to a group of 4),
+    A's n_batch * M rows first, then B's n_batch * N from b_offset (on 256 bytes). Returns (k4, b_offset, (groups
+    of 4 in A's copy, in B's))."""
+    n_batch = prod(r.arg[1] for r in c.batch)
+    k4 = _cdiv(c.K, 4) * 4
+    a_groups, b_groups = n_batch * c.M * k4 // 4, n_batch * c.N * k4 // 4
+    return k4, _cdiv(a_groups, 16) * 64, (a_groups, b_groups)
 
 
 def _next_pow2(x: int) -> int:
@@ -365,12 +386,20 @@ class CUDARenderer(CRenderer):
         c_signature = super().signature(replace_vars(kernel))
         if kernel.var_names:
             c_signature = c_signature[:-1] + ", const int* __restrict__ pg_vars)"
+        if self.launch.scratch:
+            c_signature = c_signature[:-1] + ", float* __restrict__ pg_scratch)"
         bounds = str(self.launch.threads)
         if self.launch.tile is not None and self.launch.tile.min_blocks > 1:
             bounds += f", {self.launch.tile.min_blocks}"
         return f'extern "C" __global__ void __launch_bounds__({bounds}) ' + c_signature[len("void "):]
 
     def render_body(self, kernel):
+        self.emit_prelude(kernel)
+        self.loop_stack, self.reduce_depth, self.store_guard, self.group = [], 0, None, None
+        self.outputs = frozenset(kernel.ranges)
+        getattr(self, "body_" + self.launch.kind)(kernel)
+
+    def emit_prelude(self, kernel):
         if self.launch.programmatic:
             # the wait comes first so that every thread, early returns included, sees the previous kernel done
             # (then the next kernel's completion implies this one's predecessors'); the dependents are released
@@ -379,9 +408,6 @@ class CUDARenderer(CRenderer):
             self.emit("pg_release_next_kernel();", 1)
         for name, _, _ in kernel.var_names:
             self.emit(f"const int {name} = pg_vars[{var_slot(name)}];", 1)
-        self.loop_stack, self.reduce_depth, self.store_guard, self.group = [], 0, None, None
-        self.outputs = frozenset(kernel.ranges)
-        getattr(self, "body_" + self.launch.kind)(kernel)
 
     def body_elementwise(self, kernel):
         self.emit(f"int pg_gid = blockIdx.x * {self.launch.threads} + threadIdx.x;", 1)
@@ -690,32 +716,26 @@ class CUDARenderer(CRenderer):
     def body_wgmma(self, kernel):
         """The Hopper tf32 template: C = epilogue(A B) over BM x BN block tiles, each of BM / 64 warpgroups owning 64
         rows x BN and multiplying with wgmma straight from shared memory (_CoreMatrixOperand's layout), S slices
-        deep. A, when its k is contiguous and 16-byte aligned, is copied into shared memory asynchronously
-        (cp.async, no registers) and each thread rounds its own groups to tf32 there once they land; B and any
-        other A (a view along x, a prologue) go through registers, rounded on the way. Iteration t: wait for
-        slice t's copies, one barrier, start the multiply of slice t, wait for that of slice t - 1, then fill the
-        buffer slice
-        t - 2 used (every warpgroup finished with it before the barrier) with slice t + S - 2: copies started,
-        registers stored, and the registers refetched with slice t + S - 1. The proxy fence before the barrier
-        makes the stores and copies visible to the multiplies."""
+        deep. Both operands are read from the copies the kernel's prologue function has just written (k-major,
+        rounded to tf32: render_tf32_copies), so every slice reaches shared memory by cp.async, without registers
+        or a pass that rounds it there. Iteration t: wait for slice t's copies, one barrier, start the multiply of
+        slice t, wait for that of slice t - 1, then start the copies of slice t + S - 2 into the buffer slice t - 2
+        used (every warpgroup finished with it before the barrier). The proxy fence before the barrier makes the
+        copied slice visible to the multiplies."""
         c, t = self.launch.contraction, self.launch.tile
         emit = self.emit
         BM, BN, BK, T, S, K = t.BM, t.BN, t.BK, t.threads, t.buffers, c.K
-        a_op = _CoreMatrixOperand(self, "A", c, c.a, c.m_ranges, BM, BK, c.M)
-        b_op = _CoreMatrixOperand(self, "B", c, c.b, c.n_ranges, BN, BK, c.N)
+        k4, b_offset, _ = _tf32_copies(c)
+        self.render_tf32_copies(kernel, c, k4, b_offset)
+        a_op = _CoreMatrixOperand(self, "A", c, c.a, c.m_ranges, BM, BK, c.M).read_copy(0, k4)
+        b_op = _CoreMatrixOperand(self, "B", c, c.b, c.n_ranges, BN, BK, c.N).read_copy(b_offset, k4)
         operands = ((a_op, "pg_m0"), (b_op, "pg_n0"))
-        # A is copied when it can be; B always goes through registers (copying both measured slower, 90 against
-        # 180 TFLOP/s at 8192: see PERF.md)
-        copied = [(a_op, "pg_m0")] if a_op.vector else []
-        staged = [(op, x0) for op, x0 in operands if (op, x0) not in copied]
         emit(f"PG_DYNAMIC_SHARED(pg_smem, {t.shared_bytes() // 4});", 1)
         # the swizzle's atoms start on 1024 bytes (the XOR takes address bits 7-9): the buffers start at the first
         # such address of the allocation, which has a kilobyte to spare (MatmulTile.shared_bytes)
         emit("unsigned* pg_As = (unsigned*)(((unsigned long long)pg_smem + 1023) & ~1023ull);", 1)
         emit(f"unsigned* pg_Bs = pg_As + {S * BM * BK};", 1)
         self.tile_origin(c, t, (a_op, b_op))
-        for op, _ in staged:
-            emit(f"float {op.staging}[{op.registers(T)}];", 1)
         emit("int pg_g = (pg_tid & 31) >> 2;", 1)
         emit("int pg_t = pg_tid & 3;", 1)
         emit("int pg_wm = (pg_tid >> 7) * 64 + ((pg_tid >> 5) & 3) * 16;", 1)   # warpgroup's rows, then the warp's
@@ -727,29 +747,16 @@ class CUDARenderer(CRenderer):
         emit(f"{target} = 0.0f;", depth)
         self.close_unrolled(loops, depth)
 
-        def fill(slice_expr, depth):   # slice into its buffer: copies started, staged registers stored
+        def fill(slice_expr, depth):   # slice's copies into its buffer started
             emit(f"if (({slice_expr}) * {BK} < {K}) {{", depth)
-            for op, x0 in copied:
+            for op, x0 in operands:
                 op.emit_copy(emit, depth + 1, T, x0, f"({slice_expr}) * {BK}", f"({slice_expr}) % {S}")
-            for op, _ in staged:
-                op.emit_stage(emit, depth + 1, T, f"({slice_expr}) % {S}")
             emit("}", depth)
-
-        def fetch(slice_expr, depth):   # staged operands: slice into registers
-            if staged:
-                emit(f"if (({slice_expr}) * {BK} < {K}) {{", depth)
-                for op, x0 in staged:
-                    op.emit_fetch(emit, depth + 1, T, x0, f"({slice_expr}) * {BK}")
-                emit("}", depth)
-        for j in range(S - 2):   # prologue: slices 0 .. S - 3 into their buffers, slice S - 2 into registers
-            fetch(str(j), 1)
+        for j in range(S - 2):   # prologue: slices 0 .. S - 3 on their way
             fill(str(j), 1)
             emit("pg_copy_commit();", 1)
-        fetch(str(S - 2), 1)
         emit(f"for (int pg_s = 0; pg_s < {_cdiv(K, BK)}; pg_s++) {{", 1)
-        emit("pg_copy_wait();", 2)   # this thread's copies of slice s have landed: round them to tf32 in place
-        for op, _ in copied:
-            op.emit_round(emit, 2, T, f"pg_s % {S}")
+        emit("pg_copy_wait();", 2)   # this thread's copies of slice s have landed
         emit("pg_shared_to_async();", 2)
         emit("__syncthreads();", 2)
         emit(f"int pg_buf = pg_s % {S};", 2)
@@ -760,11 +767,39 @@ class CUDARenderer(CRenderer):
         emit("pg_wgmma_commit();", 2)
         emit("pg_wgmma_wait_1();", 2)
         fill(f"pg_s + {S - 2}", 2)
-        fetch(f"pg_s + {S - 1}", 2)
         emit("pg_copy_commit();", 2)   # a group every iteration, empty or not, so that the wait counts slices
         emit("}", 1)
         emit("pg_wgmma_wait_0();", 1)
         self.matmul_epilogue(kernel, c, loops, target, True)
+
+    def render_tf32_copies(self, kernel, c, k4, b_offset):
+        """The wgmma kernel's prologue, a function of its own (`<name>_tf32`, same parameters) that the program
+        launches just before it: each thread writes one group of 4 k of A or B, rounded to tf32, into pg_scratch as
+        k-major rows of k4 (zeros past K), one row per (batch element, x). Rounding there costs a pass over the
+        operands in memory, a few percent of a big product; rounding inside the product, where the multiplies
+        wait for it, made x @ W.T 0.44 of cuBLAS against 0.69 for the same kernel reading rounded copies
+        (PERF.md). An operand whose k is not contiguous (B of x @ W) is transposed on the way."""
+        main_lines, self.lines = self.lines, [self.signature(kernel).replace(f" {kernel.name}(", f" {kernel.name}_tf32(")
+                                             + " {"]
+        emit = self.emit
+        self.emit_prelude(kernel)
+        a = _Operand(self, "A", c, c.a, c.m_ranges, 0, 4, c.M)
+        b = _Operand(self, "B", c, c.b, c.n_ranges, 0, 4, c.N)
+        a_groups, b_groups = _tf32_copies(c)[2]
+        emit("int pg_e = blockIdx.x * blockDim.x + threadIdx.x;", 1)   # 32-bit: 64-bit division is slow
+        emit(f"if (pg_e < {a_groups}) {{", 1)
+        self.scopes.append({})
+        a.emit_tf32_copy(emit, 2, c.batch, 0, k4)
+        self.scopes.pop()
+        emit(f"}} else if (pg_e < {a_groups + b_groups}) {{", 1)
+        emit(f"pg_e -= {a_groups};", 2)
+        self.scopes.append({})
+        b.emit_tf32_copy(emit, 2, c.batch, b_offset, k4)
+        self.scopes.pop()
+        emit("}", 1)
+        self.lines.append("}")
+        self.functions.append("\n".join(self.lines) + "\n")
+        self.lines = main_lines
 
     def matmul_frame(self, kernel, tensor_cores):
         """C[batch, m, n] = epilogue(sum_k A[batch, m, k] * B[batch, k, n]) over BM x BN block tiles: the block stages
@@ -976,11 +1011,22 @@ class _Operand:
             loads = [n.src[1] for n in value.toposort() if n.op is Ops.LOAD]
             self.k_fast = any(compiler._coeff(index, c.k_ranges[-1]) == 1 for index in loads)
         self.smem_size = bx * bk
+        self.copy_at = None   # see read_copy
         self.vector = self.linear and self.k_fast and self.k_size % 4 == 0 and self.offset % 4 == 0 and \
             self.sx % 4 == 0 and all(self.strides.get(r, 0) % 4 == 0 for r in self.batch)
 
+    def read_copy(self, offset, k4):
+        """Read the operand from its tf32 copy (CUDARenderer.render_tf32_copies) at pg_scratch + offset instead of
+        its source: k-major rows of k4, one per (batch element, x), rounded, zeros past K."""
+        self.copy_at, self.linear, self.k_fast, self.vector = offset, True, True, True
+        self.sx, self.sk, self.k_size = k4, 1, k4
+        return self
+
     def emit_base(self, emit, depth):
-        if self.linear:
+        if self.copy_at is not None:
+            emit(f"const float* __restrict__ pg_{self.name}g = pg_scratch + ({self.copy_at} + (long long)pg_z * "
+                 f"{self.extent * self.sx});", depth)
+        elif self.linear:
             parts = [f"(long long){self.offset}"] + [f"(long long){r.arg[0]} * {self.strides[r]}"
                                                      for r in self.batch if self.strides.get(r, 0)]
             emit(f"const float* __restrict__ pg_{self.name}g = d{self.param} + ({' + '.join(parts)});", depth)
@@ -1009,15 +1055,37 @@ class _Operand:
         self.coords(emit, depth + 1, threads)
         emit(f"int pg_gx = {x0} + pg_x;", depth + 1)
         emit(f"int pg_gk = {k0} + 4 * pg_q;", depth + 1)
-        if self.vector:
-            emit(f"float4 pg_v = pg_gx < {self.extent} && pg_gk < {self.k_size} ? "
-                 f"*(const float4*)(pg_{name}g + (long long)pg_gx * {self.sx} + pg_gk) : make_float4(0, 0, 0, 0);",
-                 depth + 1)
-            for j, lane in enumerate("xyzw"):
-                emit(f"{self.staging}[4 * pg_l + {j}] = pg_v.{lane};", depth + 1)
-        for j in range(0 if self.vector else 4):
-            self.emit_element(emit, f"{self.staging}[4 * pg_l + {j}]", f"(pg_gk + {j})", depth + 1)
+        self.emit_group(emit, [f"{self.staging}[4 * pg_l + {j}]" for j in range(4)], depth + 1)
         emit("}", depth)
+
+    def emit_group(self, emit, targets, depth):
+        """targets[j] = element (pg_gx, pg_gk + j) for j < 4, zero past the edges."""
+        if self.vector:
+            emit(f"float4 pg_v = pg_gx < {self.extent} && pg_gk < {self.k_size} ? *(const float4*)(pg_{self.name}g "
+                 f"+ (long long)pg_gx * {self.sx} + pg_gk) : make_float4(0, 0, 0, 0);", depth)
+            for target, lane in zip(targets, "xyzw"):
+                emit(f"{target} = pg_v.{lane};", depth)
+            return
+        for j, target in enumerate(targets):
+            self.emit_element(emit, target, f"(pg_gk + {j})", depth)
+
+    def emit_tf32_copy(self, emit, depth, batch, offset, k4):
+        """Group pg_e of the operand's tf32 copy (CUDARenderer.render_tf32_copies): (batch element, x, group q)
+        with consecutive threads along the operand's contiguous axis (a row's groups when k is contiguous, else
+        one group of consecutive rows), fetched, rounded and stored as one 16-byte group of row (batch element, x)."""
+        groups, rows = k4 // 4, self.extent
+        inner, outer = (("pg_q", groups), ("pg_gx", rows)) if self.k_fast else (("pg_gx", rows), ("pg_q", groups))
+        emit(f"int {inner[0]} = pg_e % {inner[1]};", depth)
+        emit(f"int {outer[0]} = pg_e / {inner[1]} % {outer[1]};", depth)
+        emit(f"int pg_z = pg_e / {groups * rows};", depth)
+        self.renderer.decompose("pg_z", self.renderer.dims(batch), depth)
+        self.emit_base(emit, depth)
+        emit("int pg_gk = 4 * pg_q;", depth)
+        emit("float pg_w[4];", depth)
+        self.emit_group(emit, [f"pg_w[{j}]" for j in range(4)], depth)
+        values = ", ".join(f"pg_tf32(pg_w[{j}])" for j in range(4))
+        emit(f"*(uint4*)(pg_scratch + {offset} + ((long long)pg_z * {rows} + pg_gx) * {k4} + pg_gk) = "
+             f"make_uint4({values});", depth)
 
     def emit_element(self, emit, target, k, depth):
         """target = element (pg_gx, k) of the operand, zero past the edges: a load at its address for a linear
@@ -1115,18 +1183,6 @@ class _CoreMatrixOperand(_Operand):
         emit(f"bool pg_in = pg_gx < {self.extent} && pg_gk < {self.k_size};", depth + 1)
         emit(f"pg_copy16(&{self.group_slot(buf)}, pg_{self.name}g + (pg_in ? (long long)pg_gx * {self.sx} + pg_gk "
              f": 0), pg_in ? 16 : 0);", depth + 1)
-        emit("}", depth)
-
-    def emit_round(self, emit, depth, threads, buf):
-        """This thread's copied groups of buffer `buf`, rounded to tf32 where they lie (as staging does; the
-        multiply would otherwise truncate the fp32 bits, a bias that grows with K)."""
-        emit("#pragma unroll", depth)
-        emit(f"for (int pg_l = 0; pg_l < {self.groups_per_thread(threads)}; pg_l++) {{", depth)
-        self.coords(emit, depth + 1, threads)
-        emit(f"uint4* pg_slot = (uint4*)&{self.group_slot(buf)};", depth + 1)
-        emit("uint4 pg_w = *pg_slot;", depth + 1)
-        values = ", ".join(f"pg_tf32(__uint_as_float(pg_w.{lane}))" for lane in "xyzw")
-        emit(f"*pg_slot = make_uint4({values});", depth + 1)
         emit("}", depth)
 
     def descriptor(self, buf, group, row) -> str:
@@ -1257,8 +1313,9 @@ class CUDAProgram:
         self.ptr_slots = [ctypes.c_uint64(0) for _ in self.param_index]
         self.err_slot = ctypes.c_uint64(0)
         self.vars_slot = ctypes.c_uint64(0)
+        self.scratch_slot = ctypes.c_uint64(0)
         slots = self.ptr_slots + ([self.err_slot] if kernel.uses_check else []) + (
-            [self.vars_slot] if self.var_order else [])
+            [self.vars_slot] if self.var_order else []) + ([self.scratch_slot] if launch.scratch else [])
         self.arg_array = (ctypes.c_void_p * max(1, len(slots)))(*[ctypes.addressof(s) for s in slots])
         self.arg_address = ctypes.addressof(self.arg_array)
         self.lock = threading.Lock()
@@ -1275,10 +1332,16 @@ class CUDAProgram:
                     limit = driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
                     device.check(driver.cuFuncSetAttribute(fn, limit, self.launch.shared),
                                  f"allowing {self.name} {self.launch.shared} bytes of shared memory")
-                entry = self.functions[device.name] = (device, module, fn, self.launch_config(device))
+                launches = [(fn, self.launch.grid, self.launch.shared)]
+                if self.launch.scratch:   # the prologue writing the operands' tf32 copies goes first
+                    prologue = device.check(driver.cuModuleGetFunction(module, f"{self.name}_tf32".encode()),
+                                            f"finding {self.name}_tf32")
+                    launches.insert(0, (prologue, self.launch.prologue_grid, 0))
+                entry = self.functions[device.name] = (device, module, [
+                    (fn, grid, shared, self.launch_config(device, grid, shared)) for fn, grid, shared in launches])
             return entry
 
-    def launch_config(self, device):
+    def launch_config(self, device, grid, shared):
         """cuLaunchKernelEx's configuration for a programmatic dependent launch on device's stream (None: a plain
         cuLaunchKernel)."""
         launch, driver = self.launch, device.driver
@@ -1288,9 +1351,9 @@ class CUDAProgram:
         attribute.id = driver.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
         attribute.value.programmaticStreamSerializationAllowed = 1
         config = driver.CUlaunchConfig()
-        config.gridDimX, config.gridDimY, config.gridDimZ = launch.grid, 1, 1
+        config.gridDimX, config.gridDimY, config.gridDimZ = grid, 1, 1
         config.blockDimX, config.blockDimY, config.blockDimZ = launch.threads, 1, 1
-        config.sharedMemBytes, config.hStream = launch.shared, device.stream
+        config.sharedMemBytes, config.hStream = shared, device.stream
         config.attrs, config.numAttrs = [attribute], 1
         return config
 
@@ -1299,7 +1362,7 @@ class CUDAProgram:
         entry = self.functions.get(where)
         if entry is None:
             entry = self.function_on(pg.Device[where])
-        device, _, fn, config = entry
+        device, _, launches = entry
         try:
             for slot, i in zip(self.ptr_slots, self.param_index):
                 slot.value = bufs[i].mem.ptr
@@ -1316,17 +1379,20 @@ class CUDAProgram:
         launch = self.launch
         if launch.grid == 0:
             return
+        if launch.scratch:
+            self.scratch_slot.value = device.scratch(launch.scratch).ptr
         device.activate()
         if launch.kind == "scatter":   # the atomic adds start from zero
             out = bufs[self.kernel.store.src[0].arg[0]]
             device.check(device.driver.cuMemsetD32Async(out.mem.ptr, 0, out.size, device.stream), "zeroing")
-        if config is not None:
-            err = device.driver.cuLaunchKernelEx(config, fn, self.arg_address, 0)[0]
-        else:
-            err = device.driver.cuLaunchKernel(fn, launch.grid, 1, 1, launch.threads, 1, 1, launch.shared,
-                                               device.stream, self.arg_address, 0)[0]
-        if err != device.success:
-            device.check((err,), f"launching {self.name} (grid {launch.grid}, {launch.threads} threads)")
+        for fn, grid, shared, config in launches:
+            if config is not None:
+                err = device.driver.cuLaunchKernelEx(config, fn, self.arg_address, 0)[0]
+            else:
+                err = device.driver.cuLaunchKernel(fn, grid, 1, 1, launch.threads, 1, 1, shared, device.stream,
+                                                   self.arg_address, 0)[0]
+            if err != device.success:
+                device.check((err,), f"launching {self.name} (grid {grid}, {launch.threads} threads)")
 
 
 class CUDAGraph:
@@ -1466,6 +1532,7 @@ class CUDADevice:
         self.var_table = self.raw_alloc(4 * VAR_TABLE_SLOTS)
         self.var_values = np.zeros(VAR_TABLE_SLOTS, dtype=np.int32)   # what the table holds (or will, in order)
         self.capturing = False
+        self.scratches = []   # see scratch
 
     # -- driver plumbing
     def check(self, result, what):
@@ -1558,6 +1625,16 @@ class CUDADevice:
                 bisect.insort(self.cache_sizes, mem.nbytes)
             blocks.append(mem)
             self.cached += mem.nbytes
+
+    def scratch(self, nbytes) -> CUDAMemory:
+        """Device memory of at least nbytes for one kernel's intermediate data (the tf32 copies of a product's
+        operands), reused by every such kernel: they run one after another on the stream. A larger need takes a
+        new block of the next power of two; the old ones stay allocated, since captured graphs hold their
+        addresses (so all of them together are under twice the largest)."""
+        with self.lock:
+            if not self.scratches or self.scratches[-1].nbytes < nbytes:
+                self.scratches.append(self.raw_alloc(_next_pow2(nbytes)))
+            return self.scratches[-1]
 
     def empty_cache(self):
         """Give every cached block back to the driver (after the stream has finished with them)."""

@@ -39,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import types
 
 import numpy as np
 import pytest
@@ -3562,9 +3563,9 @@ static inline unsigned pg_tf32(float x) {
 """
 
 EMU_ENTRY = r"""
-static void pg_entry(void** args) { %CALL%; }
-extern "C" int pg_launch(void** args, unsigned grid, unsigned threads, double timeout) {
-  return pg_run(pg_entry, args, grid, threads, timeout, "%NAME%");
+static void pg_entry%ENTRY%(void** args) { %CALL%; }
+extern "C" int pg_launch%ENTRY%(void** args, unsigned grid, unsigned threads, double timeout) {
+  return pg_run(pg_entry%ENTRY%, args, grid, threads, timeout, "%NAME%");
 }
 """
 
@@ -3652,7 +3653,13 @@ class EmuProgram:
             for name in self.var_order:
                 table[ops_cuda.var_slot(name)] = var_vals[name]
             slots.append(ctypes.c_uint64(table.ctypes.data))
+        if self.launch.scratch:   # the tf32 copies of a wgmma product's operands, written by its prologue first
+            scratch = EmuMemory(self.launch.scratch)
+            slots.append(ctypes.c_uint64(scratch.ptr))
         args = (ctypes.c_void_p * max(1, len(slots)))(*[ctypes.addressof(s) for s in slots])
+        if self.launch.grid and self.launch.scratch:
+            self.lib.pg_launch_tf32.argtypes = self.lib.pg_launch.argtypes
+            self.lib.pg_launch_tf32(args, self.launch.prologue_grid, self.launch.threads, 60.0)
         if self.launch.grid:
             self.lib.pg_launch(args, self.launch.grid, self.launch.threads, 60.0)
 
@@ -3702,10 +3709,15 @@ def _emu_library(kernel, source) -> str:
         params.append(f"({'' if p.written else 'const '}{p.dtype.ctype}*)(*(unsigned long long*)args[{len(params)}])")
     if kernel.uses_check:
         params.append(f"(int*)(*(unsigned long long*)args[{len(params)}])")
-    if kernel.var_names:   # the device's variable table, last
+    if kernel.var_names:   # the device's variable table
         params.append(f"(const int*)(*(unsigned long long*)args[{len(params)}])")
-    call = f"{kernel.name}({', '.join(params)})"
-    text = EMU_HEADER + source + EMU_ENTRY.replace("%CALL%", call).replace("%NAME%", kernel.name)
+    # a wgmma product's prologue (the tf32 copies of its operands, in scratch passed last): entry pg_launch_tf32
+    names = [kernel.name] + [f"{kernel.name}_tf32" for _ in range(f" {kernel.name}_tf32(" in source)]
+    if len(names) > 1:
+        params.append(f"(float*)(*(unsigned long long*)args[{len(params)}])")
+    text = EMU_HEADER + source + "".join(
+        EMU_ENTRY.replace("%CALL%", f"{name}({', '.join(params)})").replace("%NAME%", name).replace(
+            "%ENTRY%", name[len(kernel.name):]) for name in names)
     _emu_runtime()
     return compiler.disk_cached((text, "emulator kernel", " ".join(GXX_KERNEL)), ".so", lambda: _gxx(text))
 
@@ -3918,9 +3930,9 @@ def test_emu_batched_and_transposed_matmul(emu, use_tf32):
 @needs_gxx
 @pytest.mark.parametrize("m,k,n", [(130, 70, 129), (200, 37, 300), (256, 1000, 136)])
 def test_emu_wgmma_matmul(emu_hopper, m, k, n, tf32):
-    """Hopper's wgmma template (sm_90a), emulated: edges in every direction, K not a multiple of 4 (no asynchronous
-    copies) or of the slice, many slices around the buffers, operands copied or staged through registers,
-    transposed or evaluated (exp and a flip), batches."""
+    """Hopper's wgmma template (sm_90a), emulated: edges in every direction, K not a multiple of 4 (the copies'
+    rows padded with zeros) or of the slice, many slices around the buffers, operands k-contiguous, transposed or
+    evaluated (exp and a flip) on their way into the tf32 copies, batches, one operand broadcast over the batch."""
     device = emu_hopper
     a, b, bias = randn(m, k), randn(k, n), randn(n)
     got = (on(device, a) @ on(device, b) + on(device, bias)).relu().numpy()
@@ -3931,19 +3943,26 @@ def test_emu_wgmma_matmul(emu_hopper, m, k, n, tf32):
     x, y = randn(2, m, k) * 0.3, randn(2, n, k)
     got_general = (on(device, x).exp() @ on(device, y).flip(2).transpose(1, 2)).numpy()
     want_general = np.exp(x.astype(np.float64)) @ y[:, :, ::-1].transpose(0, 2, 1)
+    got_broadcast = (on(device, x) @ on(device, b)).numpy()
+    want_broadcast = x.astype(np.float64) @ b
     assert "wgmma" in kinds(device), kinds(device)
-    for g, w in ((got, want), (got_t, want_t), (got_nt, want_t), (got_general, want_general)):
+    for g, w in ((got, want), (got_t, want_t), (got_nt, want_t), (got_general, want_general),
+                 (got_broadcast, want_broadcast)):
         assert np.abs(g - w).max() / np.abs(w).max() < 2e-3
 
 
 @needs_gxx
-def test_emu_wgmma_rounds_copied_operands(emu_hopper, tf32):
-    # 1 + 3 * 2^-12 rounds to the tf32 number 1 + 2^-10 (truncating its bits, as the multiply does, gives 1): the
-    # copied A must be rounded in shared memory as staged operands are
-    a = np.full((512, 64), 1 + 3 * 2**-12, dtype=np.float32)
-    got = (on(emu_hopper, a) @ on(emu_hopper, np.eye(64, 256, dtype=np.float32))).numpy()
+def test_emu_wgmma_rounds_its_operands(emu_hopper, tf32):
+    # 1 + 3 * 2^-12 rounds to the tf32 number 1 + 2^-10 (truncating its bits, as the multiply does, gives 1): both
+    # operands' copies must be rounded, A's (k-contiguous) and B's (transposed on the way)
+    value, rounded = 1 + 3 * 2**-12, np.float32(1 + 2**-10)
+    got_a = (on(emu_hopper, np.full((512, 64), value, dtype=np.float32)) @
+             on(emu_hopper, np.eye(64, 256, dtype=np.float32))).numpy()
+    got_b = (on(emu_hopper, np.eye(512, 64, dtype=np.float32)) @
+             on(emu_hopper, np.full((64, 256), value, dtype=np.float32))).numpy()
     assert "wgmma" in kinds(emu_hopper), kinds(emu_hopper)
-    np.testing.assert_array_equal(got[:, :64], np.full((512, 64), 1 + 2**-10, dtype=np.float32))
+    np.testing.assert_array_equal(got_a[:, :64], np.full((512, 64), rounded))
+    np.testing.assert_array_equal(got_b[:64], np.full((64, 256), rounded))
 
 
 @needs_gxx
@@ -4118,6 +4137,9 @@ class FakeDriver:
         return (self.ok, self.libraries[key])
 
     def cuModuleGetFunction(self, module, name):
+        if name.endswith(b"_tf32"):   # a wgmma product's prologue: the library's second entry
+            module.pg_launch_tf32.argtypes = module.pg_launch.argtypes
+            return (self.ok, types.SimpleNamespace(pg_launch=module.pg_launch_tf32))
         return (self.ok, module)
 
     def cuLaunchKernel(self, fn, gx, gy, gz, bx, by, bz, shared, stream, params, extra):
