@@ -240,6 +240,10 @@ class CUDARenderer(CRenderer):
     THREADS = 256
     FULL_THREADS = 2048   # resident threads per multiprocessor (Hopper, Ampere): what a memory-bound launch should fill
     SMALL_PRODUCT = 1 << 20   # operand elements, all batches together, below which a thin product is a reduction
+    # wgmma's prologue writes both operands' tf32 copies: a pass over memory that costs about 400 / M + 400 / N of
+    # the product's time at the tensor cores' speed. Products with a side under this keep the mma.sync template
+    # (a 256-token prefill's vocabulary head: 23 TFLOP/s with the copies, 37 on mma.sync, H200)
+    WGMMA_MIN_SIDE = 512
     cuda_preamble = CUDA_PREAMBLE
     mma_helpers = MMA_HELPERS
     wgmma_helpers = staticmethod(wgmma_helpers)
@@ -330,7 +334,8 @@ class CUDARenderer(CRenderer):
         return min(c.M, c.N) < 16 and (c.M + c.N) * c.K * n_batch <= self.SMALL_PRODUCT
 
     def plan_matmul(self, c) -> LaunchPlan:
-        tiles = (WGMMA_TILES if self.wgmma else TF32_TILES) if self.tf32 else FP32_TILES
+        wgmma = self.wgmma and min(c.M, c.N) >= self.WGMMA_MIN_SIDE
+        tiles = (WGMMA_TILES if wgmma else TF32_TILES) if self.tf32 else FP32_TILES
         n_batch = prod(r.arg[1] for r in c.batch)
         big, small = tiles
         # the big tile when it is not mostly padding (attention's 64-wide heads) and its blocks still fill the GPU

@@ -3617,6 +3617,7 @@ static inline void pg_wgmma_tf32(float* d, pg_desc a, pg_desc b) {
 
 class EmuRenderer(ops_cuda.CUDARenderer):
     mma_helpers = EMU_MMA
+    WGMMA_MIN_SIDE = 64   # small products take the wgmma template, as small GPUs (sm_count) take the big tile
 
     @staticmethod
     def wgmma_helpers(n, pending):
