@@ -55,8 +55,8 @@ class LaunchPlan:
         if kind == "wgmma":
             _, b_offset, (a_groups, b_groups) = _tf32_copies(contraction)
             if a_groups + b_groups >= 2**31:
-                raise ValueError(f"a tf32 product with {4 * (a_groups + b_groups)} operand elements: its operand copies "
-                                 f"do not fit 32-bit indexing")
+                raise ValueError(f"a tf32 product with {4 * (a_groups + b_groups)} operand elements: its operand "
+                                 f"copies do not fit 32-bit indexing")
             self.scratch = 4 * b_offset + 16 * b_groups
             self.prologue_grid = _cdiv(a_groups + b_groups, threads)
         self.programmatic = False   # launched as a programmatic dependent of the kernel before it (set by render)
@@ -68,11 +68,11 @@ class LaunchPlan:
 class MatmulTile:
     """Block tile BM x BN stepping BK along K. tf32 `mma`: a grid of WARPS_M x WARPS_N warps, each owning a
     (BM / WARPS_M) x (BN / WARPS_N) tile of m16n8k8 mma fragments. tf32 `wgmma`: WARPGROUPS groups of 4 warps, each
-    owning 64 rows x BN. fp32: (BM / TM) x (BN / TN) threads, each owning TM adjacent rows x TN columns in groups of 4
-    (see fp32_layout). `min_blocks` asks the compiler to fit that many blocks on a
-    multiprocessor (capping registers per thread). `buffers`: how many BK-deep slices shared memory holds (1 refills
-    the one buffer between two barriers; 2 stages the next slice while this one is used; wgmma keeps 3 so that an
-    asynchronous multiply can still read one slice while later ones are copied in)."""
+    owning 64 rows x BN. fp32: (BM / TM) x (BN / TN) threads, each owning TM adjacent rows x TN columns in groups
+    of 4 (see fp32_layout). `min_blocks` asks the compiler to fit that many blocks on a multiprocessor (capping
+    registers per thread). `buffers`: how many BK-deep slices shared memory holds (1 refills the one buffer between
+    two barriers; 2 stages the next slice while this one is used; wgmma keeps 3 so that an asynchronous multiply can
+    still read one slice while later ones are copied in)."""
     __slots__ = ("BM", "BN", "BK", "warps_m", "warps_n", "TM", "TN", "warpgroups", "threads", "min_blocks",
                  "buffers")
 
@@ -784,8 +784,8 @@ class CUDARenderer(CRenderer):
         operands in memory, a few percent of a big product; rounding inside the product, where the multiplies
         wait for it, made x @ W.T 0.44 of cuBLAS against 0.69 for the same kernel reading rounded copies
         (PERF.md). An operand whose k is not contiguous (B of x @ W) is transposed on the way."""
-        main_lines, self.lines = self.lines, [self.signature(kernel).replace(f" {kernel.name}(", f" {kernel.name}_tf32(")
-                                             + " {"]
+        signature = self.signature(kernel).replace(f" {kernel.name}(", f" {kernel.name}_tf32(")
+        main_lines, self.lines = self.lines, [signature + " {"]
         emit = self.emit
         self.emit_prelude(kernel)
         a = _Operand(self, "A", c, c.a, c.m_ranges, 0, 4, c.M)
