@@ -93,8 +93,10 @@ class MatmulTile:
 
 
 TF32_TILES = (MatmulTile(128, 128, 16, warps_m=2, warps_n=2), MatmulTile(64, 64, 16, warps_m=2, warps_n=2))
-# Hopper (sm_90a): warpgroup mma from shared memory for the big tile; the small one stays on mma.sync
-WGMMA_TILES = (MatmulTile(128, 256, 32, warpgroups=2, buffers=4), TF32_TILES[1])
+# Hopper (sm_90a): warpgroup mma from shared memory for the big tiles (128 x 128 for products with too few 128 x 256
+# tiles, such as weight gradients: two blocks a multiprocessor, three slices deep); the small one stays on mma.sync
+WGMMA_TILES = (MatmulTile(128, 256, 32, warpgroups=2, buffers=4),
+               MatmulTile(128, 128, 32, warpgroups=2, buffers=3, min_blocks=2), TF32_TILES[1])
 # fp32: 128 x 128 x 8, two slices deep, registers capped for two blocks a multiprocessor (tune_matmul.py f8x2_mb2)
 FP32_TILES = (MatmulTile(128, 128, 8, TM=8, TN=8, min_blocks=2), MatmulTile(64, 64, 16, TM=4, TN=4, buffers=1))
 
@@ -337,10 +339,10 @@ class CUDARenderer(CRenderer):
         wgmma = self.wgmma and min(c.M, c.N) >= self.WGMMA_MIN_SIDE
         tiles = (WGMMA_TILES if wgmma else TF32_TILES) if self.tf32 else FP32_TILES
         n_batch = prod(r.arg[1] for r in c.batch)
-        big, small = tiles
-        # the big tile when it is not mostly padding (attention's 64-wide heads) and its blocks still fill the GPU
-        fits = c.M >= big.BM // 2 + 1 and c.N >= big.BN // 2 + 1
-        tile = big if fits and _cdiv(c.M, big.BM) * _cdiv(c.N, big.BN) * n_batch >= self.sm_count else small
+        # the first tile that is not mostly padding (attention's 64-wide heads) and whose blocks still fill the GPU;
+        # else the last, smallest one
+        tile = next((t for t in tiles[:-1] if c.M >= t.BM // 2 + 1 and c.N >= t.BN // 2 + 1 and
+                     _cdiv(c.M, t.BM) * _cdiv(c.N, t.BN) * n_batch >= self.sm_count), tiles[-1])
         grid = _cdiv(c.M, tile.BM) * _cdiv(c.N, tile.BN) * n_batch
         kind = ("wgmma" if tile.warpgroups else "mma") if self.tf32 else "sgemm"
         return LaunchPlan(kind, tile.threads, grid, contraction=c, tile=tile)

@@ -3929,8 +3929,9 @@ def test_emu_batched_and_transposed_matmul(emu, use_tf32):
 
 
 @needs_gxx
-@pytest.mark.parametrize("m,k,n", [(130, 70, 129), (200, 37, 300), (256, 1000, 136)])
-def test_emu_wgmma_matmul(emu_hopper, m, k, n, tf32):
+@pytest.mark.parametrize("m,k,n,tile", [(130, 70, 129, (128, 128)), (200, 37, 300, (128, 256)),
+                                        (256, 1000, 136, (128, 128))])
+def test_emu_wgmma_matmul(emu_hopper, m, k, n, tile, tf32):
     """Hopper's wgmma template (sm_90a), emulated: edges in every direction, K not a multiple of 4 (the copies'
     rows padded with zeros) or of the slice, many slices around the buffers, operands k-contiguous, transposed or
     evaluated (exp and a flip) on their way into the tf32 copies, batches, one operand broadcast over the batch."""
@@ -3938,6 +3939,7 @@ def test_emu_wgmma_matmul(emu_hopper, m, k, n, tf32):
     a, b, bias = randn(m, k), randn(k, n), randn(n)
     got = (on(device, a) @ on(device, b) + on(device, bias)).relu().numpy()
     want = np.maximum(a.astype(np.float64) @ b + bias, 0)
+    assert [(p.launch.tile.BM, p.launch.tile.BN) for p in device.programs if p.launch.kind == "wgmma"] == [tile]
     got_t = (on(device, a.T.copy()).T @ on(device, b.T.copy()).T).numpy()
     got_nt = (on(device, a) @ on(device, b.T.copy()).T).numpy()   # both k-contiguous
     want_t = a.astype(np.float64) @ b
