@@ -673,9 +673,9 @@ class GemmRenderer(CRenderer):
     (batch, NB output columns, a chunk of rows) spread over OpenMP threads. Each item packs its B columns once, for
     the whole depth, into NR-wide panels; then for every MC-row block it packs A into MR-row panels one KC-deep
     slice at a time (rows of A that are contiguous in k are read in place) and runs an MR x NR micro-kernel (gcc
-    vector types, accumulators in registers) over each slice; when the sums are complete the fused epilogue runs and stores at the output's own index. Packing
-    evaluates the operands' strided views once, so transposed and broadcast operands cost nothing extra.
-    Per-thread panels live in a workspace the device passes in."""
+    vector types, accumulators in registers) over each slice; when the sums are complete the fused epilogue runs and
+    stores at the output's own index. Packing evaluates the operands' strided views once, so transposed and
+    broadcast operands cost nothing extra. Per-thread panels live in a workspace the device passes in."""
     MR, NR, KC, MC = 6, 16, 256, 120
     B_FLOATS, NB_MAX = 1 << 22, 512
 
