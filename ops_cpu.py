@@ -775,11 +775,11 @@ class GemmRenderer(CRenderer):
             emit(f"for (int j0 = 0; j0 < ncr; j0 += {NR}) {{", 3)
             emit("float* dst = Bs + j0 * kc;", 4)
             emit(f"const float* src = B + (long)(jc + j0) * {bn} + pc;", 4)
-            emit(f"int p = 0, full = j0 + {NR} <= nc;", 4)
-            emit("for (; full && p + 8 <= kc; p += 8)", 4)
+            emit(f"int blocks = j0 + {NR} <= nc ? kc / 8 * 8 : 0;", 4)
+            emit("for (int p = 0; p < blocks; p += 8)", 4)
             emit(f"for (int j8 = 0; j8 < {NR}; j8 += 8) pg_transpose8(dst + p * {NR} + j8, {NR}, "
                  f"src + (long)j8 * {bn} + p, {bn});", 5)
-            emit("for (; p < kc; p++)", 4)
+            emit("for (int p = blocks; p < kc; p++)", 4)
             emit(f"for (int j = 0; j < {NR}; j++) dst[p * {NR} + j] = j0 + j < nc ? src[(long)j * {bn} + p] : 0.0f;", 5)
             emit("}", 3)
         else:         # columns of B are strided: walk each column down the depth
