@@ -124,12 +124,8 @@ static inline int pg_slice(int t, int threads, int n, int step) {
 """
 
 
-# Below this many operations a kernel runs on one thread: waking the others costs more than it saves (about 1 us
-# while they spin). A reduction gets threads from a quarter of that: a matrix-vector product streams its weights
-# from memory, which one core of the 2-core VM reads at about 9 GB/s and two at 12-16 (decode's 288 x 288
-# product: 45 us on one thread, 33 on two), where an elementwise kernel mostly reads what the last one wrote.
+# Below this many operations a kernel runs on one thread: waking the others costs more than it saves.
 PARALLEL_WORK = 1 << 18
-PARALLEL_REDUCE = 1 << 16
 
 
 def last_level_cache_bytes() -> int:
@@ -233,13 +229,11 @@ class CRenderer:
             return self.render_scatter(kernel)
         self.stream = self.streams(kernel)
         work = kernel.out_size * max(1, kernel.flops // max(kernel.out_size, 1))
+        threaded = bool(kernel.ranges) and kernel.ranges[0].arg[1] > 1 and work >= PARALLEL_WORK and self.threads > 1
         # A reduction over everything (x / x.sum()) is computed once, before the threads share the outermost loop:
         # in each thread's slice function it would be computed twice, its parked values written over the other
         # thread's results. Such a loop stores plainly (its threads' streaming stores would need a fence each).
         deps = self.deps = compiler.range_sets(kernel.store)   # which loops each node depends on
-        reduces = any(n.op is Ops.ACC for n in deps)
-        big = work >= (PARALLEL_REDUCE if reduces else PARALLEL_WORK)
-        threaded = bool(kernel.ranges) and kernel.ranges[0].arg[1] > 1 and big and self.threads > 1
         whole = any(n.op is Ops.ACC and not deps[n] for n in kernel.store.toposort())
         if threaded and not whole:
             return self.render_threaded(kernel)
