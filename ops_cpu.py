@@ -635,14 +635,47 @@ class CRenderer:
         return self.alu(Ops.MAX, [value, acc], dtype, [dtype, dtype], None)
 
 
+# dst[q * ldd + r] = src[r * lds + q] for an 8 x 8 block, through 24 shuffles of 8-float vectors (AVX's unpack,
+# shuffle and lane permute): a packing loop that moved one float at a time spent about as long as the products on
+# the Llama prefill shapes. Needs pg_v8f (unaligned 8-float vectors).
+TRANSPOSE8 = r"""
+static inline void pg_transpose8(float* restrict dst, long ldd, const float* restrict src, long lds) {
+  pg_v8f r[8], t[8], u[8];
+  for (int i = 0; i < 8; i++) r[i] = *(const pg_v8f*)(src + i * lds);
+  for (int i = 0; i < 8; i += 2) {   /* pairs of rows interleaved: (r0[0] r1[0] r0[1] r1[1] | r0[4] r1[4] ...) */
+    t[i] = __builtin_shufflevector(r[i], r[i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+    t[i + 1] = __builtin_shufflevector(r[i], r[i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+  }
+  for (int i = 0; i < 8; i += 4) {   /* four rows' elements q and q + 4 in u[i + q] */
+    u[i] = __builtin_shufflevector(t[i], t[i + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+    u[i + 1] = __builtin_shufflevector(t[i], t[i + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+    u[i + 2] = __builtin_shufflevector(t[i + 1], t[i + 3], 0, 1, 8, 9, 4, 5, 12, 13);
+    u[i + 3] = __builtin_shufflevector(t[i + 1], t[i + 3], 2, 3, 10, 11, 6, 7, 14, 15);
+  }
+  for (int q = 0; q < 4; q++) {      /* halves of rows 0-3 and 4-7 joined */
+    *(pg_v8f*)(dst + q * ldd) = __builtin_shufflevector(u[q], u[q + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+    *(pg_v8f*)(dst + (q + 4) * ldd) = __builtin_shufflevector(u[q], u[q + 4], 4, 5, 6, 7, 12, 13, 14, 15);
+  }
+}
+"""
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _round_up(a: int, b: int) -> int:
+    return _ceil_div(a, b) * b
+
+
 class GemmRenderer(CRenderer):
     """A Contraction as a packed, register-blocked matrix product (the BLIS loop nest). Work items are
     (batch, NB output columns, a chunk of rows) spread over OpenMP threads. Each item packs its B columns once, for
     the whole depth, into NR-wide panels; then for every MC-row block it packs A into MR-row panels one KC-deep
-    slice at a time and runs an MR x NR micro-kernel (gcc vector types, accumulators in registers) over each
-    slice; when the sums are complete the fused epilogue runs and stores at the output's own index. Packing
-    evaluates the operands' strided views once, so transposed and broadcast operands cost nothing extra.
-    Per-thread panels live in a workspace the device passes in."""
+    slice at a time (rows of A that are contiguous in k are read in place) and runs an MR x NR micro-kernel (gcc
+    vector types, accumulators in registers) over each slice; when the sums are complete the fused epilogue runs and
+    stores at the output's own index. Packing evaluates the operands' strided views once, so transposed and
+    broadcast operands cost nothing extra. Per-thread panels live in a workspace the device passes in."""
     MR, NR, KC, MC = 6, 16, 256, 120
     B_FLOATS, NB_MAX = 1 << 22, 512
 
@@ -660,18 +693,36 @@ class GemmRenderer(CRenderer):
         nb = cls.block_cols(K)
         return -(-K // cls.KC) * cls.KC * nb + cls.MC * cls.KC + cls.MC * nb
 
+    @staticmethod
+    def even_split(panels: int, want: int, threads: int) -> int:
+        """Column blocks for `panels` NR-wide panels: at least `want` of them, and up to twice that a count that
+        divides the panels and the threads evenly (N = 288 is 18 panels: 6 blocks of 3, not 5, 5, 5 and 3)."""
+        for n in range(want, min(2 * want, panels) + 1):
+            if panels % n == 0 and n % threads == 0:
+                return n
+        return min(want, panels)
+
     def render_gemm(self, c: compiler.Contraction, threads: int) -> str:
         self.lines, self.scopes, self.counter, self.kernel = [], [{}], 0, c.kernel
         self.parked, self.next_row = {}, None
         MR, NR, KC, MC = self.MR, self.NR, self.KC, self.MC
         M, N, K = c.M, c.N, c.K
-        NB = self.block_cols(K)
         batch_sizes = [r.arg[1] for r in c.batch]
         n_batch = compiler.prod(batch_sizes)
-        mblocks, nblocks = -(-M // MC), -(-N // NB)
-        # enough items for every thread, splitting rows only when batch and columns do not already provide them
-        mchunks = min(mblocks, max(1, -(-2 * threads // (n_batch * nblocks))))
-        blocks_per_chunk = -(-mblocks // mchunks)
+        # Items of equal size: a last column block or row chunk of leftovers left a thread idle (N = 768 was blocks
+        # of 512 and 256, M = 256 chunks of 240 and 16 rows). Two items a thread at least: where batch and the
+        # column blocks do not provide them, the longer side is split, as every item packs its B columns (and,
+        # unless it reads them in place, its A rows) again; within a chunk, row blocks of equal size up to MC.
+        nblocks = _ceil_div(N, self.block_cols(K))
+        want = _ceil_div(2 * threads, n_batch)
+        if N >= M and nblocks < want:
+            nblocks = self.even_split(_ceil_div(N, NR), want, threads)
+        NB = _round_up(_ceil_div(N, nblocks), NR)
+        nblocks = _ceil_div(N, NB)
+        mchunks = min(_ceil_div(M, MR), _ceil_div(want, nblocks))
+        rows = _round_up(_ceil_div(M, mchunks), MR)
+        mchunks = _ceil_div(M, rows)
+        mb = _round_up(_ceil_div(rows, _ceil_div(rows, MC)), MR)   # at most MC: MC is a multiple of MR
         emit = self.emit
         self.lines.append(self.signature(c.kernel)[:-1] + ", float* restrict ws) {")
         emit(f"#pragma omp parallel for schedule(dynamic, 1) num_threads({threads})", 1)
@@ -689,10 +740,12 @@ class GemmRenderer(CRenderer):
         for r, size in reversed(list(zip(c.batch, batch_sizes))):
             emit(f"int {r.arg[0]} = (bi / {stride}) % {size};", 2)
             stride *= size
+        direct_a = False
         if c.linear:
             a_param, b_param = c.a.src[0].arg[0], c.b.src[0].arg[0]
             am, ak = c.a_strides.get(c.m, 0), c.a_strides[c.k]
             bn, bk = c.b_strides.get(c.n, 0), c.b_strides[c.k]
+            direct_a = ak == 1 and am > 0
             abase = " + ".join([str(c.a_offset)] + [f"(long){r.arg[0]}*{c.a_strides.get(r, 0)}" for r in c.batch])
             bbase = " + ".join([str(c.b_offset)] + [f"(long){r.arg[0]}*{c.b_strides.get(r, 0)}" for r in c.batch])
             emit(f"const float* restrict A = d{a_param} + {abase};", 2)
@@ -710,7 +763,20 @@ class GemmRenderer(CRenderer):
             emit(f"for (int j = 0; j < ncr; j++) Bs[(j / {NR}) * {NR} * kc + p * {NR} + j % {NR}] = "
                  f"j < nc ? src[j] : 0.0f;", 4)
             emit("}", 3)
-        else:         # columns of B are contiguous (B = W^T): walk each column down the depth
+        elif bk == 1:
+            # columns of B are contiguous (B = W^T, the weights of x @ W.T): 8 x 8 blocks transposed in registers;
+            # a partial panel and a depth left over from the blocks go one element at a time
+            emit(f"for (int j0 = 0; j0 < ncr; j0 += {NR}) {{", 3)
+            emit("float* dst = Bs + j0 * kc;", 4)
+            emit(f"const float* src = B + (long)(jc + j0) * {bn} + pc;", 4)
+            emit(f"int blocks = j0 + {NR} <= nc ? kc / 8 * 8 : 0;", 4)
+            emit("for (int p = 0; p < blocks; p += 8)", 4)
+            emit(f"for (int j8 = 0; j8 < {NR}; j8 += 8) pg_transpose8(dst + p * {NR} + j8, {NR}, "
+                 f"src + (long)j8 * {bn} + p, {bn});", 5)
+            emit("for (int p = blocks; p < kc; p++)", 4)
+            emit(f"for (int j = 0; j < {NR}; j++) dst[p * {NR} + j] = j0 + j < nc ? src[(long)j * {bn} + p] : 0.0f;", 5)
+            emit("}", 3)
+        else:         # columns of B are strided: walk each column down the depth
             emit("for (int j = 0; j < ncr; j++) {", 3)
             emit(f"float* dst = Bs + (j / {NR}) * {NR} * kc + j % {NR};", 4)
             emit(f"if (j < nc) {{ const float* src = B + (long)(jc + j) * {bn} + (long)pc * {bk}; "
@@ -718,17 +784,17 @@ class GemmRenderer(CRenderer):
             emit(f"else {{ for (int p = 0; p < kc; p++) dst[p * {NR}] = 0.0f; }}", 4)
             emit("}", 3)
         emit("}", 2)
-        emit(f"int ic_end = (chunk + 1) * {blocks_per_chunk * MC} < {M} ? (chunk + 1) * {blocks_per_chunk * MC} "
-             f": {M};", 2)
-        emit(f"for (int ic = chunk * {blocks_per_chunk * MC}; ic < ic_end; ic += {MC}) {{", 2)
-        emit(f"int mc = ic_end - ic < {MC} ? ic_end - ic : {MC};", 3)
+        emit(f"int ic_end = (chunk + 1) * {rows} < {M} ? (chunk + 1) * {rows} : {M};", 2)
+        emit(f"for (int ic = chunk * {rows}; ic < ic_end; ic += {mb}) {{", 2)
+        emit(f"int mc = ic_end - ic < {mb} ? ic_end - ic : {mb};", 3)
         emit(f"for (int pc = 0; pc < {K}; pc += {KC}) {{", 3)
         emit(f"int kc = {K} - pc < {KC} ? {K} - pc : {KC};", 4)
-        # pack A: MR-row panels, rows past the block zero
+        # pack A: MR-row panels, rows past the block zero; rows that are contiguous in k (x in x @ W.T) are read in
+        # place instead (see micro_kernel)
         if not c.linear:
             self.pack_general(c.a, c.m_ranges, c.k_ranges, "i", "mc", f"(mc + {MR - 1}) / {MR} * {MR}", MR,
                               "Ap + (i / {R}) * {R} * kc + i % {R}", "ic", 4)
-        else:
+        elif not direct_a:
             emit(f"for (int panel = 0; panel < mc; panel += {MR}) {{", 4)
             emit(f"float* dst = Ap + panel * kc;", 5)
             emit(f"for (int p = 0; p < kc; p++) {{", 5)
@@ -738,7 +804,12 @@ class GemmRenderer(CRenderer):
             emit("}", 4)
         emit(f"for (int jr = 0; jr < nc; jr += {NR})", 4)
         emit(f"for (int ir = 0; ir < mc; ir += {MR})", 5)
-        emit(f"pg_ukernel(kc, Ap + ir * kc, Bp + (long)pc * ncr + jr * kc, Cs + ir * {NB} + jr, pc > 0);", 6)
+        if direct_a:
+            emit(f"pg_ukernel(kc, A + (long)(ic + ir) * {am} + pc, {am}, 1, mc - ir, Bp + (long)pc * ncr + jr * kc, "
+                 f"Cs + ir * {NB} + jr, pc > 0);", 6)
+        else:
+            emit(f"pg_ukernel(kc, Ap + ir * kc, 1, {MR}, {MR}, Bp + (long)pc * ncr + jr * kc, Cs + ir * {NB} + jr, "
+                 f"pc > 0);", 6)
         emit("}", 3)
         # epilogue: the finished sums through the fused elementwise tail, stored at the output's own index
         emit("for (int i = 0; i < mc; i++) {", 3)
@@ -779,19 +850,23 @@ class GemmRenderer(CRenderer):
         emit("}", depth)
 
     def micro_kernel(self) -> str:
-        """C[MR x NR] (+)= A_panel[MR x kc] * B_panel[kc x NR], the accumulators held in vector registers."""
+        """C[MR x NR] (+)= A[MR x kc] * B_panel[kc x NR], the accumulators held in vector registers. A's element
+        (i, p) is a[i * si + p * sp]: a packed panel (si = 1, sp = MR) or rows of A read in place (sp = 1), of which
+        the first `rows` are real; the others repeat the last real row (in bounds), and their sums are not used.
+        Each call site passes constant strides, so gcc inlines a kernel for its layout."""
         MR, NR, NB = self.MR, self.NR, self.ldc
         vecs = NR // 8
         accs = [f"c{i}_{j}" for i in range(MR) for j in range(vecs)]
-        lines = ["typedef float pg_v8f __attribute__((vector_size(32), aligned(4)));",
-                 "static inline void pg_ukernel(int kc, const float* restrict a, const float* restrict b, "
-                 "float* restrict c, int add) {",
-                 "  pg_v8f " + ", ".join(f"{n} = {{0}}" for n in accs) + ";",
-                 "  for (int p = 0; p < kc; p++) {"]
+        lines = ["typedef float pg_v8f __attribute__((vector_size(32), aligned(4)));", TRANSPOSE8,
+                 "static inline void pg_ukernel(int kc, const float* restrict a, long si, long sp, int rows, "
+                 "const float* restrict b, float* restrict c, int add) {"]
+        lines += [f"  const float* restrict a{i} = a + (long)({i} < rows ? {i} : rows - 1) * si;" for i in range(MR)]
+        lines += ["  pg_v8f " + ", ".join(f"{n} = {{0}}" for n in accs) + ";",
+                  "  for (int p = 0; p < kc; p++) {"]
         lines += [f"    pg_v8f b{j} = *(const pg_v8f*)(b + {NR} * p + {8 * j});" for j in range(vecs)]
         for i in range(MR):
-            lines.append(f"    float a{i} = a[{MR} * p + {i}];")
-            lines += [f"    c{i}_{j} += a{i} * b{j};" for j in range(vecs)]
+            lines.append(f"    float x{i} = a{i}[p * sp];")
+            lines += [f"    c{i}_{j} += x{i} * b{j};" for j in range(vecs)]
         lines.append("  }")
         for i in range(MR):
             for j in range(vecs):

@@ -4708,3 +4708,27 @@ def test_rank_that_never_arrives_times_out(tmp_path):
     assert any("DistError: all_reduce on the data group (world ranks [0, 1, 2]) timed out after 3 s" in part
                for part in parts), result.stdout
     assert {part[:8] for part in parts} == {"[rank 0]", "[rank 2]"}, result.stdout
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 7, 16), (7, 129, 33), (8, 17, 129), (32, 128, 64), (129, 300, 1000),
+                                   (256, 288, 288)])
+def test_cpu_matmul_rows_in_place_and_transposed_weights(m, k, n):
+    """x @ W.T as the model computes it, against torch: x's rows read in place by the micro-kernel (a last panel of
+    fewer than MR rows repeats a real row), W's columns packed by 8 x 8 register transposes (a partial panel and
+    the depth left over from the blocks go one at a time). x is a column slice of a wider matrix (its row stride is
+    not K), the product has a fused epilogue, and a batched product broadcasts one weight over the batch."""
+    import torch
+    wide = RNG.standard_normal((3, m, k + 5)).astype(np.float32)
+    w = RNG.standard_normal((n, k)).astype(np.float32)
+    r = RNG.standard_normal((m, n)).astype(np.float32)
+    x, pw = pg.Tensor(wide, device="CPU")[:, :, 3:3 + k], pg.Tensor(w, device="CPU")
+    tx, tw = torch.from_numpy(wide)[:, :, 3:3 + k].double(), torch.from_numpy(w).double()
+    got = ((x[1] @ pw.T).relu() + pg.Tensor(r, device="CPU")).numpy()
+    want = (tx[1] @ tw.T).relu() + torch.from_numpy(r).double()
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=1e-4 * np.sqrt(k))
+    np.testing.assert_allclose((x @ pw.T).numpy(), (tx @ tw.T).numpy(), rtol=1e-4, atol=1e-4 * np.sqrt(k))
+    if m >= 8 and n >= 16:   # the packed products of x (rows k + 5 apart, read in place) pack W.T by transposes
+        sources = [p.source for key, p in compiler._programs.items() if key[0] == "CPU" and
+                   f"pg_ukernel(kc, A + (long)(ic + ir) * {k + 5} + pc" in getattr(p, "source", "")]
+        assert sources and all("pg_transpose8(dst" in source for source in sources)
+
