@@ -6,8 +6,8 @@ Read top to bottom:
      (elementwise; 4 consecutive elements with 16-byte loads where the layout allows), or by a group of threads
      that split its reductions (a warp or a block tree with shuffles when the reduced axis is contiguous in
      memory; a slice of a block along the reduced axis when it is strided); a Contraction gets a shared-memory
-     tiled matmul (register-blocked fp32, or tensor cores with pg.TF32: warpgroup wgmma on Hopper, mma.sync on
-     Ampere and for small tiles);
+     tiled matmul (register-blocked fp32, or tensor cores with pg.TF32: warpgroup wgmma on Hopper, reading tf32
+     copies of its operands that a prologue kernel writes, mma.sync on Ampere and for small tiles);
   2. the renderer that prints each plan, reusing the C renderer's expressions, loads and stores;
   3. NVRTC compilation to a cubin for the device's architecture (sm_90a on Hopper), through compile.py's disk cache;
   4. programs (module, function, argument slots, launch) and the device (context, stream, allocator, copies).
@@ -1307,14 +1307,16 @@ class CUDAProgram:
 
     The cubin is loaded into a device's context at its first launch there (on the launching thread: programs are
     built on compile.py's worker threads, which have no context). Arguments go through fixed ctypes slots that
-    kernelParams points at (the driver copies them at launch, so the slots are free again when it returns)."""
+    kernelParams points at (the driver copies them at launch, so the slots are free again when it returns). A
+    wgmma product launches two functions with the same arguments: its prologue, which writes the operands' tf32
+    copies into the device's scratch, then the product."""
 
     def __init__(self, device, kernel, source, cubin_path, launch):
         self.kernel, self.source, self.launch = kernel, source, launch
         self.image = compiler.cached_payload(cubin_path)
         self.name = kernel.name
         self.home = device
-        self.functions = {}   # device name -> (device, module, function, launch configuration)
+        self.functions = {}   # device name -> (device, module, [(function, grid, shared bytes, launch configuration)])
         self.param_index = [p.index for p in kernel.params]
         self.var_order = [name for name, _, _ in kernel.var_names]
         self.ptr_slots = [ctypes.c_uint64(0) for _ in self.param_index]
