@@ -660,12 +660,12 @@ static inline void pg_transpose8(float* restrict dst, long ldd, const float* res
 """
 
 
-def _ceil_div(a: int, b: int) -> int:
+def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
 def _round_up(a: int, b: int) -> int:
-    return _ceil_div(a, b) * b
+    return _cdiv(a, b) * b
 
 
 class GemmRenderer(CRenderer):
@@ -691,7 +691,7 @@ class GemmRenderer(CRenderer):
     def workspace(cls, K):
         """Floats per thread: packed B (whole depth), one packed A block, one block of sums."""
         nb = cls.block_cols(K)
-        return -(-K // cls.KC) * cls.KC * nb + cls.MC * cls.KC + cls.MC * nb
+        return _round_up(K, cls.KC) * nb + cls.MC * cls.KC + cls.MC * nb
 
     @staticmethod
     def even_split(panels: int, want: int, threads: int) -> int:
@@ -713,23 +713,23 @@ class GemmRenderer(CRenderer):
         # of 512 and 256, M = 256 chunks of 240 and 16 rows). Two items a thread at least: where batch and the
         # column blocks do not provide them, the longer side is split, as every item packs its B columns (and,
         # unless it reads them in place, its A rows) again; within a chunk, row blocks of equal size up to MC.
-        nblocks = _ceil_div(N, self.block_cols(K))
-        want = _ceil_div(2 * threads, n_batch)
+        nblocks = _cdiv(N, self.block_cols(K))
+        want = _cdiv(2 * threads, n_batch)
         if N >= M and nblocks < want:
-            nblocks = self.even_split(_ceil_div(N, NR), want, threads)
-        NB = _round_up(_ceil_div(N, nblocks), NR)
-        nblocks = _ceil_div(N, NB)
-        mchunks = min(_ceil_div(M, MR), _ceil_div(want, nblocks))
-        rows = _round_up(_ceil_div(M, mchunks), MR)
-        mchunks = _ceil_div(M, rows)
-        mb = _round_up(_ceil_div(rows, _ceil_div(rows, MC)), MR)   # at most MC: MC is a multiple of MR
+            nblocks = self.even_split(_cdiv(N, NR), want, threads)
+        NB = _round_up(_cdiv(N, nblocks), NR)
+        nblocks = _cdiv(N, NB)
+        mchunks = min(_cdiv(M, MR), _cdiv(want, nblocks))
+        rows = _round_up(_cdiv(M, mchunks), MR)
+        mchunks = _cdiv(M, rows)
+        mb = _round_up(_cdiv(rows, _cdiv(rows, MC)), MR)   # at most MC: MC is a multiple of MR
         emit = self.emit
         self.lines.append(self.signature(c.kernel)[:-1] + ", float* restrict ws) {")
         emit(f"#pragma omp parallel for schedule(dynamic, 1) num_threads({threads})", 1)
         emit(f"for (int item = 0; item < {n_batch * nblocks * mchunks}; item++) {{", 1)
         self.scopes.append({})
         emit(f"float* restrict Bp = ws + (long)omp_get_thread_num() * {self.workspace(K)};", 2)
-        emit(f"float* restrict Ap = Bp + {-(-K // KC) * KC * NB};", 2)
+        emit(f"float* restrict Ap = Bp + {_round_up(K, KC) * NB};", 2)
         emit(f"float* restrict Cs = Ap + {MC * KC};", 2)
         emit(f"int rest = item % {nblocks * mchunks};", 2)
         if c.batch:

@@ -28,7 +28,7 @@ import numpy as np
 import picograd as pg
 from picograd import Ops, prod
 import compile as compiler
-from ops_cpu import CRenderer
+from ops_cpu import CRenderer, _cdiv, _round_up
 
 # ----------------------------------------------------------------------------------------------------------------------
 # 1. Launch plans
@@ -106,7 +106,7 @@ def _tf32_copies(c):
     A's n_batch * M rows first, then B's n_batch * N from b_offset (on 256 bytes). Returns (k4, b_offset, (groups
     of 4 in A's copy, in B's))."""
     n_batch = prod(r.arg[1] for r in c.batch)
-    k4 = _cdiv(c.K, 4) * 4
+    k4 = _round_up(c.K, 4)
     a_groups, b_groups = n_batch * c.M * k4 // 4, n_batch * c.N * k4 // 4
     return k4, _cdiv(a_groups, 16) * 64, (a_groups, b_groups)
 
@@ -117,10 +117,6 @@ def _next_pow2(x: int) -> int:
 
 def _floor_pow2(x: int) -> int:
     return 1 << max(0, int(x).bit_length() - 1)
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -732,8 +728,8 @@ class CUDARenderer(CRenderer):
         c, t = self.launch.contraction, self.launch.tile
         emit = self.emit
         BM, BN, BK, T, S, K = t.BM, t.BN, t.BK, t.threads, t.buffers, c.K
-        k4, b_offset, _ = _tf32_copies(c)
-        self.render_tf32_copies(kernel, c, k4, b_offset)
+        k4, b_offset, groups = _tf32_copies(c)
+        self.render_tf32_copies(kernel, c, k4, b_offset, groups)
         a_op = _CoreMatrixOperand(self, "A", c, c.a, c.m_ranges, BM, BK, c.M).read_copy(0, k4)
         b_op = _CoreMatrixOperand(self, "B", c, c.b, c.n_ranges, BN, BK, c.N).read_copy(b_offset, k4)
         operands = ((a_op, "pg_m0"), (b_op, "pg_n0"))
@@ -779,7 +775,7 @@ class CUDARenderer(CRenderer):
         emit("pg_wgmma_wait_0();", 1)
         self.matmul_epilogue(kernel, c, loops, target, True)
 
-    def render_tf32_copies(self, kernel, c, k4, b_offset):
+    def render_tf32_copies(self, kernel, c, k4, b_offset, groups):
         """The wgmma kernel's prologue, a function of its own (`<name>_tf32`, same parameters) that the program
         launches just before it: each thread writes one group of 4 k of A or B, rounded to tf32, into pg_scratch as
         k-major rows of k4 (zeros past K), one row per (batch element, x). Rounding there costs a pass over the
@@ -792,7 +788,7 @@ class CUDARenderer(CRenderer):
         self.emit_prelude(kernel)
         a = _Operand(self, "A", c, c.a, c.m_ranges, 0, 4, c.M)
         b = _Operand(self, "B", c, c.b, c.n_ranges, 0, 4, c.N)
-        a_groups, b_groups = _tf32_copies(c)[2]
+        a_groups, b_groups = groups
         emit("int pg_e = blockIdx.x * blockDim.x + threadIdx.x;", 1)   # 32-bit: 64-bit division is slow
         emit(f"if (pg_e < {a_groups}) {{", 1)
         self.scopes.append({})
@@ -1000,8 +996,8 @@ class _Operand:
     x * sx + k * sk past the batch's base and is fetched by address: a 16-byte load per group when k is contiguous
     and aligned (`vector`), else four loads, coalesced along x when x is the contiguous axis. Any other operand (a
     view that spans several loops, a flip, an elementwise prologue) is evaluated element by element with its loops
-    bound from (x, k). Subclasses say where a group lives in shared memory; the tensor-core ones store it rounded to
-    tf32 as one 16-byte group (`group_slot`)."""
+    bound from (x, k). Subclasses say where a group lives in shared memory (`emit_stage` from registers, or
+    `emit_copy` without them)."""
 
     def __init__(self, renderer, name, c, value, side, bx, bk, extent):
         self.renderer, self.name, self.value, self.side, self.k_ranges = renderer, name, value, side, c.k_ranges
@@ -1113,15 +1109,6 @@ class _Operand:
         r.scopes.pop()
         emit("}", depth)
 
-    def emit_stage(self, emit, depth, threads, buf):
-        """Registers -> shared memory buffer `buf`, rounded to tf32 once here, one 16-byte store per group."""
-        emit("#pragma unroll", depth)
-        emit(f"for (int pg_l = 0; pg_l < {self.groups_per_thread(threads)}; pg_l++) {{", depth)
-        self.coords(emit, depth + 1, threads)
-        values = ", ".join(f"pg_tf32({self.staging}[4 * pg_l + {j}])" for j in range(4))
-        emit(f"*(uint4*)&{self.group_slot(buf)} = make_uint4({values});", depth + 1)
-        emit("}", depth)
-
 
 class _PanelOperand(_Operand):
     """An operand of the fp32 template. Shared memory holds its slice x-fastest, as BK rows of BX + 4 floats,
@@ -1163,6 +1150,15 @@ class _FragmentOperand(_Operand):
 
     def group_slot(self, buf) -> str:
         return f"pg_{self.name}s[{buf}][pg_x * 16 + 4 * (pg_q ^ ((pg_x >> 1) & 3))]"
+
+    def emit_stage(self, emit, depth, threads, buf):
+        """Registers -> shared memory buffer `buf`, rounded to tf32 once here, one 16-byte store per group."""
+        emit("#pragma unroll", depth)
+        emit(f"for (int pg_l = 0; pg_l < {self.groups_per_thread(threads)}; pg_l++) {{", depth)
+        self.coords(emit, depth + 1, threads)
+        values = ", ".join(f"pg_tf32({self.staging}[4 * pg_l + {j}])" for j in range(4))
+        emit(f"*(uint4*)&{self.group_slot(buf)} = make_uint4({values});", depth + 1)
+        emit("}", depth)
 
 
 class _CoreMatrixOperand(_Operand):
