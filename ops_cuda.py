@@ -50,15 +50,11 @@ class LaunchPlan:
         self.contraction, self.tile = contraction, tile
         self.shared = tile.shared_bytes() if tile is not None else 0
         # wgmma: the bytes of device scratch its prologue writes the tf32 copies of the operands to, and that
-        # prologue's blocks (of `threads`); see CUDARenderer.render_tf32_copies
+        # prologue's blocks (of `threads`, a tile of the copy each); see CUDARenderer.render_tf32_copies
         self.scratch = self.prologue_grid = 0
         if kind == "wgmma":
-            _, b_offset, (a_groups, b_groups) = _tf32_copies(contraction)
-            if a_groups + b_groups >= 2**31:
-                raise ValueError(f"a tf32 product with {4 * (a_groups + b_groups)} operand elements: its operand "
-                                 f"copies do not fit 32-bit indexing")
-            self.scratch = 4 * b_offset + 16 * b_groups
-            self.prologue_grid = _cdiv(a_groups + b_groups, threads)
+            copies = _TF32Copies(contraction)
+            self.scratch, self.prologue_grid = 4 * copies.size, sum(copies.blocks)
         self.programmatic = False   # launched as a programmatic dependent of the kernel before it (set by render)
 
     def __repr__(self):
@@ -72,19 +68,27 @@ class MatmulTile:
     of 4 (see fp32_layout). `min_blocks` asks the compiler to fit that many blocks on a multiprocessor (capping
     registers per thread). `buffers`: how many BK-deep slices shared memory holds (1 refills the one buffer between
     two barriers; 2 stages the next slice while this one is used; wgmma keeps 3 so that an asynchronous multiply can
-    still read one slice while later ones are copied in)."""
+    still read one slice while later ones are copied in). wgmma's `overlap`: 1 leaves one slice's multiply running
+    while the next one's is issued, so the copies run S - 2 slices ahead; 0 waits for each multiply in full, which
+    frees its buffer at once and lets the copies run S - 1 ahead (worth it when another block on the
+    multiprocessor keeps the tensor cores busy meanwhile)."""
     __slots__ = ("BM", "BN", "BK", "warps_m", "warps_n", "TM", "TN", "warpgroups", "threads", "min_blocks",
-                 "buffers")
+                 "buffers", "overlap")
 
-    def __init__(self, BM, BN, BK, warps_m=0, warps_n=0, TM=0, TN=0, warpgroups=0, min_blocks=1, buffers=2):
+    def __init__(self, BM, BN, BK, warps_m=0, warps_n=0, TM=0, TN=0, warpgroups=0, min_blocks=1, buffers=2,
+                 overlap=1):
         self.BM, self.BN, self.BK = BM, BN, BK
         self.warps_m, self.warps_n, self.TM, self.TN, self.warpgroups = warps_m, warps_n, TM, TN, warpgroups
-        self.min_blocks, self.buffers = min_blocks, buffers
+        self.min_blocks, self.buffers, self.overlap = min_blocks, buffers, overlap
         if warpgroups:
             assert BM == 64 * warpgroups and BK == 32 and buffers >= 3, (BM, BK, warpgroups, buffers)   # rows of 128 B
             self.threads = 128 * warpgroups
         else:
             self.threads = 32 * warps_m * warps_n if warps_m else (BM // TM) * (BN // TN)
+
+    def copies_ahead(self) -> int:
+        """wgmma: how many slices past the one being multiplied are on their way into shared memory."""
+        return self.buffers - 1 - self.overlap
 
     def shared_bytes(self) -> int:
         """Dynamic shared memory of the wgmma template (the others declare theirs statically)."""
@@ -101,14 +105,25 @@ WGMMA_TILES = (MatmulTile(128, 256, 32, warpgroups=2, buffers=4),
 FP32_TILES = (MatmulTile(128, 128, 8, TM=8, TN=8, min_blocks=2), MatmulTile(64, 64, 16, TM=4, TN=4, buffers=1))
 
 
-def _tf32_copies(c):
+# the tile of an operand's tf32 copy that one prologue block writes: COPY_ROWS rows (x) by COPY_K values of k
+COPY_ROWS, COPY_K = 64, 32
+
+
+class _TF32Copies:
     """The layout of a wgmma product's operand copies in scratch: rows of k4 floats (K rounded up to a group of 4),
-    A's n_batch * M rows first, then B's n_batch * N from b_offset (on 256 bytes). Returns (k4, b_offset, (groups
-    of 4 in A's copy, in B's))."""
-    n_batch = prod(r.arg[1] for r in c.batch)
-    k4 = _round_up(c.K, 4)
-    a_groups, b_groups = n_batch * c.M * k4 // 4, n_batch * c.N * k4 // 4
-    return k4, _cdiv(a_groups, 16) * 64, (a_groups, b_groups)
+    A's n_batch * M rows first, then B's n_batch * N from b_offset (on 256 bytes); `size` floats in all. The
+    prologue writes them in tiles of COPY_ROWS x COPY_K, one a block: `blocks` = (A's tiles, B's)."""
+
+    def __init__(self, c):
+        n_batch = prod(r.arg[1] for r in c.batch)
+        self.k4 = _round_up(c.K, 4)
+        self.b_offset = _round_up(n_batch * c.M * self.k4, 64)
+        self.size = self.b_offset + n_batch * c.N * self.k4
+        self.tiles = [(_cdiv(rows, COPY_ROWS), _cdiv(self.k4, COPY_K)) for rows in (c.M, c.N)]
+        self.blocks = tuple(n_batch * tiles_x * tiles_k for tiles_x, tiles_k in self.tiles)
+        if sum(self.blocks) >= 2**31:
+            raise ValueError(f"a tf32 product with {self.size} operand elements: its operand copies need more than "
+                             f"2^31 blocks")
 
 
 def _next_pow2(x: int) -> int:
@@ -267,7 +282,7 @@ class CUDARenderer(CRenderer):
         self.launch.programmatic = self.sm >= 90
         kind = self.launch.kind
         self.preamble = self.cuda_preamble + (self.mma_helpers if kind in ("mma", "wgmma") else "") + (
-            self.wgmma_helpers(self.launch.tile.BN, self.launch.tile.buffers - 3) if kind == "wgmma" else "")
+            self.wgmma_helpers(self.launch.tile.BN, self.launch.tile.copies_ahead() - 1) if kind == "wgmma" else "")
         return super().render(kernel)
 
     def plan(self, kernel) -> LaunchPlan:
@@ -722,16 +737,17 @@ class CUDARenderer(CRenderer):
         deep. Both operands are read from the copies the kernel's prologue function has just written (k-major,
         rounded to tf32: render_tf32_copies), so every slice reaches shared memory by cp.async, without registers
         or a pass that rounds it there. Iteration t: wait for slice t's copies, one barrier, start the multiply of
-        slice t, wait for that of slice t - 1, then start the copies of slice t + S - 2 into the buffer slice t - 2
-        used (every warpgroup finished with it before the barrier). The proxy fence before the barrier makes the
-        copied slice visible to the multiplies."""
+        slice t, wait for that of slice t - 1 (overlap 1) or t (overlap 0), then start the copies of slice t + a
+        (a = copies_ahead(): S - 2 or S - 1) into the buffer slice t - 2 or t - 1 used (every warpgroup finished
+        with it before the barrier). The proxy fence before the barrier makes the copied slice visible to the
+        multiplies."""
         c, t = self.launch.contraction, self.launch.tile
         emit = self.emit
         BM, BN, BK, T, S, K = t.BM, t.BN, t.BK, t.threads, t.buffers, c.K
-        k4, b_offset, groups = _tf32_copies(c)
-        self.render_tf32_copies(kernel, c, k4, b_offset, groups)
-        a_op = _CoreMatrixOperand(self, "A", c, c.a, c.m_ranges, BM, BK, c.M).read_copy(0, k4)
-        b_op = _CoreMatrixOperand(self, "B", c, c.b, c.n_ranges, BN, BK, c.N).read_copy(b_offset, k4)
+        copies = _TF32Copies(c)
+        self.render_tf32_copies(kernel, c, copies)
+        a_op = _CoreMatrixOperand(self, "A", c, c.a, c.m_ranges, BM, BK, c.M).read_copy(0, copies.k4)
+        b_op = _CoreMatrixOperand(self, "B", c, c.b, c.n_ranges, BN, BK, c.N).read_copy(copies.b_offset, copies.k4)
         operands = ((a_op, "pg_m0"), (b_op, "pg_n0"))
         emit(f"PG_DYNAMIC_SHARED(pg_smem, {t.shared_bytes() // 4});", 1)
         # the swizzle's atoms start on 1024 bytes (the XOR takes address bits 7-9): the buffers start at the first
@@ -755,7 +771,8 @@ class CUDARenderer(CRenderer):
             for op, x0 in operands:
                 op.emit_copy(emit, depth + 1, T, x0, f"({slice_expr}) * {BK}", f"({slice_expr}) % {S}")
             emit("}", depth)
-        for j in range(S - 2):   # prologue: slices 0 .. S - 3 on their way
+        ahead = t.copies_ahead()
+        for j in range(ahead):   # prologue: slices 0 .. ahead - 1 on their way
             fill(str(j), 1)
             emit("pg_copy_commit();", 1)
         emit(f"for (int pg_s = 0; pg_s < {_cdiv(K, BK)}; pg_s++) {{", 1)
@@ -768,36 +785,38 @@ class CUDARenderer(CRenderer):
             emit(f"pg_wgmma_tf32(&pg_acc[0][0][0], {a_op.descriptor('pg_buf', 2 * step, '(pg_tid >> 7) * 64')}, "
                  f"{b_op.descriptor('pg_buf', 2 * step, '0')});", 2)
         emit("pg_wgmma_commit();", 2)
-        emit("pg_wgmma_wait_1();", 2)
-        fill(f"pg_s + {S - 2}", 2)
+        emit(f"pg_wgmma_wait_{t.overlap}();", 2)
+        fill(f"pg_s + {ahead}", 2)
         emit("pg_copy_commit();", 2)   # a group every iteration, empty or not, so that the wait counts slices
         emit("}", 1)
         emit("pg_wgmma_wait_0();", 1)
         self.matmul_epilogue(kernel, c, loops, target, True)
 
-    def render_tf32_copies(self, kernel, c, k4, b_offset, groups):
+    def render_tf32_copies(self, kernel, c, copies):
         """The wgmma kernel's prologue, a function of its own (`<name>_tf32`, same parameters) that the program
-        launches just before it: each thread writes one group of 4 k of A or B, rounded to tf32, into pg_scratch as
-        k-major rows of k4 (zeros past K), one row per (batch element, x). Rounding there costs a pass over the
-        operands in memory, a few percent of a big product; rounding inside the product, where the multiplies
-        wait for it, made x @ W.T 0.44 of cuBLAS against 0.69 for the same kernel reading rounded copies
-        (PERF.md). An operand whose k is not contiguous (B of x @ W) is transposed on the way."""
+        launches just before it: each block writes one COPY_ROWS x COPY_K tile of A's or B's copy (A's tiles
+        first), rounded to tf32, into pg_scratch as k-major rows of k4 (zeros past K), one row per (batch element,
+        x). Rounding there costs a pass over the operands in memory, a few percent of a big product; rounding
+        inside the product, where the multiplies wait for it, made x @ W.T 0.44 of cuBLAS against 0.69 for the same
+        kernel reading rounded copies (PERF.md). An operand whose k is not contiguous (B of x @ W) is transposed on
+        the way, through shared memory (see _Operand.emit_tf32_copy)."""
         signature = self.signature(kernel).replace(f" {kernel.name}(", f" {kernel.name}_tf32(")
         main_lines, self.lines = self.lines, [signature + " {"]
         emit = self.emit
         self.emit_prelude(kernel)
         a = _Operand(self, "A", c, c.a, c.m_ranges, 0, 4, c.M)
         b = _Operand(self, "B", c, c.b, c.n_ranges, 0, 4, c.N)
-        a_groups, b_groups = groups
-        emit("int pg_e = blockIdx.x * blockDim.x + threadIdx.x;", 1)   # 32-bit: 64-bit division is slow
-        emit(f"if (pg_e < {a_groups}) {{", 1)
+        if not (a.k_fast and b.k_fast):   # +1: a column of the tile, read down its k, touches every bank once
+            emit(f"__shared__ float pg_tile[{COPY_K}][{COPY_ROWS + 1}];", 1)
+        emit("int pg_t = blockIdx.x;", 1)
+        emit(f"if (pg_t < {copies.blocks[0]}) {{", 1)
         self.scopes.append({})
-        a.emit_tf32_copy(emit, 2, c.batch, 0, k4)
+        a.emit_tf32_copy(emit, 2, c.batch, 0, copies, 0)
         self.scopes.pop()
-        emit(f"}} else if (pg_e < {a_groups + b_groups}) {{", 1)
-        emit(f"pg_e -= {a_groups};", 2)
+        emit("} else {", 1)
+        emit(f"pg_t -= {copies.blocks[0]};", 2)
         self.scopes.append({})
-        b.emit_tf32_copy(emit, 2, c.batch, b_offset, k4)
+        b.emit_tf32_copy(emit, 2, c.batch, copies.b_offset, copies, 1)
         self.scopes.pop()
         emit("}", 1)
         self.lines.append("}")
@@ -1072,23 +1091,49 @@ class _Operand:
         for j, target in enumerate(targets):
             self.emit_element(emit, target, f"(pg_gk + {j})", depth)
 
-    def emit_tf32_copy(self, emit, depth, batch, offset, k4):
-        """Group pg_e of the operand's tf32 copy (CUDARenderer.render_tf32_copies): (batch element, x, group q)
-        with consecutive threads along the operand's contiguous axis (a row's groups when k is contiguous, else
-        one group of consecutive rows), fetched, rounded and stored as one 16-byte group of row (batch element, x)."""
-        groups, rows = k4 // 4, self.extent
-        inner, outer = (("pg_q", groups), ("pg_gx", rows)) if self.k_fast else (("pg_gx", rows), ("pg_q", groups))
-        emit(f"int {inner[0]} = pg_e % {inner[1]};", depth)
-        emit(f"int {outer[0]} = pg_e / {inner[1]} % {outer[1]};", depth)
-        emit(f"int pg_z = pg_e / {groups * rows};", depth)
+    def emit_tf32_copy(self, emit, depth, batch, offset, copies, which):
+        """Tile pg_t of the operand's tf32 copy (CUDARenderer.render_tf32_copies): rows x0 .. x0 + COPY_ROWS - 1 of
+        batch element pg_z, groups of 4 k from q0, each thread fetching, rounding and storing whole 16-byte groups
+        (8 consecutive threads write one row's 128 bytes). Where k is not contiguous the block first reads the tile
+        into shared memory along the operand's contiguous axis (consecutive threads, consecutive x), then writes
+        it out by rows: the reads and the writes are both whole lines."""
+        threads, groups, rows = self.renderer.launch.threads, copies.k4 // 4, self.extent
+        tiles_x, tiles_k = copies.tiles[which]
+        row_groups = COPY_K // 4
+        emit(f"int pg_z = pg_t / {tiles_x * tiles_k};", depth)
+        emit(f"int pg_x0 = pg_t % {tiles_x} * {COPY_ROWS};", depth)
+        emit(f"int pg_q0 = pg_t / {tiles_x} % {tiles_k} * {row_groups};", depth)
         self.renderer.decompose("pg_z", self.renderer.dims(batch), depth)
         self.emit_base(emit, depth)
-        emit("int pg_gk = 4 * pg_q;", depth)
-        emit("float pg_w[4];", depth)
-        self.emit_group(emit, [f"pg_w[{j}]" for j in range(4)], depth)
+        if not self.k_fast:
+            emit("#pragma unroll", depth)
+            emit(f"for (int pg_l = 0; pg_l < {COPY_ROWS * COPY_K // threads}; pg_l++) {{", depth)
+            emit(f"int pg_e = threadIdx.x + pg_l * {threads};", depth + 1)
+            emit(f"int pg_gx = pg_x0 + pg_e % {COPY_ROWS};", depth + 1)
+            self.emit_element(emit, f"pg_tile[pg_e / {COPY_ROWS}][pg_e % {COPY_ROWS}]",
+                              f"(4 * pg_q0 + pg_e / {COPY_ROWS})", depth + 1)
+            emit("}", depth)
+            emit("__syncthreads();", depth)
+        assert COPY_ROWS * row_groups % threads == 0, threads
+        emit("#pragma unroll", depth)
+        emit(f"for (int pg_l = 0; pg_l < {COPY_ROWS * row_groups // threads}; pg_l++) {{", depth)
+        emit(f"int pg_e = threadIdx.x + pg_l * {threads};", depth + 1)
+        emit(f"int pg_q = pg_e % {row_groups};", depth + 1)
+        emit(f"int pg_x = pg_e / {row_groups};", depth + 1)
+        emit(f"int pg_gx = pg_x0 + pg_x;", depth + 1)
+        emit(f"if (pg_gx < {rows} && pg_q0 + pg_q < {groups}) {{", depth + 1)
+        emit("float pg_w[4];", depth + 2)
+        if self.k_fast:
+            emit("int pg_gk = 4 * (pg_q0 + pg_q);", depth + 2)
+            self.emit_group(emit, [f"pg_w[{j}]" for j in range(4)], depth + 2)
+        else:
+            for j in range(4):
+                emit(f"pg_w[{j}] = pg_tile[4 * pg_q + {j}][pg_x];", depth + 2)
         values = ", ".join(f"pg_tf32(pg_w[{j}])" for j in range(4))
-        emit(f"*(uint4*)(pg_scratch + {offset} + ((long long)pg_z * {rows} + pg_gx) * {k4} + pg_gk) = "
-             f"make_uint4({values});", depth)
+        emit(f"*(uint4*)(pg_scratch + {offset} + ((long long)pg_z * {rows} + pg_gx) * {copies.k4} + "
+             f"4 * (pg_q0 + pg_q)) = make_uint4({values});", depth + 2)
+        emit("}", depth + 1)
+        emit("}", depth)
 
     def emit_element(self, emit, target, k, depth):
         """target = element (pg_gx, k) of the operand, zero past the edges: a load at its address for a linear

@@ -37,6 +37,8 @@ VARIANTS = {   # name: (tf32 tiles or None, fp32 tiles or None); only the precis
     "wg128x256_k32_s4": ((T(128, 256, 32, warpgroups=2, buffers=4), SMALL_TF32), None),
     "wg_tiers": ((T(128, 256, 32, warpgroups=2, buffers=4), T(128, 128, 32, warpgroups=2, buffers=3, min_blocks=2),
                   SMALL_TF32), None),
+    "wg_tiers_o0": ((T(128, 256, 32, warpgroups=2, buffers=4),
+                     T(128, 128, 32, warpgroups=2, buffers=3, min_blocks=2, overlap=0), SMALL_TF32), None),
     "wg128x128_k32_s3_mb2": ((T(128, 128, 32, warpgroups=2, buffers=3, min_blocks=2), SMALL_TF32), None),
     "wg128x128_k32_s4": ((T(128, 128, 32, warpgroups=2, buffers=4), SMALL_TF32), None),
 }
