@@ -71,15 +71,16 @@ class MatmulTile:
     still read one slice while later ones are copied in). wgmma's `overlap`: 1 leaves one slice's multiply running
     while the next one's is issued, so the copies run S - 2 slices ahead; 0 waits for each multiply in full, which
     frees its buffer at once and lets the copies run S - 1 ahead (worth it when another block on the
-    multiprocessor keeps the tensor cores busy meanwhile)."""
+    multiprocessor keeps the tensor cores busy meanwhile). `efficiency`: the tile's speed on a big product
+    relative to the biggest tile's, for the choice between tiles (CUDARenderer.plan_matmul)."""
     __slots__ = ("BM", "BN", "BK", "warps_m", "warps_n", "TM", "TN", "warpgroups", "threads", "min_blocks",
-                 "buffers", "overlap")
+                 "buffers", "overlap", "efficiency")
 
     def __init__(self, BM, BN, BK, warps_m=0, warps_n=0, TM=0, TN=0, warpgroups=0, min_blocks=1, buffers=2,
-                 overlap=1):
+                 overlap=1, efficiency=1.0):
         self.BM, self.BN, self.BK = BM, BN, BK
         self.warps_m, self.warps_n, self.TM, self.TN, self.warpgroups = warps_m, warps_n, TM, TN, warpgroups
-        self.min_blocks, self.buffers, self.overlap = min_blocks, buffers, overlap
+        self.min_blocks, self.buffers, self.overlap, self.efficiency = min_blocks, buffers, overlap, efficiency
         if warpgroups:
             assert BM == 64 * warpgroups and BK == 32 and buffers >= 3, (BM, BK, warpgroups, buffers)   # rows of 128 B
             self.threads = 128 * warpgroups
@@ -97,10 +98,12 @@ class MatmulTile:
 
 
 TF32_TILES = (MatmulTile(128, 128, 16, warps_m=2, warps_n=2), MatmulTile(64, 64, 16, warps_m=2, warps_n=2))
-# Hopper (sm_90a): warpgroup mma from shared memory for the big tiles (128 x 128 for products with too few 128 x 256
-# tiles, such as weight gradients: two blocks a multiprocessor, three slices deep); the small one stays on mma.sync
+# Hopper (sm_90a): warpgroup mma from shared memory for the big tiles (128 x 128 where 128 x 256 tiles would leave
+# much of the last wave idle, such as 768-wide products and weight gradients: two blocks a multiprocessor, three
+# slices deep, 0.95 of the big tile's speed on 8192^2 in tune_matmul.py); the small one stays on mma.sync
 WGMMA_TILES = (MatmulTile(128, 256, 32, warpgroups=2, buffers=4),
-               MatmulTile(128, 128, 32, warpgroups=2, buffers=3, min_blocks=2), TF32_TILES[1])
+               MatmulTile(128, 128, 32, warpgroups=2, buffers=3, min_blocks=2, overlap=0, efficiency=0.95),
+               TF32_TILES[1])
 # fp32: 128 x 128 x 8, two slices deep, registers capped for two blocks a multiprocessor (tune_matmul.py f8x2_mb2)
 FP32_TILES = (MatmulTile(128, 128, 8, TM=8, TN=8, min_blocks=2), MatmulTile(64, 64, 16, TM=4, TN=4, buffers=1))
 
@@ -216,6 +219,8 @@ __device__ __forceinline__ void pg_wgmma_tf32(float* d, pg_desc a, pg_desc b) {{
 VECTOR_TYPES = {"float": "float4", "int": "int4", "unsigned char": "uchar4"}
 
 # Every variable name gets a slot in each device's variable table (a small int array in device memory).
+# the most elements of a row a thread of a row kernel keeps in registers (see CUDARenderer.open_stride)
+ROW_REGISTERS = 32
 VAR_TABLE_SLOTS = 64
 _var_slots = {}
 
@@ -350,11 +355,19 @@ class CUDARenderer(CRenderer):
         wgmma = self.wgmma and min(c.M, c.N) >= self.WGMMA_MIN_SIDE
         tiles = (WGMMA_TILES if wgmma else TF32_TILES) if self.tf32 else FP32_TILES
         n_batch = prod(r.arg[1] for r in c.batch)
-        # the first tile that is not mostly padding (attention's 64-wide heads) and whose blocks still fill the GPU;
+
+        def blocks(t):
+            return _cdiv(c.M, t.BM) * _cdiv(c.N, t.BN) * n_batch
+
+        def busiest(t):   # the work of the multiprocessor dealt the most blocks, at the tile's speed
+            return _cdiv(blocks(t), self.sm_count) * t.BM * t.BN / t.efficiency
+        # of the tiles that are not mostly padding (attention's 64-wide heads) and whose blocks fill the GPU, the
+        # one that finishes first (8192 x 768 takes 1.45 waves of 128 x 256 tiles: 128 x 128 ones are 12% faster);
         # else the last, smallest one
-        tile = next((t for t in tiles[:-1] if c.M >= t.BM // 2 + 1 and c.N >= t.BN // 2 + 1 and
-                     _cdiv(c.M, t.BM) * _cdiv(c.N, t.BN) * n_batch >= self.sm_count), tiles[-1])
-        grid = _cdiv(c.M, tile.BM) * _cdiv(c.N, tile.BN) * n_batch
+        fitting = [t for t in tiles[:-1] if c.M >= t.BM // 2 + 1 and c.N >= t.BN // 2 + 1 and
+                   blocks(t) >= self.sm_count]
+        tile = min(fitting, key=busiest) if fitting else tiles[-1]
+        grid = blocks(tile)
         kind = ("wgmma" if tile.warpgroups else "mma") if self.tf32 else "sgemm"
         return LaunchPlan(kind, tile.threads, grid, contraction=c, tile=tile)
 
@@ -386,14 +399,15 @@ class CUDARenderer(CRenderer):
                     return False
         return True
 
-    def aligned_walk(self, index, r) -> bool:
+    def aligned_walk(self, index, r, width=4) -> bool:
+        """index walks r with stride 1 from a multiple of width (where r is a multiple of width)."""
         terms, const = compiler._linear(index)
-        if terms.get(r) != 1 or const % 4:
+        if terms.get(r) != 1 or const % width:
             return False
         for term, coeff in terms.items():
             if term is r:
                 continue
-            if r in self.ranges_of.get(term, frozenset([r])) or coeff % 4:
+            if r in self.ranges_of.get(term, frozenset([r])) or coeff % width:
                 return False
         return True
 
@@ -548,12 +562,44 @@ class CUDARenderer(CRenderer):
             if node.op is Ops.ACC and self.ranges_of[node] <= self.outputs:
                 self.expr(node, 1)
         self.outputs, self.group = frozenset(kernel.ranges), None
-        self.emit(f"for (int pg_c = pg_lane; pg_c < {prod(r.arg[1] for r in tail)}; pg_c += {size}) {{", 1)
-        self.scopes.append({})
-        self.decompose("pg_c", self.dims(tail), 2)
-        self.store(kernel.store, 2)
-        self.scopes.pop()
-        self.emit("}", 1)
+        steps = prod(r.arg[1] for r in tail)
+        if not self.keeps_row(steps, size):
+            self.open_stride("pg_c", "pg_lane", steps, size, 1)
+            self.scopes.append({})
+            self.decompose("pg_c", self.dims(tail), 2)
+            self.store(kernel.store, 2)
+            self.scopes.pop()
+            self.emit("}", 1)
+            return
+        # the row's values first, then its stores: NVRTC does not reuse a load (the row in registers) past a store
+        param, index, value = kernel.store.src
+        self.emit(f"{self.ctype(value.dtype)} pg_row[{steps // size}];", 1)
+        for what in ("values", "stores"):
+            self.open_stride("pg_c", "pg_lane", steps, size, 1)
+            self.scopes.append({})
+            self.decompose("pg_c", self.dims(tail), 2)
+            if what == "values":
+                self.emit(f"pg_row[pg_c_j] = {self.expr(value, 2)};", 2)
+            else:
+                self.emit(f"d{param.arg[0]}[{self.expr(index, 2)}] = pg_row[pg_c_j];", 2)
+            self.scopes.pop()
+            self.emit("}", 1)
+
+    def keeps_row(self, steps, size) -> bool:
+        return self.launch.kind in ("row_warp", "row_block") and steps % size == 0 and steps // size <= ROW_REGISTERS
+
+    def open_stride(self, var, lane, steps, size, depth):
+        """Open `for (var = lane; var < steps; var += size)`. In a row kernel whose rows split evenly into at most
+        ROW_REGISTERS steps a thread, the loop counts steps instead, from 0 to a constant: the compiler unrolls it,
+        and as each pass over the row (max, sum, the written elements) then loads the same addresses, it keeps
+        the row in registers and reads memory once (the causal softmax's backward rows read their two inputs
+        once instead of three times)."""
+        if self.keeps_row(steps, size):
+            self.emit("#pragma unroll", depth)
+            self.emit(f"for (int {var}_j = 0; {var}_j < {steps // size}; {var}_j++) {{", depth)
+            self.emit(f"int {var} = {lane} + {var}_j * {size};", depth + 1)
+        else:
+            self.emit(f"for (int {var} = {lane}; {var} < {steps}; {var} += {size}) {{", depth)
 
     def body_split(self, kernel):
         by, n_out = self.launch.group, kernel.out_size
@@ -571,7 +617,8 @@ class CUDARenderer(CRenderer):
     def open_block(self, first_line, depth):
         self.emit("{", depth)
         self.scopes.append({})
-        self.emit(first_line, depth + 1)
+        if first_line:
+            self.emit(first_line, depth + 1)
 
     def close_block(self, depth):
         self.scopes.pop()
@@ -640,7 +687,7 @@ class CUDARenderer(CRenderer):
         steps = _acc_size(u) // (4 if moving else 1)
         if moving:   # several 16-byte loads in flight per thread: decode's matrix-vector products gained 3%
             self.emit("#pragma unroll 4", depth)
-        self.emit(f"for (int {rr} = {lane}; {rr} < {steps}; {rr} += {size}) {{", depth)
+        self.open_stride(rr, lane, steps, size, depth)
         self.scopes.append({})
         self.reduce_depth += 1
         self.loop_stack.extend(ranges)
@@ -916,10 +963,18 @@ class CUDARenderer(CRenderer):
 
     def matmul_epilogue(self, kernel, c, loops, target, fragments):
         """Each finished sum, at its own (m, n), through the kernel's elementwise tail and store. `fragments`: the
-        sums are laid out as mma's C fragments of this warp's tile at (pg_wm, pg_wn); else the fma template's."""
+        sums are laid out as mma's C fragments of this warp's tile at (pg_wm, pg_wn), each thread holding pairs of
+        adjacent columns (pg_q and pg_q + 1, pg_q even), which are stored together as 8 bytes where the output
+        allows (see paired_columns); else the fma template's layout."""
         emit, t = self.emit, self.launch.tile
+        paired = fragments and self.paired_columns(kernel, c)
+        if paired:
+            loops = loops[:-1] + [("pg_h", 2)]   # pg_q = 2 pg_h and 2 pg_h + 1
         depth = self.open_unrolled(loops, 1)
-        if fragments:
+        if paired:
+            emit("int pg_row = pg_m0 + pg_wm + pg_i * 16 + pg_g + (pg_h << 3);", depth)
+            emit("int pg_col = pg_n0 + pg_wn + pg_j * 8 + pg_t * 2;", depth)
+        elif fragments:
             emit("int pg_row = pg_m0 + pg_wm + pg_i * 16 + pg_g + ((pg_q >> 1) << 3);", depth)
             emit("int pg_col = pg_n0 + pg_wn + pg_j * 8 + pg_t * 2 + (pg_q & 1);", depth)
         else:
@@ -927,15 +982,43 @@ class CUDARenderer(CRenderer):
             emit(f"int pg_row = pg_m0 + pg_wm + pg_ty * {t.TM} + pg_i;", depth)
             emit(f"int pg_col = pg_n0 + pg_wn + (pg_j >> 2) * {4 * lanes_n} + pg_tx * 4 + (pg_j & 3);", depth)
         emit(f"if (pg_row < {c.M} && pg_col < {c.N}) {{", depth)
-        self.scopes.append({})
-        self.decompose("pg_row", self.dims(c.m_ranges), depth + 1)
-        self.decompose("pg_col", self.dims(c.n_ranges), depth + 1)
-        emit(f"float pg_sum = {target};", depth + 1)
-        self.scopes[-1][c.acc] = "pg_sum"
-        self.store(kernel.store, depth + 1)
-        self.scopes.pop()
+        if not paired:
+            self.open_block("", depth + 1)
+            self.decompose("pg_row", self.dims(c.m_ranges), depth + 2)
+            self.decompose("pg_col", self.dims(c.n_ranges), depth + 2)
+            self.bind_sum(c, target, depth + 2)
+            self.store(kernel.store, depth + 2)
+            self.close_block(depth + 1)
+        else:
+            param, index, value = kernel.store.src
+            emit("float pg_pair[2];", depth + 1)
+            for column in range(2):
+                self.open_block(f"int pg_q = 2 * pg_h + {column};", depth + 1)
+                self.decompose("pg_row", self.dims(c.m_ranges), depth + 2)
+                self.decompose(f"(pg_col + {column})", self.dims(c.n_ranges), depth + 2)
+                self.bind_sum(c, target, depth + 2)
+                emit(f"pg_pair[{column}] = {self.expr(value, depth + 2)};", depth + 2)
+                self.close_block(depth + 1)
+            self.open_block("", depth + 1)   # the pair's address: the first column's
+            self.decompose("pg_row", self.dims(c.m_ranges), depth + 2)
+            self.decompose("pg_col", self.dims(c.n_ranges), depth + 2)
+            emit(f"*(float2*)(d{param.arg[0]} + {self.expr(index, depth + 2)}) = make_float2(pg_pair[0], "
+                 f"pg_pair[1]);", depth + 2)
+            self.close_block(depth + 1)
         emit("}", depth)
         self.close_unrolled(loops, depth)
+
+    def bind_sum(self, c, target, depth):
+        """The finished sum (target) stands for the contraction in the epilogue's expressions."""
+        self.emit(f"float pg_sum = {target};", depth)
+        self.scopes[-1][c.acc] = "pg_sum"
+
+    def paired_columns(self, kernel, c) -> bool:
+        """A fragment's two adjacent columns are stored with one 8-byte store: the output is float and walks the
+        innermost n range (of even size) contiguously from an even element."""
+        last = c.n_ranges[-1] if c.n_ranges else None
+        return (last is not None and last.arg[1] % 2 == 0 and kernel.store.src[2].dtype == pg.float32 and
+                self.aligned_walk(kernel.store.src[1], last, 2))
 
     def open_unrolled(self, loops, depth):
         for var, n in loops:

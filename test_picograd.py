@@ -3514,10 +3514,12 @@ extern "C" int pg_run(void (*entry)(void**), void** args, unsigned grid, unsigne
 #define __shared__ static   /* blocks run one after another, so function statics are the block's shared memory */
 #define __align__(n) __attribute__((aligned(n)))
 struct __attribute__((aligned(16))) float4 { float x, y, z, w; };
+struct __attribute__((aligned(8))) float2 { float x, y; };
 struct __attribute__((aligned(16))) int4 { int x, y, z, w; };
 struct __attribute__((aligned(4))) uchar4 { unsigned char x, y, z, w; };
 struct __attribute__((aligned(16))) uint4 { unsigned x, y, z, w; };
 static inline float4 make_float4(float a, float b, float c, float d) { return {a, b, c, d}; }
+static inline float2 make_float2(float a, float b) { return {a, b}; }
 static inline int4 make_int4(int a, int b, int c, int d) { return {a, b, c, d}; }
 static inline uint4 make_uint4(unsigned a, unsigned b, unsigned c, unsigned d) { return {a, b, c, d}; }
 static inline uchar4 make_uchar4(unsigned char a, unsigned char b, unsigned char c, unsigned char d) {
@@ -3929,17 +3931,20 @@ def test_emu_batched_and_transposed_matmul(emu, use_tf32):
 
 
 @needs_gxx
-@pytest.mark.parametrize("m,k,n,tile", [(130, 70, 129, (128, 128)), (200, 37, 300, (128, 256)),
+@pytest.mark.parametrize("m,k,n,tile", [(130, 70, 129, (128, 128)), (200, 165, 300, (128, 256)),
                                         (256, 262, 136, (128, 128))])
 def test_emu_wgmma_matmul(emu_hopper, m, k, n, tile, tf32):
     """Hopper's wgmma template (sm_90a), emulated: edges in every direction, K not a multiple of 4 (the copies'
     rows padded with zeros) or of the slice, many slices around the buffers, operands k-contiguous, transposed or
-    evaluated (exp and a flip) on their way into the tf32 copies, batches, one operand broadcast over the batch."""
+    evaluated (exp and a flip) on their way into the tf32 copies, batches, one operand broadcast over the batch,
+    results stored one by one (odd n) or in pairs."""
     device = emu_hopper
     a, b, bias = randn(m, k), randn(k, n), randn(n)
     got = (on(device, a) @ on(device, b) + on(device, bias)).relu().numpy()
     want = np.maximum(a.astype(np.float64) @ b + bias, 0)
     assert [(p.launch.tile.BM, p.launch.tile.BN) for p in device.programs if p.launch.kind == "wgmma"] == [tile]
+    # adjacent columns are stored in pairs (8 bytes) where the output's rows are even
+    assert [("*(float2*)" in p.source) for p in device.programs if p.launch.kind == "wgmma"] == [n % 2 == 0]
     got_t = (on(device, a.T.copy()).T @ on(device, b.T.copy()).T).numpy()
     got_nt = (on(device, a) @ on(device, b.T.copy()).T).numpy()   # both k-contiguous
     want_t = a.astype(np.float64) @ b

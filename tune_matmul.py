@@ -14,6 +14,7 @@ import sys
 import numpy as np
 
 from bench import median_time
+import ops_cuda
 from ops_cuda import MatmulTile as T
 
 SMALL_TF32 = T(64, 64, 16, warps_m=2, warps_n=2)
@@ -39,13 +40,20 @@ VARIANTS = {   # name: (tf32 tiles or None, fp32 tiles or None); only the precis
                   SMALL_TF32), None),
     "wg_tiers_o0": ((T(128, 256, 32, warpgroups=2, buffers=4),
                      T(128, 128, 32, warpgroups=2, buffers=3, min_blocks=2, overlap=0), SMALL_TF32), None),
+    "wg_default": (ops_cuda.WGMMA_TILES, None),
+    "wg256": ((T(128, 256, 32, warpgroups=2, buffers=4), SMALL_TF32), None),
+    "wg192": ((T(128, 192, 32, warpgroups=2, buffers=4), SMALL_TF32), None),
+    "wg128": ((T(128, 128, 32, warpgroups=2, buffers=3, min_blocks=2), SMALL_TF32), None),
+    "wg128_o0": ((T(128, 128, 32, warpgroups=2, buffers=3, min_blocks=2, overlap=0), SMALL_TF32), None),
     "wg128x128_k32_s3_mb2": ((T(128, 128, 32, warpgroups=2, buffers=3, min_blocks=2), SMALL_TF32), None),
     "wg128x128_k32_s4": ((T(128, 128, 32, warpgroups=2, buffers=4), SMALL_TF32), None),
 }
 # (m, k, n, layout): "nn" is A[m, k] @ B[k, n]; "nt" A @ B[n, k].T, a projection X W^T (both k-contiguous); "tn"
-# A[k, m].T @ B, a weight gradient X^T dY
+# A[k, m].T @ B, a weight gradient X^T dY; "bnt" 96 of nt at once (attention's scores, 8 sequences x 12 heads)
 SHAPES = [(4096, 4096, 4096, "nn"), (8192, 8192, 8192, "nn"), (8192, 8192, 8192, "nt"), (8192, 768, 2304, "nt"),
-          (8192, 768, 768, "nn"), (768, 8192, 768, "tn"), (8192, 2048, 768, "nn"), (8192, 768, 2048, "nt")]
+          (8192, 768, 768, "nt"), (8192, 768, 768, "nn"), (768, 8192, 768, "tn"), (8192, 2048, 768, "nn"),
+          (8192, 768, 2048, "nt"), (1024, 64, 1024, "bnt")]
+BATCH = 96
 
 
 def run_variant(name):
@@ -65,11 +73,13 @@ def run_variant(name):
         pg.TF32 = tf32
         torch.backends.cuda.matmul.allow_tf32 = tf32
         products = {"nn": pg.compile(lambda x, y: x @ y), "nt": pg.compile(lambda x, y: x @ y.T),
-                    "tn": pg.compile(lambda x, y: x.T @ y)}
-        torch_products = {"nn": lambda x, y: x @ y, "nt": lambda x, y: x @ y.T, "tn": lambda x, y: x.T @ y}
+                    "tn": pg.compile(lambda x, y: x.T @ y), "bnt": pg.compile(lambda x, y: x @ y.transpose(1, 2))}
+        torch_products = {"nn": lambda x, y: x @ y, "nt": lambda x, y: x @ y.T, "tn": lambda x, y: x.T @ y,
+                          "bnt": lambda x, y: x @ y.transpose(1, 2)}
         for m, k, n, layout in SHAPES:
-            a_np = np.random.rand(*((k, m) if layout == "tn" else (m, k))).astype(np.float32)
-            b_np = np.random.rand(*((n, k) if layout == "nt" else (k, n))).astype(np.float32)
+            batch = (BATCH,) if layout == "bnt" else ()
+            a_np = np.random.rand(*batch, *((k, m) if layout == "tn" else (m, k))).astype(np.float32)
+            b_np = np.random.rand(*batch, *((n, k) if layout in ("nt", "bnt") else (k, n))).astype(np.float32)
             a, b = pg.Tensor(a_np, device="CUDA"), pg.Tensor(b_np, device="CUDA")
             ta, tb = torch.tensor(a_np, device="cuda"), torch.tensor(b_np, device="cuda")
             mm, tmm = products[layout], torch_products[layout]
@@ -82,7 +92,7 @@ def run_variant(name):
             want = tmm(ta.double(), tb.double())
             got = torch.tensor(ours().numpy(), device="cuda").double()
             err = float((got - want).norm() / want.norm())
-            flop = 2 * m * n * k
+            flop = 2 * m * n * k * (BATCH if batch else 1)
             t_ours, t_theirs = (median_time(fn, reps=10, sync=sync) for fn in (ours, theirs))
             print(f"{name:12s} {'tf32' if tf32 else 'fp32'} {layout} {m}x{k}x{n}: {flop / t_ours / 1e12:7.1f} "
                   f"TFLOP/s  cuBLAS {flop / t_theirs / 1e12:7.1f}  ratio {t_theirs / t_ours:5.2f}  err {err:.1e}",
