@@ -13,71 +13,80 @@ import sys
 
 import numpy as np
 
-from bench import median_time
 import ops_cuda
+from bench import median_time
 from ops_cuda import MatmulTile as T
 
 SMALL_TF32 = T(64, 64, 16, warps_m=2, warps_n=2)
 SMALL_FP32 = T(64, 64, 16, TM=4, TN=4, buffers=1)
-VARIANTS = {   # name: (tf32 tiles or None, fp32 tiles or None); only the precisions given are timed
-    "f8x1": (None, (T(128, 128, 8, TM=8, TN=8, buffers=1), SMALL_FP32)),
-    "f8x2": (None, (T(128, 128, 8, TM=8, TN=8, buffers=2), SMALL_FP32)),
-    "f8x2_mb2": (None, (T(128, 128, 8, TM=8, TN=8, buffers=2, min_blocks=2), SMALL_FP32)),
-    "f16x1": (None, (T(128, 128, 16, TM=8, TN=8, buffers=1), SMALL_FP32)),
-    "f16x2": (None, (T(128, 128, 16, TM=8, TN=8, buffers=2), SMALL_FP32)),
-    "f128x64": (None, (T(128, 64, 16, TM=8, TN=4, buffers=2), SMALL_FP32)),
-    "w32x64": ((T(128, 128, 16, warps_m=2, warps_n=4), SMALL_TF32), None),
-    "w32x64_mb2": ((T(128, 128, 16, warps_m=2, warps_n=4, min_blocks=2), SMALL_TF32), None),
-    "w64": ((T(128, 128, 16, warps_m=2, warps_n=2), SMALL_TF32), None),
-    "w64_1buf": ((T(128, 128, 16, warps_m=2, warps_n=2, buffers=1), T(64, 64, 16, warps_m=2, warps_n=2, buffers=1)),
-                 None),
-    "w64_mb2": ((T(128, 128, 16, warps_m=2, warps_n=2, min_blocks=2), SMALL_TF32), None),
-    "t128x256": ((T(128, 256, 16, warps_m=2, warps_n=4), SMALL_TF32), None),
-    "t256x128": ((T(256, 128, 16, warps_m=4, warps_n=2), SMALL_TF32), None),
-    "wg128x256_k32_s3": ((T(128, 256, 32, warpgroups=2, buffers=3), SMALL_TF32), None),
-    "wg128x256_k32_s4": ((T(128, 256, 32, warpgroups=2, buffers=4), SMALL_TF32), None),
-    "wg_tiers": ((T(128, 256, 32, warpgroups=2, buffers=4), T(128, 128, 32, warpgroups=2, buffers=3, min_blocks=2),
-                  SMALL_TF32), None),
-    "wg_tiers_o0": ((T(128, 256, 32, warpgroups=2, buffers=4),
-                     T(128, 128, 32, warpgroups=2, buffers=3, min_blocks=2, overlap=0), SMALL_TF32), None),
-    "wg_default": (ops_cuda.WGMMA_TILES, None),
-    "wg256": ((T(128, 256, 32, warpgroups=2, buffers=4), SMALL_TF32), None),
-    "wg192": ((T(128, 192, 32, warpgroups=2, buffers=4), SMALL_TF32), None),
-    "wg128": ((T(128, 128, 32, warpgroups=2, buffers=3, min_blocks=2), SMALL_TF32), None),
-    "wg128_o0": ((T(128, 128, 32, warpgroups=2, buffers=3, min_blocks=2, overlap=0), SMALL_TF32), None),
-    "wg128x128_k32_s3_mb2": ((T(128, 128, 32, warpgroups=2, buffers=3, min_blocks=2), SMALL_TF32), None),
-    "wg128x128_k32_s4": ((T(128, 128, 32, warpgroups=2, buffers=4), SMALL_TF32), None),
+def both(*tiles):   # tf32 tiles as every GPU gets them (on Hopper, wgmma for warpgroup tiles)
+    return {"TF32_TILES": tiles, "WGMMA_TILES": tiles}
+
+
+VARIANTS = {   # name: the tile tuples of ops_cuda it replaces; only the precisions it changes are timed
+    "f8x1": {"FP32_TILES": (T(128, 128, 8, TM=8, TN=8, buffers=1), SMALL_FP32)},
+    "f8x2": {"FP32_TILES": (T(128, 128, 8, TM=8, TN=8, buffers=2), SMALL_FP32)},
+    "f8x2_mb2": {"FP32_TILES": (T(128, 128, 8, TM=8, TN=8, buffers=2, min_blocks=2), SMALL_FP32)},
+    "f16x1": {"FP32_TILES": (T(128, 128, 16, TM=8, TN=8, buffers=1), SMALL_FP32)},
+    "f16x2": {"FP32_TILES": (T(128, 128, 16, TM=8, TN=8, buffers=2), SMALL_FP32)},
+    "f128x64": {"FP32_TILES": (T(128, 64, 16, TM=8, TN=4, buffers=2), SMALL_FP32)},
+    "w32x64": both(T(128, 128, 16, warps_m=2, warps_n=4), SMALL_TF32),
+    "w32x64_mb2": both(T(128, 128, 16, warps_m=2, warps_n=4, min_blocks=2), SMALL_TF32),
+    "w64": both(T(128, 128, 16, warps_m=2, warps_n=2), SMALL_TF32),
+    "w64_1buf": both(T(128, 128, 16, warps_m=2, warps_n=2, buffers=1), T(64, 64, 16, warps_m=2, warps_n=2, buffers=1)),
+    "w64_mb2": both(T(128, 128, 16, warps_m=2, warps_n=2, min_blocks=2), SMALL_TF32),
+    "t128x256": both(T(128, 256, 16, warps_m=2, warps_n=4), SMALL_TF32),
+    "t256x128": both(T(256, 128, 16, warps_m=4, warps_n=2), SMALL_TF32),
+    "wg128x256_k32_s3": both(T(128, 256, 32, warpgroups=2, buffers=3), SMALL_TF32),
+    "wg128x256_k32_s4": both(T(128, 256, 32, warpgroups=2, buffers=4), SMALL_TF32),
+    "wg_tiers": both(T(128, 256, 32, warpgroups=2, buffers=4), T(128, 128, 32, warpgroups=2, buffers=3, min_blocks=2),
+                     SMALL_TF32),
+    "wg_tiers_o0": both(T(128, 256, 32, warpgroups=2, buffers=4),
+                        T(128, 128, 32, warpgroups=2, buffers=3, min_blocks=2, overlap=0), SMALL_TF32),
+    "wg_default": {"WGMMA_TILES": ops_cuda.WGMMA_TILES},
+    "wg256": both(T(128, 256, 32, warpgroups=2, buffers=4), SMALL_TF32),
+    "wg192": both(T(128, 192, 32, warpgroups=2, buffers=4), SMALL_TF32),
+    "wg128": both(T(128, 128, 32, warpgroups=2, buffers=3, min_blocks=2), SMALL_TF32),
+    "wg128_o0": both(T(128, 128, 32, warpgroups=2, buffers=3, min_blocks=2, overlap=0), SMALL_TF32),
+    "wg128x128_k32_s3_mb2": both(T(128, 128, 32, warpgroups=2, buffers=3, min_blocks=2), SMALL_TF32),
+    "wg128x128_k32_s4": both(T(128, 128, 32, warpgroups=2, buffers=4), SMALL_TF32),
+    # mma.sync below wgmma's sides (attention's 64-wide products on Hopper): a 128 x 64 tier
+    "mma_default": {"TF32_TILES": ops_cuda.TF32_TILES},
+    "mma128x64_w4x1": {"TF32_TILES": (ops_cuda.TF32_TILES[0], T(128, 64, 16, warps_m=4, warps_n=1, efficiency=0.9),
+                                      SMALL_TF32)},
+    "mma128x64_w2x2": {"TF32_TILES": (ops_cuda.TF32_TILES[0], T(128, 64, 16, warps_m=2, warps_n=2, efficiency=0.9),
+                                      SMALL_TF32)},
 }
 # (m, k, n, layout): "nn" is A[m, k] @ B[k, n]; "nt" A @ B[n, k].T, a projection X W^T (both k-contiguous); "tn"
-# A[k, m].T @ B, a weight gradient X^T dY; "bnt" 96 of nt at once (attention's scores, 8 sequences x 12 heads)
+# A[k, m].T @ B, a weight gradient X^T dY; "bnt" and "bnn": 96 at once (attention's scores and its probabilities
+# times the values, 8 sequences x 12 heads)
 SHAPES = [(4096, 4096, 4096, "nn"), (8192, 8192, 8192, "nn"), (8192, 8192, 8192, "nt"), (8192, 768, 2304, "nt"),
           (8192, 768, 768, "nt"), (8192, 768, 768, "nn"), (768, 8192, 768, "tn"), (8192, 2048, 768, "nn"),
-          (8192, 768, 2048, "nt"), (1024, 64, 1024, "bnt")]
+          (8192, 768, 2048, "nt"), (1024, 64, 1024, "bnt"), (1024, 1024, 64, "bnn")]
 BATCH = 96
 
 
 def run_variant(name):
     import torch
     import picograd as pg
-    import ops_cuda
-    tf32_tiles, fp32_tiles = VARIANTS[name]
-    ops_cuda.TF32_TILES = ops_cuda.WGMMA_TILES = tf32_tiles or ops_cuda.TF32_TILES
-    ops_cuda.FP32_TILES = fp32_tiles or ops_cuda.FP32_TILES
+    for attribute, tiles in VARIANTS[name].items():
+        setattr(ops_cuda, attribute, tiles)
 
     def sync():
         pg.Device["CUDA"].synchronize()
         torch.cuda.synchronize()
-    for tf32, tiles in ((True, tf32_tiles), (False, fp32_tiles)):
-        if tiles is None:
+    for tf32, attributes in ((True, ("TF32_TILES", "WGMMA_TILES")), (False, ("FP32_TILES",))):
+        if not any(a in VARIANTS[name] for a in attributes):
             continue
         pg.TF32 = tf32
         torch.backends.cuda.matmul.allow_tf32 = tf32
         products = {"nn": pg.compile(lambda x, y: x @ y), "nt": pg.compile(lambda x, y: x @ y.T),
-                    "tn": pg.compile(lambda x, y: x.T @ y), "bnt": pg.compile(lambda x, y: x @ y.transpose(1, 2))}
+                    "tn": pg.compile(lambda x, y: x.T @ y), "bnt": pg.compile(lambda x, y: x @ y.transpose(1, 2)),
+                    "bnn": pg.compile(lambda x, y: x @ y)}
         torch_products = {"nn": lambda x, y: x @ y, "nt": lambda x, y: x @ y.T, "tn": lambda x, y: x.T @ y,
-                          "bnt": lambda x, y: x @ y.transpose(1, 2)}
+                          "bnt": lambda x, y: x @ y.transpose(1, 2), "bnn": lambda x, y: x @ y}
         for m, k, n, layout in SHAPES:
-            batch = (BATCH,) if layout == "bnt" else ()
+            batch = (BATCH,) if layout in ("bnt", "bnn") else ()
             a_np = np.random.rand(*batch, *((k, m) if layout == "tn" else (m, k))).astype(np.float32)
             b_np = np.random.rand(*batch, *((n, k) if layout in ("nt", "bnt") else (k, n))).astype(np.float32)
             a, b = pg.Tensor(a_np, device="CUDA"), pg.Tensor(b_np, device="CUDA")
