@@ -4000,6 +4000,24 @@ def test_emu_softmax_and_log_softmax(emu):
 
 
 @needs_gxx
+def test_emu_causal_attention_rows(emu):
+    """Causal attention forward and backward, emulated: the softmax rows of 64 keys split evenly over a warp, so
+    they are kept in registers (unrolled passes, values before stores; rows of other lengths, as in
+    test_emu_softmax_and_log_softmax, take the strided loops)."""
+    q, k, v = (randn(2, 3, 64, 16) for _ in range(3))
+    tq = torch.tensor(q, requires_grad=True)
+    want = F.scaled_dot_product_attention(tq, torch.tensor(k), torch.tensor(v), is_causal=True)
+    want.square().sum().backward()
+    pq = Tensor(q, device=emu.name, requires_grad=True)
+    got = pg.scaled_dot_product_attention(pq, on(emu, k), on(emu, v), is_causal=True)
+    (got * got).sum().backward()
+    close(got.numpy(), want.detach().numpy(), rtol=1e-4, atol=1e-5)
+    close(pq.grad.numpy(), tq.grad.numpy(), rtol=1e-4, atol=1e-4)
+    rows = [p for p in emu.programs if p.launch.kind == "row_warp"]
+    assert rows and all("pg_row[" in p.source for p in rows), [p.kernel.name for p in rows]
+
+
+@needs_gxx
 def test_emu_embedding_forward_backward_and_bounds(emu):
     table = randn(50, 16)
     ids = np.array([[3, 0, 49], [7, 7, 1]], dtype=np.int32)
