@@ -1674,7 +1674,9 @@ def test_variable_position_does_not_recompile():
         return pg.where(visible, cache, 0.0).sum(0)
 
     expected = np.zeros((64, 4), np.float32)
-    for p in range(50):
+    # the first two calls warm up and trace; the ten after them must run the same kernels (the position is a
+    # runtime value, so any of the 64 is the same program: ten show it as well as fifty)
+    for p in range(12):
         row = np.full((1, 4), p + 1, np.float32)
         out = step(pg.Tensor(row), pg.Variable("pos", 0, 63).bind(p))
         expected[p] = row
