@@ -886,12 +886,19 @@ def _torch_adamw(params):
     return torch.optim.AdamW(params, lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
 
 
+# The MLP of the training and capture tests (and of the soak script): 12 inputs, 24 hidden units, 5 classes,
+# batches of 16, under _adamw's hyperparameters (which kernels bake in; the learning rate is a runtime value), so
+# that its kernels are compiled once for all of them.
+MLP_SIZES, MLP_BATCH = (12, 24, 5), 16
+
+
 def test_mlp_adamw_matches_torch(device, mode):
     pg.manual_seed(1)
-    l1, l2 = pg.Linear(8, 16, device=device), pg.Linear(16, 4, device=device)
+    (n_in, n_hidden, n_out), batch = MLP_SIZES, MLP_BATCH
+    l1, l2 = pg.Linear(n_in, n_hidden, device=device), pg.Linear(n_hidden, n_out, device=device)
     params = [l1.weight, l1.bias, l2.weight, l2.bias]
     t_params = [_to_torch_param(p) for p in params]
-    batches = [(RNG.standard_normal((6, 8)).astype(np.float32), RNG.integers(0, 4, 6).astype(np.int32))
+    batches = [(RNG.standard_normal((batch, n_in)).astype(np.float32), RNG.integers(0, n_out, batch).astype(np.int32))
                for _ in range(20)]
 
     def pg_loss(x, y):
@@ -1427,12 +1434,14 @@ def test_kernel_cache_concurrent_processes(tmp_path):
                    for f in files), "temporary files left in the cache"
 
 
+# the MLP and optimizer of test_mlp_adamw_matches_torch (MLP_SIZES, _adamw's betas and weight decay), whose
+# kernels the script then finds in the cache
 SOAK_SCRIPT = """
 import json, resource, sys, numpy as np, picograd as pg
 steps, mode = int(sys.argv[1]), sys.argv[2]
 pg.manual_seed(0)
-l1, l2 = pg.Linear(16, 32), pg.Linear(32, 4)
-opt = pg.AdamW(l1.parameters() + l2.parameters(), lr=1e-3)
+l1, l2 = pg.Linear(12, 24), pg.Linear(24, 5)
+opt = pg.AdamW(l1.parameters() + l2.parameters(), lr=1e-3, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
 def step(x, y):
     opt.zero_grad()
     loss = pg.cross_entropy(l2(l1(x).relu()), y)
@@ -1441,8 +1450,8 @@ def step(x, y):
     return loss.detach()
 run = pg.compile(step) if mode == "compiled" else step
 rng = np.random.default_rng(0)
-x = pg.Tensor(rng.standard_normal((8, 16)).astype(np.float32))
-y = pg.Tensor(rng.integers(0, 4, 8).astype(np.int32))
+x = pg.Tensor(rng.standard_normal((16, 12)).astype(np.float32))
+y = pg.Tensor(rng.integers(0, 5, 16).astype(np.int32))
 def rss():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize()
@@ -1532,8 +1541,9 @@ def test_kernel_cache_corrupt_entry_rebuilt(tmp_path):
 
 def _mlp_step_factory(seed=0):
     pg.manual_seed(seed)
-    l1, l2 = pg.Linear(12, 24), pg.Linear(24, 5)
-    opt = pg.AdamW(l1.parameters() + l2.parameters(), lr=1e-2, weight_decay=0.1)
+    (n_in, n_hidden, n_out) = MLP_SIZES
+    l1, l2 = pg.Linear(n_in, n_hidden), pg.Linear(n_hidden, n_out)
+    opt = _adamw(l1.parameters() + l2.parameters())
 
     def step(x, y):
         opt.zero_grad()
@@ -1546,7 +1556,8 @@ def _mlp_step_factory(seed=0):
 
 def _batches(n, seed=1):
     rng = np.random.default_rng(seed)
-    return [(rng.standard_normal((16, 12)).astype(np.float32), rng.integers(0, 5, 16).astype(np.int32))
+    (n_in, _, n_out), batch = MLP_SIZES, MLP_BATCH
+    return [(rng.standard_normal((batch, n_in)).astype(np.float32), rng.integers(0, n_out, batch).astype(np.int32))
             for _ in range(n)]
 
 
