@@ -3434,6 +3434,7 @@ EMU_RUNTIME = r"""
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <semaphore>
 #include <thread>
 #include <vector>
 struct pg_dim3 { unsigned x, y, z; };
@@ -3483,11 +3484,39 @@ void pg_mma_tf32(float* d, const unsigned* a, const unsigned* b) {
   for (int i = 0; i < 4; i++) d[i] = out[i];
 }
 
+/* The OS threads that play a block's CUDA threads, kept from block to block and launch to launch: thread t of
+   every block runs on worker t (creating and joining a thread costs some 70 us on a small VM, which made a launch
+   of a few hundred 256-thread blocks take seconds). Each worker sleeps on its own semaphore until a block needs
+   it; the last thread of a block to finish wakes the launcher. Allocated once and never freed: the workers wait
+   on them until the process exits. */
+struct pg_worker { std::binary_semaphore go{0}; };
+static pg_worker* workers = new pg_worker[1024];
+static unsigned n_workers;
+static std::binary_semaphore* block_done = new std::binary_semaphore(0);
+static std::atomic<unsigned> threads_running;
+static void (*block_entry)(void**);
+static void** block_args;
+static unsigned block_index;
+
+static void pg_worker_loop(unsigned t) {
+  for (;;) {
+    workers[t].go.acquire();   /* the launcher wrote the block's entry, arguments and index before releasing */
+    threadIdx = {t, 0, 0};
+    blockIdx = {block_index, 0, 0};
+    block_entry(block_args);
+    alive[t] = false;   /* exited threads no longer hold up barriers, as on the GPU */
+    warp_barriers[t / 32]->arrive_and_drop();
+    block_barrier->arrive_and_drop();
+    if (threads_running.fetch_sub(1) == 1) block_done->release();
+  }
+}
+
 extern "C" int pg_run(void (*entry)(void**), void** args, unsigned grid, unsigned threads, double timeout,
                       const char* name) {
   if (threads > 1024 || threads % 32) { fprintf(stderr, "emulator: bad block size %u\n", threads); abort(); }
   gridDim = {grid, 1, 1};
   blockDim = {threads, 1, 1};
+  for (; n_workers < threads; n_workers++) std::thread(pg_worker_loop, n_workers).detach();
   std::atomic<bool> done{false};
   std::atomic<unsigned> blocks_done{0};
   std::thread watchdog([&] {   /* a block that takes longer than timeout seconds is taken to be stuck */
@@ -3505,24 +3534,18 @@ extern "C" int pg_run(void (*entry)(void**), void** args, unsigned grid, unsigne
       }
     }
   });
+  block_entry = entry;
+  block_args = args;
   for (unsigned b = 0; b < grid; b++) {
     std::barrier<> barrier(threads);
     block_barrier = &barrier;
     warp_barriers.clear();
     for (unsigned w = 0; w < threads / 32; w++) warp_barriers.emplace_back(new std::barrier<>(32));
     for (unsigned t = 0; t < threads; t++) alive[t] = true;
-    std::vector<std::thread> team;
-    for (unsigned t = 0; t < threads; t++) {
-      team.emplace_back([=] {
-        threadIdx = {t, 0, 0};
-        blockIdx = {b, 0, 0};
-        entry(args);
-        alive[t] = false;   /* exited threads no longer hold up barriers, as on the GPU */
-        warp_barriers[t / 32]->arrive_and_drop();
-        block_barrier->arrive_and_drop();
-      });
-    }
-    for (auto& th : team) th.join();
+    block_index = b;
+    threads_running = threads;
+    for (unsigned t = 0; t < threads; t++) workers[t].go.release();
+    block_done->acquire();   /* every thread of the block has returned and left its barriers */
     blocks_done++;
   }
   done = true;
