@@ -2823,13 +2823,13 @@ def test_logits_and_greedy_match_transformers(tmp_path, name):
     tokens = np.random.default_rng(0).integers(0, vocab, (2, 24)).astype(np.int32)
     with torch.no_grad():
         want = ref(torch.from_numpy(tokens).long()).logits.numpy()
-    got = model(pg.Tensor(tokens)).numpy()
-    assert got.shape == (2, 24, vocab)
-    assert np.abs(got - want).max() / np.abs(want).max() < 1e-4
-    # the same positions fed in two chunks through the cache
+    # the positions fed in two chunks, the second attending through the cache the first wrote (a pass over all 24
+    # at once takes the first chunk's path, with a third set of kernels)
     first = model(pg.Tensor(tokens[:, :10])).numpy()
     rest = model(pg.Tensor(tokens[:, 10:]), start_pos=10).numpy()
-    np.testing.assert_allclose(np.concatenate([first, rest], 1), got, rtol=0, atol=1e-4 * np.abs(want).max())
+    got = np.concatenate([first, rest], 1)
+    assert first.shape == (2, 10, vocab) and rest.shape == (2, 14, vocab)
+    assert np.abs(got - want).max() / np.abs(want).max() < 1e-4
     prompt = [int(t) for t in tokens[0, :5]]
     with torch.no_grad():
         hf_ids = ref.generate(torch.tensor([prompt]), max_new_tokens=40, do_sample=False, eos_token_id=None,
