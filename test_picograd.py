@@ -76,10 +76,10 @@ _modules_when_frozen = [0]
 @pytest.fixture(autouse=True)
 def _freeze_what_imports_made():
     """Every @pg.compile trace calls gc.collect() (compile.Trace), which walks every object the process tracks:
-    with torch, transformers and tokenizers loaded that is some 400,000 objects and 0.2 to 0.5 s a trace, hundreds
-    of traces in this file. What imports create lives for the whole run, so after a test imported something new,
-    the objects alive are collected once more and then frozen out of later walks (gc.freeze); objects a test makes
-    are collected as before."""
+    with torch, transformers and tokenizers loaded that is some 400,000 objects and 0.2 to 0.5 s a trace, about 30 s
+    over the 65 traces in this file. What imports create lives for the whole run, so after a test imported something
+    new, the objects alive are collected once more and then frozen out of later walks (gc.freeze); objects a test
+    makes are collected as before."""
     if len(sys.modules) != _modules_when_frozen[0]:
         gc.collect()
         gc.freeze()
