@@ -43,7 +43,7 @@ class LaunchPlan:
     `programmatic` (Hopper on): the kernel may launch while the one before it in the stream still runs, and waits
     for that one's results in its first instruction (programmatic dependent launch, see CUDARenderer.render)."""
     __slots__ = ("kind", "threads", "grid", "group", "contraction", "tile", "shared", "programmatic", "scratch",
-                 "prologue_grid")
+                 "prologue_grid", "copies")
 
     def __init__(self, kind, threads, grid, group=1, contraction=None, tile=None):
         self.kind, self.threads, self.grid, self.group = kind, threads, grid, group
@@ -52,9 +52,10 @@ class LaunchPlan:
         # wgmma: the bytes of device scratch its prologue writes the tf32 copies of the operands to, and that
         # prologue's blocks (of `threads`, a tile of the copy each); see CUDARenderer.render_tf32_copies
         self.scratch = self.prologue_grid = 0
+        self.copies = None   # wgmma: the copies' layout (_TF32Copies)
         if kind == "wgmma":
-            copies = _TF32Copies(contraction)
-            self.scratch, self.prologue_grid = 4 * copies.size, sum(copies.blocks)
+            self.copies = _TF32Copies(contraction)
+            self.scratch, self.prologue_grid = 4 * self.copies.size, sum(self.copies.blocks)
         self.programmatic = False   # launched as a programmatic dependent of the kernel before it (set by render)
 
     def __repr__(self):
@@ -563,25 +564,22 @@ class CUDARenderer(CRenderer):
                 self.expr(node, 1)
         self.outputs, self.group = frozenset(kernel.ranges), None
         steps = prod(r.arg[1] for r in tail)
-        if not self.keeps_row(steps, size):
-            self.open_stride("pg_c", "pg_lane", steps, size, 1)
-            self.scopes.append({})
-            self.decompose("pg_c", self.dims(tail), 2)
-            self.store(kernel.store, 2)
-            self.scopes.pop()
-            self.emit("}", 1)
-            return
-        # the row's values first, then its stores: NVRTC does not reuse a load (the row in registers) past a store
         param, index, value = kernel.store.src
-        self.emit(f"{self.ctype(value.dtype)} pg_row[{steps // size}];", 1)
-        for what in ("values", "stores"):
+        if self.keeps_row(steps, size):
+            # the row's values first, then its stores: NVRTC does not reuse a load (the row in registers) past a store
+            self.emit(f"{self.ctype(value.dtype)} pg_row[{steps // size}];", 1)
+            passes = [lambda: f"pg_row[pg_c_j] = {self.expr(value, 2)};",
+                      lambda: f"d{param.arg[0]}[{self.expr(index, 2)}] = pg_row[pg_c_j];"]
+        else:
+            passes = [None]
+        for line in passes:
             self.open_stride("pg_c", "pg_lane", steps, size, 1)
             self.scopes.append({})
             self.decompose("pg_c", self.dims(tail), 2)
-            if what == "values":
-                self.emit(f"pg_row[pg_c_j] = {self.expr(value, 2)};", 2)
+            if line is None:
+                self.store(kernel.store, 2)
             else:
-                self.emit(f"d{param.arg[0]}[{self.expr(index, 2)}] = pg_row[pg_c_j];", 2)
+                self.emit(line(), 2)
             self.scopes.pop()
             self.emit("}", 1)
 
@@ -791,7 +789,7 @@ class CUDARenderer(CRenderer):
         c, t = self.launch.contraction, self.launch.tile
         emit = self.emit
         BM, BN, BK, T, S, K = t.BM, t.BN, t.BK, t.threads, t.buffers, c.K
-        copies = _TF32Copies(c)
+        copies = self.launch.copies
         self.render_tf32_copies(kernel, c, copies)
         a_op = _CoreMatrixOperand(self, "A", c, c.a, c.m_ranges, BM, BK, c.M).read_copy(0, copies.k4)
         b_op = _CoreMatrixOperand(self, "B", c, c.b, c.n_ranges, BN, BK, c.N).read_copy(copies.b_offset, copies.k4)
