@@ -54,12 +54,16 @@ class LaunchPlan:
         self.scratch = self.prologue_grid = 0
         self.copies = None   # wgmma: the copies' layout (_TF32Copies)
         if kind == "wgmma":
-            self.copies = _TF32Copies(contraction)
+            self.copies = _TF32Copies(contraction, tile)
             self.scratch, self.prologue_grid = 4 * self.copies.size, sum(self.copies.blocks)
         self.programmatic = False   # launched as a programmatic dependent of the kernel before it (set by render)
 
     def __repr__(self):
         return f"LaunchPlan({self.kind}, threads={self.threads}, grid={self.grid}, group={self.group})"
+
+
+# the tile of an operand's tf32 copy that one prologue block writes, a panel: COPY_ROWS rows (x) by COPY_K values of k
+COPY_ROWS, COPY_K = 64, 32
 
 
 class MatmulTile:
@@ -72,18 +76,23 @@ class MatmulTile:
     still read one slice while later ones are copied in). wgmma's `overlap`: 1 leaves one slice's multiply running
     while the next one's is issued, so the copies run S - 2 slices ahead; 0 waits for each multiply in full, which
     frees its buffer at once and lets the copies run S - 1 ahead (worth it when another block on the
-    multiprocessor keeps the tensor cores busy meanwhile). `efficiency`: the tile's speed on a big product
-    relative to the biggest tile's, for the choice between tiles (CUDARenderer.plan_matmul)."""
+    multiprocessor keeps the tensor cores busy meanwhile). wgmma's `cluster`: 2 runs the blocks in pairs (a
+    thread block cluster) over the same columns and adjacent rows, each fetching half of their common B slice
+    for both. `efficiency`: the tile's speed on a big product relative to the biggest tile's, for the choice
+    between tiles (CUDARenderer.plan_matmul)."""
     __slots__ = ("BM", "BN", "BK", "warps_m", "warps_n", "TM", "TN", "warpgroups", "threads", "min_blocks",
-                 "buffers", "overlap", "efficiency")
+                 "buffers", "overlap", "cluster", "efficiency")
 
     def __init__(self, BM, BN, BK, warps_m=0, warps_n=0, TM=0, TN=0, warpgroups=0, min_blocks=1, buffers=2,
-                 overlap=1, efficiency=1.0):
+                 overlap=1, cluster=1, efficiency=1.0):
         self.BM, self.BN, self.BK = BM, BN, BK
         self.warps_m, self.warps_n, self.TM, self.TN, self.warpgroups = warps_m, warps_n, TM, TN, warpgroups
         self.min_blocks, self.buffers, self.overlap, self.efficiency = min_blocks, buffers, overlap, efficiency
+        self.cluster = cluster
         if warpgroups:
-            assert BM == 64 * warpgroups and BK == 32 and buffers >= 3, (BM, BK, warpgroups, buffers)   # rows of 128 B
+            # rows of 128 bytes; the copies are in panels of COPY_ROWS, and a cluster's blocks split B in halves
+            assert BM == 64 * warpgroups and BK == COPY_K == 32 and buffers >= 3 and cluster in (1, 2) and \
+                BN % (COPY_ROWS * cluster) == 0, (BM, BN, BK, warpgroups, buffers, cluster)
             self.threads = 128 * warpgroups
         else:
             self.threads = 32 * warps_m * warps_n if warps_m else (BM // TM) * (BN // TN)
@@ -93,39 +102,42 @@ class MatmulTile:
         return self.buffers - 1 - self.overlap
 
     def shared_bytes(self) -> int:
-        """Dynamic shared memory of the wgmma template (the others declare theirs statically)."""
-        # a kilobyte to spare: the buffers start on the first 1024-byte boundary (see body_wgmma)
-        return 4 * self.buffers * (self.BM + self.BN) * self.BK + 1024 if self.warpgroups else 0
+        """Dynamic shared memory of the wgmma template (the others declare theirs statically): the buffers, a
+        kilobyte to spare (they start on the first 1024-byte boundary, see body_wgmma), then two barriers of 8
+        bytes a buffer."""
+        return 4 * self.buffers * (self.BM + self.BN) * self.BK + 1024 + 16 * self.buffers if self.warpgroups else 0
 
 
 TF32_TILES = (MatmulTile(128, 128, 16, warps_m=2, warps_n=2), MatmulTile(64, 64, 16, warps_m=2, warps_n=2))
 # Hopper (sm_90a): warpgroup mma from shared memory for the big tiles (128 x 128 where 128 x 256 tiles would leave
 # much of the last wave idle, such as 768-wide products and weight gradients: two blocks a multiprocessor, three
 # slices deep, 0.95 of the big tile's speed on 8192^2 in tune_matmul.py); the small one stays on mma.sync
-WGMMA_TILES = (MatmulTile(128, 256, 32, warpgroups=2, buffers=4),
-               MatmulTile(128, 128, 32, warpgroups=2, buffers=3, min_blocks=2, overlap=0, efficiency=0.95),
+WGMMA_TILES = (MatmulTile(128, 256, 32, warpgroups=2, buffers=4, cluster=2),
+               MatmulTile(128, 128, 32, warpgroups=2, buffers=3, min_blocks=2, overlap=0, cluster=2, efficiency=0.95),
                TF32_TILES[1])
 # fp32: 128 x 128 x 8, two slices deep, registers capped for two blocks a multiprocessor (tune_matmul.py f8x2_mb2)
 FP32_TILES = (MatmulTile(128, 128, 8, TM=8, TN=8, min_blocks=2), MatmulTile(64, 64, 16, TM=4, TN=4, buffers=1))
 
 
-# the tile of an operand's tf32 copy that one prologue block writes: COPY_ROWS rows (x) by COPY_K values of k
-COPY_ROWS, COPY_K = 64, 32
-
-
 class _TF32Copies:
-    """The layout of a wgmma product's operand copies in scratch: rows of k4 floats (K rounded up to a group of 4),
-    A's n_batch * M rows first, then B's n_batch * N from b_offset (on 256 bytes); `size` floats in all. The
-    prologue writes them in tiles of COPY_ROWS x COPY_K, one a block: `blocks` = (A's tiles, B's)."""
+    """The layout of a wgmma product's operand copies in scratch, as the bulk copies fetch them: each operand in
+    panels of COPY_ROWS rows x COPY_K values of k (8 KB, laid out as the slice's rows are in shared memory: 128
+    bytes a row, its 16-byte groups swizzled, see CUDARenderer.wgmma_descriptor), ordered [batch element][k slice]
+    [panel], so a block's slice of an operand is a run of whole panels. Rows are padded with zeros to whole block
+    tiles (A's to whole clusters of them), k to whole slices. A's panels first, B's from b_offset; `size` floats
+    in all. The prologue writes a panel a block: `blocks` = (A's panels, B's), `panels` and `slices` per operand
+    and batch element."""
 
-    def __init__(self, c):
+    def __init__(self, c, tile):
         n_batch = prod(r.arg[1] for r in c.batch)
         self.k4 = _round_up(c.K, 4)
-        self.b_offset = _round_up(n_batch * c.M * self.k4, 64)
-        self.size = self.b_offset + n_batch * c.N * self.k4
-        self.tiles = [(_cdiv(rows, COPY_ROWS), _cdiv(self.k4, COPY_K)) for rows in (c.M, c.N)]
-        self.blocks = tuple(n_batch * tiles_x * tiles_k for tiles_x, tiles_k in self.tiles)
-        if sum(self.blocks) >= 2**31:
+        self.slices = _cdiv(c.K, COPY_K)
+        self.panels = (_round_up(c.M, tile.BM * tile.cluster) // COPY_ROWS, _round_up(c.N, tile.BN) // COPY_ROWS)
+        panel = COPY_ROWS * COPY_K
+        self.b_offset = n_batch * self.slices * self.panels[0] * panel
+        self.size = self.b_offset + n_batch * self.slices * self.panels[1] * panel
+        self.blocks = tuple(n_batch * self.slices * panels for panels in self.panels)
+        if sum(self.blocks) >= 2**31 or self.size >= 2**40:
             raise ValueError(f"a tf32 product with {self.size} operand elements: its operand copies need more than "
                              f"2^31 blocks")
 
@@ -182,38 +194,70 @@ __device__ __forceinline__ void pg_mma_tf32(float* d, const unsigned* a, const u
 """
 
 
-def wgmma_helpers(n: int, pending: int) -> str:
+def wgmma_helpers(n: int) -> str:
     """Hopper's warpgroup mma (sm_90a) for a 64 x n x 8 step with both operands in shared memory, as the wgmma
-    template uses it: a descriptor of an operand in the 128-byte swizzled layout (_CoreMatrixOperand), the fences,
-    and the multiply itself, whose n / 2 accumulators per thread lie as mma's C fragments of 16-row pieces: warp w
-    of the group holds rows 16w .. 16w + 15, d[4j + i] at (g + 8 * (i >> 1), 8j + 2t + (i & 1)). And the
-    asynchronous 16-byte copies, waited for with `pending` groups still in flight."""
+    template uses it: a descriptor of an operand in the 128-byte swizzled layout (CUDARenderer.wgmma_descriptor),
+    the fences, and the multiply itself, whose n / 2 accumulators per thread lie as mma's C fragments of 16-row
+    pieces: warp w of the group holds rows 16w .. 16w + 15, d[4j + i] at (g + 8 * (i >> 1), 8j + 2t + (i & 1)).
+    And what feeds it: the bulk copy engine (global -> shared memory, one instruction a piece, optionally into the
+    same place of every block of the cluster), the shared-memory barriers that count a slice's bytes landing and
+    its readers leaving, and the cluster's own barrier."""
     regs = n // 2
     outputs = ", ".join(f'"+f"(d[{i}])' for i in range(regs))
     return f"""\
 typedef unsigned long long pg_desc;
 #define PG_DYNAMIC_SHARED(name, words) extern __shared__ __align__(128) unsigned name[]
+__device__ __forceinline__ unsigned pg_shared(const void* p) {{ return (unsigned)__cvta_generic_to_shared(p); }}
 __device__ __forceinline__ pg_desc pg_wgmma_desc(const unsigned* tile) {{   /* 128-byte swizzle, 1024-byte atoms */
-  unsigned address = (unsigned)__cvta_generic_to_shared(tile);
-  return (pg_desc)((address & 0x3ffff) >> 4) | ((pg_desc)1 << 16) | ((pg_desc)(1024 >> 4) << 32) | ((pg_desc)1 << 62);
+  return (pg_desc)((pg_shared(tile) & 0x3ffff) >> 4) | ((pg_desc)1 << 16) | ((pg_desc)(1024 >> 4) << 32) |
+         ((pg_desc)1 << 62);
 }}
 __device__ __forceinline__ void pg_wgmma_fence() {{ asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }}
 __device__ __forceinline__ void pg_wgmma_commit() {{ asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }}
 __device__ __forceinline__ void pg_wgmma_wait_1() {{ asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory"); }}
 __device__ __forceinline__ void pg_wgmma_wait_0() {{ asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory"); }}
-__device__ __forceinline__ void pg_shared_to_async() {{ asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }}
-__device__ __forceinline__ void pg_copy16(unsigned* shared, const float* global, int bytes) {{
-  unsigned address = (unsigned)__cvta_generic_to_shared(shared);
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(address), "l"(global), "r"(bytes) : "memory");
-}}
-__device__ __forceinline__ void pg_copy_commit() {{ asm volatile("cp.async.commit_group;" ::: "memory"); }}
-__device__ __forceinline__ void pg_copy_wait() {{ asm volatile("cp.async.wait_group {pending};" ::: "memory"); }}
 __device__ __forceinline__ void pg_wgmma_tf32(float* d, pg_desc a, pg_desc b) {{
   asm volatile("{{ .reg .pred p; setp.ne.b32 p, %{regs + 2}, 0; "
                "wgmma.mma_async.sync.aligned.m64n{n}k8.f32.tf32.tf32 "
                "{{{", ".join(f"%{i}" for i in range(regs))}}}, %{regs}, %{regs + 1}, p, 1, 1; }}"
                : {outputs}
                : "l"(a), "l"(b), "r"(1) : "memory");
+}}
+__device__ __forceinline__ void pg_cluster_sync() {{   /* every thread of every block of the cluster */
+  asm volatile("barrier.cluster.arrive.release.aligned; barrier.cluster.wait.acquire.aligned;" ::: "memory");
+}}
+__device__ __forceinline__ void pg_barrier_init(unsigned long long* bar, unsigned count) {{
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" :: "r"(pg_shared(bar)), "r"(count) : "memory");
+}}
+__device__ __forceinline__ void pg_barriers_visible() {{   /* the inits, to the cluster and the copy engine */
+  asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+}}
+/* arrive, and make the phase wait for bytes more */
+__device__ __forceinline__ void pg_barrier_expect(unsigned long long* bar, unsigned bytes) {{
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(pg_shared(bar)), "r"(bytes) : "memory");
+}}
+__device__ __forceinline__ void pg_barrier_arrive_at(unsigned long long* bar, unsigned rank) {{   /* rank's barrier */
+  unsigned remote;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(pg_shared(bar)), "r"(rank));
+  asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];" :: "r"(remote) : "memory");
+}}
+__device__ __forceinline__ void pg_barrier_wait(unsigned long long* bar, unsigned parity) {{   /* that phase is over */
+  unsigned done;
+  do {{
+    asm volatile("{{ .reg .pred p; mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2; "
+                 "selp.u32 %0, 1, 0, p; }}" : "=r"(done) : "r"(pg_shared(bar)), "r"(parity) : "memory");
+  }} while (!done);
+}}
+__device__ __forceinline__ void pg_bulk_copy(unsigned* shared, const float* global, unsigned bytes,
+                                             unsigned long long* bar) {{
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+               :: "r"(pg_shared(shared)), "l"(global), "r"(bytes), "r"(pg_shared(bar)) : "memory");
+}}
+__device__ __forceinline__ void pg_bulk_copy_to_cluster(unsigned* shared, const float* global, unsigned bytes,
+                                                        unsigned long long* bar, unsigned short blocks) {{
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster "
+               "[%0], [%1], %2, [%3], %4;"
+               :: "r"(pg_shared(shared)), "l"(global), "r"(bytes), "r"(pg_shared(bar)), "h"(blocks) : "memory");
 }}
 """
 
@@ -288,7 +332,7 @@ class CUDARenderer(CRenderer):
         self.launch.programmatic = self.sm >= 90
         kind = self.launch.kind
         self.preamble = self.cuda_preamble + (self.mma_helpers if kind in ("mma", "wgmma") else "") + (
-            self.wgmma_helpers(self.launch.tile.BN, self.launch.tile.copies_ahead() - 1) if kind == "wgmma" else "")
+            self.wgmma_helpers(self.launch.tile.BN) if kind == "wgmma" else "")
         return super().render(kernel)
 
     def plan(self, kernel) -> LaunchPlan:
@@ -357,8 +401,8 @@ class CUDARenderer(CRenderer):
         tiles = (WGMMA_TILES if wgmma else TF32_TILES) if self.tf32 else FP32_TILES
         n_batch = prod(r.arg[1] for r in c.batch)
 
-        def blocks(t):
-            return _cdiv(c.M, t.BM) * _cdiv(c.N, t.BN) * n_batch
+        def blocks(t):   # a cluster's blocks take adjacent rows of tiles: the last cluster may have one past M
+            return _round_up(_cdiv(c.M, t.BM), t.cluster) * _cdiv(c.N, t.BN) * n_batch
 
         def busiest(t):   # the work of the multiprocessor dealt the most blocks, at the tile's speed
             return _cdiv(blocks(t), self.sm_count) * t.BM * t.BN / t.efficiency
@@ -424,7 +468,12 @@ class CUDARenderer(CRenderer):
         bounds = str(self.launch.threads)
         if self.launch.tile is not None and self.launch.tile.min_blocks > 1:
             bounds += f", {self.launch.tile.min_blocks}"
-        return f'extern "C" __global__ void __launch_bounds__({bounds}) ' + c_signature[len("void "):]
+        return f'extern "C" __global__ void __launch_bounds__({bounds}){self.cluster_dims()} ' + \
+            c_signature[len("void "):]
+
+    def cluster_dims(self) -> str:
+        tile = self.launch.tile
+        return f" __cluster_dims__({tile.cluster}, 1, 1)" if tile is not None and tile.cluster > 1 else ""
 
     def render_body(self, kernel):
         self.emit_prelude(kernel)
@@ -778,28 +827,59 @@ class CUDARenderer(CRenderer):
 
     def body_wgmma(self, kernel):
         """The Hopper tf32 template: C = epilogue(A B) over BM x BN block tiles, each of BM / 64 warpgroups owning 64
-        rows x BN and multiplying with wgmma straight from shared memory (_CoreMatrixOperand's layout), S slices
-        deep. Both operands are read from the copies the kernel's prologue function has just written (k-major,
-        rounded to tf32: render_tf32_copies), so every slice reaches shared memory by cp.async, without registers
-        or a pass that rounds it there. Iteration t: wait for slice t's copies, one barrier, start the multiply of
-        slice t, wait for that of slice t - 1 (overlap 1) or t (overlap 0), then start the copies of slice t + a
-        (a = copies_ahead(): S - 2 or S - 1) into the buffer slice t - 2 or t - 1 used (every warpgroup finished
-        with it before the barrier). The proxy fence before the barrier makes the copied slice visible to the
-        multiplies."""
+        rows x BN and multiplying with wgmma straight from shared memory, S slices deep. Both operands are read from
+        the copies the kernel's prologue function has just written (k-major, rounded to tf32, in panels laid out as
+        shared memory holds them: render_tf32_copies), so a slice arrives by bulk copies, whole panels at a time,
+        without registers or a pass that rounds or swizzles it there.
+
+        Each buffer has two barriers: `full` completes when its slice's bytes have landed, `empty` when every
+        warpgroup that reads it (of every block of the cluster) is done with it. Iteration s: wait until slice s is
+        full, start its multiply, wait for that of slice s - 1 (overlap 1) or s (overlap 0), mark that slice's
+        buffer empty, and thread 0 starts the copies of slice s + a (a = copies_ahead()) into the buffer slice
+        s + a - S used, once it is empty. In a cluster of two, the blocks take adjacent rows of tiles over the same
+        columns: each fetches its own A and one half of the B slice they share, into the same place in both
+        blocks' shared memory (a multicast bulk copy), so B crosses from L2 once for the pair. A block's `empty`
+        barriers therefore count both blocks' warpgroups, and a block waits for its partner before it exits
+        (nothing may arrive in the shared memory of a block that has gone)."""
         c, t = self.launch.contraction, self.launch.tile
         emit = self.emit
-        BM, BN, BK, T, S, K = t.BM, t.BN, t.BK, t.threads, t.buffers, c.K
+        BM, BN, S, CL = t.BM, t.BN, t.buffers, t.cluster
         copies = self.launch.copies
         self.render_tf32_copies(kernel, c, copies)
-        a_op = _CoreMatrixOperand(self, "A", c, c.a, c.m_ranges, BM, BK, c.M).read_copy(0, copies.k4)
-        b_op = _CoreMatrixOperand(self, "B", c, c.b, c.n_ranges, BN, BK, c.N).read_copy(copies.b_offset, copies.k4)
-        operands = ((a_op, "pg_m0"), (b_op, "pg_n0"))
+        panel = COPY_ROWS * COPY_K
+        slices, (panels_a, panels_b) = copies.slices, copies.panels
         emit(f"PG_DYNAMIC_SHARED(pg_smem, {t.shared_bytes() // 4});", 1)
         # the swizzle's atoms start on 1024 bytes (the XOR takes address bits 7-9): the buffers start at the first
         # such address of the allocation, which has a kilobyte to spare (MatmulTile.shared_bytes)
         emit("unsigned* pg_As = (unsigned*)(((unsigned long long)pg_smem + 1023) & ~1023ull);", 1)
-        emit(f"unsigned* pg_Bs = pg_As + {S * BM * BK};", 1)
-        self.tile_origin(c, t, (a_op, b_op))
+        emit(f"unsigned* pg_Bs = pg_As + {S * BM * COPY_K};", 1)
+        emit(f"unsigned long long* pg_full = (unsigned long long*)(pg_Bs + {S * BN * COPY_K});", 1)
+        emit(f"unsigned long long* pg_empty = pg_full + {S};", 1)
+        tiles_m, tiles_n = _cdiv(c.M, BM), _cdiv(c.N, BN)
+        clusters_m = _cdiv(tiles_m, CL)
+        emit("int pg_bid = blockIdx.x;", 1)
+        emit(f"int pg_rank = pg_bid % {CL};", 1)   # the block's rank in its cluster (clusters are along x)
+        emit(f"pg_bid /= {CL};", 1)
+        emit(f"int pg_tn = pg_bid % {tiles_n};", 1)
+        emit(f"pg_bid /= {tiles_n};", 1)
+        emit(f"int pg_tm = pg_bid % {clusters_m} * {CL} + pg_rank;", 1)
+        emit(f"int pg_z = pg_bid / {clusters_m};", 1)
+        self.decompose("pg_z", self.dims(c.batch), 1)
+        emit(f"int pg_m0 = pg_tm * {BM};", 1)
+        emit(f"int pg_n0 = pg_tn * {BN};", 1)
+        emit("int pg_tid = threadIdx.x;", 1)
+        # this block's panels of slice 0; slice s is s * (the operand's panels) further
+        emit(f"const float* pg_Ag = pg_scratch + (long long)pg_z * {slices * panels_a * panel} + pg_m0 * {COPY_K};", 1)
+        emit(f"const float* pg_Bg = pg_scratch + ({copies.b_offset} + (long long)pg_z * {slices * panels_b * panel} + "
+             f"pg_n0 * {COPY_K});", 1)
+        emit("if (pg_tid == 0) {", 1)
+        emit(f"for (int pg_b = 0; pg_b < {S}; pg_b++) {{", 2)
+        emit("pg_barrier_init(&pg_full[pg_b], 1);", 3)   # the expecting thread's arrival, then the bytes
+        emit(f"pg_barrier_init(&pg_empty[pg_b], {CL * t.warpgroups});", 3)
+        emit("}", 2)
+        emit("pg_barriers_visible();", 2)
+        emit("}", 1)
+        emit("pg_cluster_sync();" if CL > 1 else "__syncthreads();", 1)
         emit("int pg_g = (pg_tid & 31) >> 2;", 1)
         emit("int pg_t = pg_tid & 3;", 1)
         emit("int pg_wm = (pg_tid >> 7) * 64 + ((pg_tid >> 5) & 3) * 16;", 1)   # warpgroup's rows, then the warp's
@@ -811,41 +891,57 @@ class CUDARenderer(CRenderer):
         emit(f"{target} = 0.0f;", depth)
         self.close_unrolled(loops, depth)
 
-        def fill(slice_expr, depth):   # slice's copies into its buffer started
-            emit(f"if (({slice_expr}) * {BK} < {K}) {{", depth)
-            for op, x0 in operands:
-                op.emit_copy(emit, depth + 1, T, x0, f"({slice_expr}) * {BK}", f"({slice_expr}) % {S}")
+        def fill(slice_expr, depth):   # thread 0: slice's copies into its buffer, once every reader has left it
+            emit(f"if (pg_tid == 0 && {slice_expr} < {slices}) {{", depth)
+            emit(f"int pg_next = {slice_expr}, pg_b = pg_next % {S};", depth + 1)
+            emit(f"if (pg_next >= {S}) pg_barrier_wait(&pg_empty[pg_b], (pg_next / {S} + 1) & 1);", depth + 1)
+            emit(f"pg_barrier_expect(&pg_full[pg_b], {4 * (BM + BN) * COPY_K});", depth + 1)
+            emit(f"pg_bulk_copy(pg_As + pg_b * {BM * COPY_K}, pg_Ag + (long long)pg_next * {panels_a * panel}, "
+                 f"{4 * BM * COPY_K}, &pg_full[pg_b]);", depth + 1)
+            half = BN // CL * COPY_K   # the words of B this block fetches
+            if CL == 1:
+                emit(f"pg_bulk_copy(pg_Bs + pg_b * {BN * COPY_K}, pg_Bg + (long long)pg_next * {panels_b * panel}, "
+                     f"{4 * half}, &pg_full[pg_b]);", depth + 1)
+            else:
+                emit(f"pg_bulk_copy_to_cluster(pg_Bs + pg_b * {BN * COPY_K} + pg_rank * {half}, pg_Bg + "
+                     f"(long long)pg_next * {panels_b * panel} + pg_rank * {half}, {4 * half}, &pg_full[pg_b], "
+                     f"{(1 << CL) - 1});", depth + 1)
             emit("}", depth)
         ahead = t.copies_ahead()
-        for j in range(ahead):   # prologue: slices 0 .. ahead - 1 on their way
-            fill(str(j), 1)
-            emit("pg_copy_commit();", 1)
-        emit(f"for (int pg_s = 0; pg_s < {_cdiv(K, BK)}; pg_s++) {{", 1)
-        emit("pg_copy_wait();", 2)   # this thread's copies of slice s have landed
-        emit("pg_shared_to_async();", 2)
-        emit("__syncthreads();", 2)
+        emit(f"for (int pg_s = 0; pg_s < {ahead}; pg_s++) {{", 1)
+        fill("pg_s", 2)
+        emit("}", 1)
+        emit(f"for (int pg_s = 0; pg_s < {slices}; pg_s++) {{", 1)
         emit(f"int pg_buf = pg_s % {S};", 2)
+        emit(f"pg_barrier_wait(&pg_full[pg_buf], (pg_s / {S}) & 1);", 2)
         emit("pg_wgmma_fence();", 2)
-        for step in range(BK // 8):
-            emit(f"pg_wgmma_tf32(&pg_acc[0][0][0], {a_op.descriptor('pg_buf', 2 * step, '(pg_tid >> 7) * 64')}, "
-                 f"{b_op.descriptor('pg_buf', 2 * step, '0')});", 2)
+        for step in range(COPY_K // 8):   # k-steps of 8 start 32 bytes further into the rows
+            a = f"pg_As + pg_buf * {BM * COPY_K} + (pg_tid >> 7) * {64 * COPY_K} + {8 * step}"
+            b = f"pg_Bs + pg_buf * {BN * COPY_K} + {8 * step}"
+            emit(f"pg_wgmma_tf32(&pg_acc[0][0][0], pg_wgmma_desc({a}), pg_wgmma_desc({b}));", 2)
         emit("pg_wgmma_commit();", 2)
         emit(f"pg_wgmma_wait_{t.overlap}();", 2)
+        # a thread of each warpgroup tells each block of the cluster that the warpgroup is done with the buffer
+        done = f"pg_s - {t.overlap}" if t.overlap else "pg_s"
+        emit(f"if ({done} >= 0 && (pg_tid & 127) < {CL}) pg_barrier_arrive_at(&pg_empty[({done}) % {S}], "
+             f"pg_tid & 127);", 2)
         fill(f"pg_s + {ahead}", 2)
-        emit("pg_copy_commit();", 2)   # a group every iteration, empty or not, so that the wait counts slices
+        emit("__syncwarp();", 2)   # warp 0 whole again before the next warpgroup-wide instruction
         emit("}", 1)
         emit("pg_wgmma_wait_0();", 1)
+        if CL > 1:
+            emit("pg_cluster_sync();", 1)
         self.matmul_epilogue(kernel, c, loops, target, True)
 
     def render_tf32_copies(self, kernel, c, copies):
         """The wgmma kernel's prologue, a function of its own (`<name>_tf32`, same parameters) that the program
-        launches just before it: each block writes one COPY_ROWS x COPY_K tile of A's or B's copy (A's tiles
-        first), rounded to tf32, into pg_scratch as k-major rows of k4 (zeros past K), one row per (batch element,
-        x). Rounding there costs a pass over the operands in memory, a few percent of a big product; rounding
-        inside the product, where the multiplies wait for it, made x @ W.T 0.44 of cuBLAS against 0.69 for the same
-        kernel reading rounded copies (PERF.md). An operand whose k is not contiguous (B of x @ W) is transposed on
-        the way, through shared memory (see _Operand.emit_tf32_copy)."""
-        signature = self.signature(kernel).replace(f" {kernel.name}(", f" {kernel.name}_tf32(")
+        launches just before it: each block writes one panel of A's or B's copy (A's first), rounded to tf32, into
+        pg_scratch (see _TF32Copies for the layout). Rounding there costs a pass over the operands in memory, a few
+        percent of a big product; rounding inside the product, where the multiplies wait for it, made x @ W.T 0.44
+        of cuBLAS against 0.69 for the same kernel reading rounded copies (PERF.md). An operand whose k is not
+        contiguous (B of x @ W) is transposed on the way, through shared memory (see _Operand.emit_tf32_copy)."""
+        signature = self.signature(kernel).replace(f" {kernel.name}(", f" {kernel.name}_tf32(").replace(
+            self.cluster_dims(), "")
         main_lines, self.lines = self.lines, [signature + " {"]
         emit = self.emit
         self.emit_prelude(kernel)
@@ -1096,8 +1192,8 @@ class _Operand:
     x * sx + k * sk past the batch's base and is fetched by address: a 16-byte load per group when k is contiguous
     and aligned (`vector`), else four loads, coalesced along x when x is the contiguous axis. Any other operand (a
     view that spans several loops, a flip, an elementwise prologue) is evaluated element by element with its loops
-    bound from (x, k). Subclasses say where a group lives in shared memory (`emit_stage` from registers, or
-    `emit_copy` without them)."""
+    bound from (x, k). Subclasses say where a group lives in shared memory (`emit_stage`); the wgmma template reads
+    none directly: its prologue writes the operand's tf32 copy (`emit_tf32_copy`)."""
 
     def __init__(self, renderer, name, c, value, side, bx, bk, extent):
         self.renderer, self.name, self.value, self.side, self.k_ranges = renderer, name, value, side, c.k_ranges
@@ -1114,22 +1210,11 @@ class _Operand:
             loads = [n.src[1] for n in value.toposort() if n.op is Ops.LOAD]
             self.k_fast = any(compiler._coeff(index, c.k_ranges[-1]) == 1 for index in loads)
         self.smem_size = bx * bk
-        self.copy_at = None   # see read_copy
         self.vector = self.linear and self.k_fast and self.k_size % 4 == 0 and self.offset % 4 == 0 and \
             self.sx % 4 == 0 and all(self.strides.get(r, 0) % 4 == 0 for r in self.batch)
 
-    def read_copy(self, offset, k4):
-        """Read the operand from its tf32 copy (CUDARenderer.render_tf32_copies) at pg_scratch + offset instead of
-        its source: k-major rows of k4, one per (batch element, x), rounded, zeros past K."""
-        self.copy_at, self.linear, self.k_fast, self.vector = offset, True, True, True
-        self.sx, self.sk, self.k_size = k4, 1, k4
-        return self
-
     def emit_base(self, emit, depth):
-        if self.copy_at is not None:
-            emit(f"const float* __restrict__ pg_{self.name}g = pg_scratch + ({self.copy_at} + (long long)pg_z * "
-                 f"{self.extent * self.sx});", depth)
-        elif self.linear:
+        if self.linear:
             parts = [f"(long long){self.offset}"] + [f"(long long){r.arg[0]} * {self.strides[r]}"
                                                      for r in self.batch if self.strides.get(r, 0)]
             emit(f"const float* __restrict__ pg_{self.name}g = d{self.param} + ({' + '.join(parts)});", depth)
@@ -1173,17 +1258,17 @@ class _Operand:
             self.emit_element(emit, target, f"(pg_gk + {j})", depth)
 
     def emit_tf32_copy(self, emit, depth, batch, offset, copies, which):
-        """Tile pg_t of the operand's tf32 copy (CUDARenderer.render_tf32_copies): rows x0 .. x0 + COPY_ROWS - 1 of
-        batch element pg_z, groups of 4 k from q0, each thread fetching, rounding and storing whole 16-byte groups
-        (8 consecutive threads write one row's 128 bytes). Where k is not contiguous the block first reads the tile
-        into shared memory along the operand's contiguous axis (consecutive threads, consecutive x), then writes
-        it out by rows: the reads and the writes are both whole lines."""
+        """Panel pg_t of the operand's tf32 copy (CUDARenderer.render_tf32_copies, _TF32Copies): rows x0 .. x0 +
+        COPY_ROWS - 1 by groups of 4 k from q0, of batch element pg_z, each thread fetching, rounding and storing
+        whole 16-byte groups (8 consecutive threads write one row's 128 bytes, its groups in swizzled order), zeros
+        past the operand's edges. Where k is not contiguous the block first reads the tile into shared memory along
+        the operand's contiguous axis (consecutive threads, consecutive x), then writes it out by rows: the reads
+        and the writes are both whole lines."""
         threads, groups, rows = self.renderer.launch.threads, copies.k4 // 4, self.extent
-        tiles_x, tiles_k = copies.tiles[which]
-        row_groups = COPY_K // 4
-        emit(f"int pg_z = pg_t / {tiles_x * tiles_k};", depth)
-        emit(f"int pg_x0 = pg_t % {tiles_x} * {COPY_ROWS};", depth)
-        emit(f"int pg_q0 = pg_t / {tiles_x} % {tiles_k} * {row_groups};", depth)
+        panels, row_groups = copies.panels[which], COPY_K // 4
+        emit(f"int pg_z = pg_t / {panels * copies.slices};", depth)
+        emit(f"int pg_x0 = pg_t % {panels} * {COPY_ROWS};", depth)
+        emit(f"int pg_q0 = pg_t / {panels} % {copies.slices} * {row_groups};", depth)
         self.renderer.decompose("pg_z", self.renderer.dims(batch), depth)
         self.emit_base(emit, depth)
         if not self.k_fast:
@@ -1202,18 +1287,18 @@ class _Operand:
         emit(f"int pg_q = pg_e % {row_groups};", depth + 1)
         emit(f"int pg_x = pg_e / {row_groups};", depth + 1)
         emit(f"int pg_gx = pg_x0 + pg_x;", depth + 1)
+        emit("float pg_w[4] = {0.0f, 0.0f, 0.0f, 0.0f};", depth + 1)
         emit(f"if (pg_gx < {rows} && pg_q0 + pg_q < {groups}) {{", depth + 1)
-        emit("float pg_w[4];", depth + 2)
         if self.k_fast:
             emit("int pg_gk = 4 * (pg_q0 + pg_q);", depth + 2)
             self.emit_group(emit, [f"pg_w[{j}]" for j in range(4)], depth + 2)
         else:
             for j in range(4):
                 emit(f"pg_w[{j}] = pg_tile[4 * pg_q + {j}][pg_x];", depth + 2)
-        values = ", ".join(f"pg_tf32(pg_w[{j}])" for j in range(4))
-        emit(f"*(uint4*)(pg_scratch + {offset} + ((long long)pg_z * {rows} + pg_gx) * {copies.k4} + "
-             f"4 * (pg_q0 + pg_q)) = make_uint4({values});", depth + 2)
         emit("}", depth + 1)
+        values = ", ".join(f"pg_tf32(pg_w[{j}])" for j in range(4))
+        emit(f"*(uint4*)(pg_scratch + {offset} + (long long)pg_t * {COPY_ROWS * COPY_K} + pg_x * {COPY_K} + "
+             f"((pg_q ^ (pg_x & 7)) << 2)) = make_uint4({values});", depth + 1)
         emit("}", depth)
 
     def emit_element(self, emit, target, k, depth):
@@ -1285,39 +1370,6 @@ class _FragmentOperand(_Operand):
         values = ", ".join(f"pg_tf32({self.staging}[4 * pg_l + {j}])" for j in range(4))
         emit(f"*(uint4*)&{self.group_slot(buf)} = make_uint4({values});", depth + 1)
         emit("}", depth)
-
-
-class _CoreMatrixOperand(_Operand):
-    """An operand of the wgmma template, in shared memory as wgmma reads it with the 128-byte swizzle: row x of
-    the slice (its BK = 32 values of k, 128 bytes) at byte 128 x, its 16-byte group q (k 4q .. 4q + 3) in chunk
-    q ^ (x % 8) of the row. Each 8 rows (1024 bytes, aligned) are a swizzle atom: a descriptor steps 1024 bytes
-    from one to the next, and a k-step of 8 starts 32 bytes further into the row (the multiply applies the XOR to
-    the address bits itself). Rows whole and contiguous let a warp fetch 4 full rows (128 bytes each) when k is
-    contiguous, and the XOR spreads both a row's 8 groups and one group of 8 consecutive rows over all the banks,
-    so the stores of either fetch order are free of conflicts. Without the swizzle (core matrices of 8 rows x 16
-    bytes) a k-contiguous fetch read 8 rows x 64 bytes per warp and ran the nt layout (x @ W.T) at 0.31 of cuBLAS
-    against 0.43 for nn (PERF.md)."""
-
-    def group_slot(self, buf) -> str:
-        return f"pg_{self.name}s[({buf}) * {self.smem_size} + pg_x * 32 + ((pg_q ^ (pg_x & 7)) << 2)]"
-
-    def emit_copy(self, emit, depth, threads, x0, k0, buf):
-        """Global -> shared memory buffer `buf` without registers (cp.async, 16 bytes a group; zeros past the edges):
-        for operands that are `vector` (k contiguous, groups aligned)."""
-        emit("#pragma unroll", depth)
-        emit(f"for (int pg_l = 0; pg_l < {self.groups_per_thread(threads)}; pg_l++) {{", depth)
-        self.coords(emit, depth + 1, threads)
-        emit(f"int pg_gx = {x0} + pg_x;", depth + 1)
-        emit(f"int pg_gk = {k0} + 4 * pg_q;", depth + 1)
-        emit(f"bool pg_in = pg_gx < {self.extent} && pg_gk < {self.k_size};", depth + 1)
-        emit(f"pg_copy16(&{self.group_slot(buf)}, pg_{self.name}g + (pg_in ? (long long)pg_gx * {self.sx} + pg_gk "
-             f": 0), pg_in ? 16 : 0);", depth + 1)
-        emit("}", depth)
-
-    def descriptor(self, buf, group, row) -> str:
-        """The wgmma descriptor of the operand from (row, 4 * group) of buffer `buf` on (row a multiple of 8)."""
-        word = f"({buf}) * {self.smem_size} + {group * 4} + ({row}) * 32"
-        return f"pg_wgmma_desc(pg_{self.name}s + {word})"
 
 
 def _acc_size(acc) -> int:

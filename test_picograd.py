@@ -3428,8 +3428,9 @@ def test_mixing_devices_raises_without_touching_the_gpu():
 # ----------------------------------------------------------------------------------------------------------------------
 # 2. The emulator: the CUDA source, as C++, one OS thread per CUDA thread
 
-# The runtime, built once: launches a kernel's blocks one after another, each as a team of OS threads; barriers for
-# __syncthreads and for the warp-collective operations (shuffles, mma), which fail loudly instead of hanging.
+# The runtime, built once: launches a kernel's blocks one after another (a cluster's blocks together), each as a team
+# of OS threads; barriers for __syncthreads, the cluster and the warp-collective operations (shuffles, mma), which
+# fail loudly instead of hanging.
 EMU_RUNTIME = r"""
 #include <atomic>
 #include <barrier>
@@ -3443,17 +3444,31 @@ EMU_RUNTIME = r"""
 #include <vector>
 struct pg_dim3 { unsigned x, y, z; };
 thread_local pg_dim3 threadIdx, blockIdx;
+thread_local unsigned pg_team_thread;   /* place in the team: rank in the cluster * blockDim.x + threadIdx.x */
 pg_dim3 blockDim, gridDim;
-static std::barrier<>* block_barrier;
-static std::vector<std::unique_ptr<std::barrier<>>> warp_barriers;
-static unsigned long long slot[1024];
-static std::atomic<bool> alive[1024];
-static unsigned mma_a[1024][4], mma_b[1024][2];
+constexpr unsigned MAX_TEAM = 2048;   /* a cluster of two blocks of 1024 */
+static std::vector<std::unique_ptr<std::barrier<>>> block_barriers, warp_barriers, warpgroup_barriers;
+static std::unique_ptr<std::barrier<>> cluster_barrier;
+static unsigned long long slot[MAX_TEAM];
+static std::atomic<bool> alive[MAX_TEAM];
+static unsigned mma_a[MAX_TEAM][4], mma_b[MAX_TEAM][2];
+long long pg_shared_stride;   /* bytes from one block's shared memory to the next's in a cluster (PG_DYNAMIC_SHARED) */
 
-void __syncthreads() { block_barrier->arrive_and_wait(); }
+void __syncthreads() { block_barriers[pg_team_thread / blockDim.x]->arrive_and_wait(); }
+void pg_cluster_sync() { cluster_barrier->arrive_and_wait(); }
+/* a wgmma is one operation of the warpgroup's 128 threads: none of them sees it done before all have issued it */
+void pg_warpgroup_sync() {
+  if (warpgroup_barriers.empty()) {
+    fprintf(stderr, "emulator: a warpgroup operation in blocks of %u\n", blockDim.x);
+    abort();
+  }
+  warpgroup_barriers[pg_team_thread / 128]->arrive_and_wait();
+}
+unsigned pg_cta_rank() { return pg_team_thread / blockDim.x; }
+void pg_yield() { std::this_thread::yield(); }
 
 unsigned long long pg_shfl_xor_bits(unsigned mask, unsigned long long bits, int off) {
-  unsigned t = threadIdx.x, src = t ^ (unsigned)off;
+  unsigned t = pg_team_thread, src = t ^ (unsigned)off;
   if (mask != 0xffffffffu) { fprintf(stderr, "emulator: partial shuffle mask\n"); abort(); }
   slot[t] = bits;
   warp_barriers[t / 32]->arrive_and_wait();
@@ -3469,7 +3484,7 @@ static float tf32_value(unsigned u) { u &= 0xffffe000u; float f; memcpy(&f, &u, 
    A[m][k]: a0 (g, t) a1 (g + 8, t) a2 (g, t + 4) a3 (g + 8, t + 4); B[k][n]: b0 (t, g) b1 (t + 4, g);
    C[m][n]: c_i at (g + 8 * (i >> 1), 2 * t + (i & 1)). Written from the ISA, not from the renderer. */
 void pg_mma_tf32(float* d, const unsigned* a, const unsigned* b) {
-  unsigned t = threadIdx.x, base = t & ~31u, lane = t & 31u, g = lane >> 2, tq = lane & 3u;
+  unsigned t = pg_team_thread, base = t & ~31u, lane = t & 31u, g = lane >> 2, tq = lane & 3u;
   for (int i = 0; i < 4; i++) mma_a[t][i] = a[i];
   for (int i = 0; i < 2; i++) mma_b[t][i] = b[i];
   warp_barriers[t / 32]->arrive_and_wait();
@@ -3488,13 +3503,13 @@ void pg_mma_tf32(float* d, const unsigned* a, const unsigned* b) {
   for (int i = 0; i < 4; i++) d[i] = out[i];
 }
 
-/* The OS threads that play a block's CUDA threads, kept from block to block and launch to launch: thread t of
-   every block runs on worker t (creating and joining a thread costs some 70 us on a small VM, which made a launch
-   of a few hundred 256-thread blocks take seconds). Each worker sleeps on its own semaphore until a block needs
-   it; the last thread of a block to finish wakes the launcher. Allocated once and never freed: the workers wait
-   on them until the process exits. */
+/* The OS threads that play a cluster's CUDA threads, kept from cluster to cluster and launch to launch: thread t of
+   every team (its blocks' threads one block after the other) runs on worker t (creating and joining a thread costs
+   some 70 us on a small VM, which made a launch of a few hundred 256-thread blocks take seconds). Each worker sleeps
+   on its own semaphore until a block needs it; the last thread of a block to finish wakes the launcher. Allocated once
+   and never freed: the workers wait on them until the process exits. */
 struct pg_worker { std::binary_semaphore go{0}; };
-static pg_worker* workers = new pg_worker[1024];
+static pg_worker* workers = new pg_worker[MAX_TEAM];
 static unsigned n_workers;
 static std::binary_semaphore* block_done = new std::binary_semaphore(0);
 static std::atomic<unsigned> threads_running;
@@ -3504,23 +3519,31 @@ static unsigned block_index;
 
 static void pg_worker_loop(unsigned t) {
   for (;;) {
-    workers[t].go.acquire();   /* the launcher wrote the block's entry, arguments and index before releasing */
-    threadIdx = {t, 0, 0};
-    blockIdx = {block_index, 0, 0};
+    workers[t].go.acquire();   /* the launcher wrote the team's entry, arguments and index before releasing */
+    pg_team_thread = t;
+    threadIdx = {t % blockDim.x, 0, 0};
+    blockIdx = {block_index + t / blockDim.x, 0, 0};
     block_entry(block_args);
     alive[t] = false;   /* exited threads no longer hold up barriers, as on the GPU */
     warp_barriers[t / 32]->arrive_and_drop();
-    block_barrier->arrive_and_drop();
+    if (!warpgroup_barriers.empty()) warpgroup_barriers[t / 128]->arrive_and_drop();
+    block_barriers[t / blockDim.x]->arrive_and_drop();
+    cluster_barrier->arrive_and_drop();
     if (threads_running.fetch_sub(1) == 1) block_done->release();
   }
 }
 
 extern "C" int pg_run(void (*entry)(void**), void** args, unsigned grid, unsigned threads, double timeout,
-                      const char* name) {
+                      const char* name, unsigned cluster) {
   if (threads > 1024 || threads % 32) { fprintf(stderr, "emulator: bad block size %u\n", threads); abort(); }
+  if (cluster < 1 || cluster > 2 || grid % cluster) {
+    fprintf(stderr, "emulator: grid %u is not in clusters of %u\n", grid, cluster);
+    abort();
+  }
   gridDim = {grid, 1, 1};
   blockDim = {threads, 1, 1};
-  for (; n_workers < threads; n_workers++) std::thread(pg_worker_loop, n_workers).detach();
+  unsigned team = threads * cluster;
+  for (; n_workers < team; n_workers++) std::thread(pg_worker_loop, n_workers).detach();
   std::atomic<bool> done{false};
   std::atomic<unsigned> blocks_done{0};
   std::thread watchdog([&] {   /* a block that takes longer than timeout seconds is taken to be stuck */
@@ -3540,16 +3563,20 @@ extern "C" int pg_run(void (*entry)(void**), void** args, unsigned grid, unsigne
   });
   block_entry = entry;
   block_args = args;
-  for (unsigned b = 0; b < grid; b++) {
-    std::barrier<> barrier(threads);
-    block_barrier = &barrier;
+  for (unsigned b = 0; b < grid; b += cluster) {
+    block_barriers.clear();
+    for (unsigned r = 0; r < cluster; r++) block_barriers.emplace_back(new std::barrier<>(threads));
     warp_barriers.clear();
-    for (unsigned w = 0; w < threads / 32; w++) warp_barriers.emplace_back(new std::barrier<>(32));
-    for (unsigned t = 0; t < threads; t++) alive[t] = true;
+    for (unsigned w = 0; w < team / 32; w++) warp_barriers.emplace_back(new std::barrier<>(32));
+    warpgroup_barriers.clear();
+    for (unsigned w = 0; threads % 128 == 0 && w < team / 128; w++)
+      warpgroup_barriers.emplace_back(new std::barrier<>(128));
+    cluster_barrier.reset(new std::barrier<>(team));
+    for (unsigned t = 0; t < team; t++) alive[t] = true;
     block_index = b;
-    threads_running = threads;
-    for (unsigned t = 0; t < threads; t++) workers[t].go.release();
-    block_done->acquire();   /* every thread of the block has returned and left its barriers */
+    threads_running = team;
+    for (unsigned t = 0; t < team; t++) workers[t].go.release();
+    block_done->acquire();   /* every thread of the team has returned and left its barriers */
     blocks_done++;
   }
   done = true;
@@ -3561,6 +3588,8 @@ extern "C" int pg_run(void (*entry)(void**), void** args, unsigned grid, unsigne
 # What each kernel is compiled with, ahead of its CUDA source: the CUDA names the renderer uses, over the runtime.
 EMU_HEADER = r"""
 #include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 struct pg_dim3 { unsigned x, y, z; };
 extern thread_local pg_dim3 threadIdx, blockIdx;
@@ -3568,12 +3597,19 @@ extern pg_dim3 blockDim, gridDim;
 void __syncthreads();
 unsigned long long pg_shfl_xor_bits(unsigned mask, unsigned long long bits, int off);
 void pg_mma_tf32(float* d, const unsigned* a, const unsigned* b);
+void pg_cluster_sync();
+void pg_warpgroup_sync();
+unsigned pg_cta_rank();
+void pg_yield();
+extern long long pg_shared_stride;
 extern "C" int pg_run(void (*entry)(void**), void** args, unsigned grid, unsigned threads, double timeout,
-                      const char* name);
+                      const char* name, unsigned cluster);
 #define __global__
 #define __device__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
+#define __cluster_dims__(...)
+static inline void __syncwarp() {}
 #define __restrict__ __restrict
 #define __shared__ static   /* blocks run one after another, so function statics are the block's shared memory */
 #define __align__(n) __attribute__((aligned(n)))
@@ -3631,7 +3667,7 @@ static inline unsigned pg_tf32(float x) {
 EMU_ENTRY = r"""
 static void pg_entry%ENTRY%(void** args) { %CALL%; }
 extern "C" int pg_launch%ENTRY%(void** args, unsigned grid, unsigned threads, double timeout) {
-  return pg_run(pg_entry%ENTRY%, args, grid, threads, timeout, "%NAME%");
+  return pg_run(pg_entry%ENTRY%, args, grid, threads, timeout, "%NAME%", %CLUSTER%);
 }
 """
 
@@ -3641,24 +3677,24 @@ extern "C" int pg_launch%ENTRY%(void** args, unsigned grid, unsigned threads, do
 # swizzle atom and 1024 bytes from one atom to the next (the descriptor's stride), element (x, k) at byte
 # x * 128 + 4 k past the start (x within the atom) with address bits 4-6 XORed with bits 7-9. Written from the ISA,
 # not from the renderer. The multiply happens at issue, which equals the GPU's asynchronous one in a program whose
-# fences and barriers are right.
+# fences and barriers are right. A bulk copy also happens at issue, then signals its barrier with its bytes.
+# A shared-memory barrier (mbarrier) is its 8 bytes, as the ISA describes its state: the arrivals a phase expects
+# (bits 0-11), those still pending (12-23), the phase's parity (24) and the transaction bytes still awaited (32-63,
+# signed: a copy may land before its bytes are expected). A phase completes when no arrival and no byte is pending.
 EMU_WGMMA = r"""
 struct pg_desc { unsigned long long start; };
-#define PG_DYNAMIC_SHARED(name, words) static unsigned name[words] __attribute__((aligned(128)))
+/* each block of a cluster its own shared memory, one after the other on 1024 bytes (the same place in each) */
+#define PG_DYNAMIC_SHARED(name, words) \
+  static unsigned name##_cluster[2][(words + 255) / 256 * 256] __attribute__((aligned(1024))); \
+  unsigned* name = name##_cluster[pg_cta_rank()]; \
+  pg_shared_stride = sizeof(name##_cluster[0])
 static inline pg_desc pg_wgmma_desc(const unsigned* tile) {
   return {(unsigned long long)tile};
 }
 static inline void pg_wgmma_fence() {}
 static inline void pg_wgmma_commit() {}
-static inline void pg_wgmma_wait_1() {}
-static inline void pg_wgmma_wait_0() {}
-static inline void pg_shared_to_async() {}
-static inline void pg_copy16(unsigned* shared, const float* global, int bytes) {   /* cp.async: zeros past bytes */
-  memset(shared, 0, 16);
-  memcpy(shared, global, bytes);
-}
-static inline void pg_copy_commit() {}
-static inline void pg_copy_wait() {}
+static inline void pg_wgmma_wait_1() { pg_warpgroup_sync(); }
+static inline void pg_wgmma_wait_0() { pg_warpgroup_sync(); }
 static inline float pg_wgmma_element(pg_desc d, unsigned x, unsigned k) {
   unsigned long long address = d.start + (x / 8) * 1024 + (x % 8) * 128 + k * 4;
   address ^= ((address >> 7) & 7) << 4;
@@ -3678,6 +3714,56 @@ static inline void pg_wgmma_tf32(float* d, pg_desc a, pg_desc b) {
     d[i] = sum;
   }
 }
+template <typename T> static inline T* pg_in_block(T* p, unsigned rank) {   /* mapa: the same place in block rank */
+  return (T*)((char*)p + ((long long)rank - (long long)pg_cta_rank()) * pg_shared_stride);
+}
+static inline void pg_barrier_init(unsigned long long* bar, unsigned count) {
+  if (count == 0 || count > 4095) { fprintf(stderr, "emulator: barrier count %u\n", count); abort(); }
+  __atomic_store_n(bar, (unsigned long long)count | (unsigned long long)count << 12, __ATOMIC_SEQ_CST);
+}
+static inline void pg_barriers_visible() {}
+/* arrivals arrive and bytes land (negative bytes: now expected); the last of both completes the phase */
+static inline void pg_barrier_update(unsigned long long* bar, unsigned arrivals, long long bytes) {
+  unsigned long long old = __atomic_load_n(bar, __ATOMIC_SEQ_CST), next;
+  do {
+    unsigned count = old & 0xfff, pending = (old >> 12) & 0xfff, phase = (old >> 24) & 1;
+    long long tx = (int)(old >> 32);
+    if (pending < arrivals) { fprintf(stderr, "emulator: more arrivals than a barrier phase expects\n"); abort(); }
+    pending -= arrivals;
+    tx -= bytes;
+    if (pending == 0 && tx == 0) {
+      pending = count;
+      phase ^= 1;
+    }
+    next = count | (unsigned long long)pending << 12 | (unsigned long long)phase << 24 |
+           (unsigned long long)(unsigned)(int)tx << 32;
+  } while (!__atomic_compare_exchange_n(bar, &old, next, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST));
+}
+static inline void pg_barrier_expect(unsigned long long* bar, unsigned bytes) {
+  pg_barrier_update(bar, 1, -(long long)bytes);
+}
+static inline void pg_barrier_arrive_at(unsigned long long* bar, unsigned rank) {
+  pg_barrier_update(pg_in_block(bar, rank), 1, 0);
+}
+static inline void pg_barrier_wait(unsigned long long* bar, unsigned parity) {
+  while (((__atomic_load_n(bar, __ATOMIC_SEQ_CST) >> 24) & 1) == parity) pg_yield();
+}
+static inline void pg_bulk_copy_into(unsigned* shared, const float* global, unsigned bytes, unsigned long long* bar) {
+  if ((unsigned long long)shared % 16 || (unsigned long long)global % 16 || bytes % 16) {
+    fprintf(stderr, "emulator: a bulk copy of %u bytes that is not in whole aligned 16-byte pieces\n", bytes);
+    abort();
+  }
+  memcpy(shared, global, bytes);
+  pg_barrier_update(bar, 0, bytes);
+}
+static inline void pg_bulk_copy(unsigned* shared, const float* global, unsigned bytes, unsigned long long* bar) {
+  pg_bulk_copy_into(shared, global, bytes, bar);
+}
+static inline void pg_bulk_copy_to_cluster(unsigned* shared, const float* global, unsigned bytes,
+                                           unsigned long long* bar, unsigned short blocks) {
+  for (unsigned rank = 0; rank < 2; rank++)
+    if (blocks >> rank & 1) pg_bulk_copy_into(pg_in_block(shared, rank), global, bytes, pg_in_block(bar, rank));
+}
 """
 
 
@@ -3686,7 +3772,7 @@ class EmuRenderer(ops_cuda.CUDARenderer):
     WGMMA_MIN_SIDE = 64   # small products take the wgmma template, as small GPUs (sm_count) take the big tile
 
     @staticmethod
-    def wgmma_helpers(n, pending):
+    def wgmma_helpers(n):
         return EMU_WGMMA.replace("%N%", str(n))
 
 
@@ -3782,9 +3868,11 @@ def _emu_library(kernel, source) -> str:
     names = [kernel.name] + [f"{kernel.name}_tf32" for _ in range(f" {kernel.name}_tf32(" in source)]
     if len(names) > 1:
         params.append(f"(float*)(*(unsigned long long*)args[{len(params)}])")
+    cluster = re.search(r"__cluster_dims__\((\d+)", source)   # the product's blocks run in clusters of this many
+    clusters = [cluster.group(1) if cluster else "1", "1"]
     body = source + "".join(
         EMU_ENTRY.replace("%CALL%", f"{name}({', '.join(params)})").replace("%NAME%", name).replace(
-            "%ENTRY%", name[len(kernel.name):]) for name in names)
+            "%ENTRY%", name[len(kernel.name):]).replace("%CLUSTER%", size) for name, size in zip(names, clusters))
     _emu_runtime()
     return compiler.disk_cached((EMU_HEADER + body, "emulator kernel", " ".join(GXX_KERNEL)), ".so",
                                 lambda: _gxx_kernel(body))
