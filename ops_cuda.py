@@ -50,7 +50,7 @@ class LaunchPlan:
         self.contraction, self.tile = contraction, tile
         self.shared = tile.shared_bytes() if tile is not None else 0
         # wgmma: the bytes of device scratch its prologue writes the tf32 copies of the operands to, and that
-        # prologue's blocks (of `threads`, a tile of the copy each); see CUDARenderer.render_tf32_copies
+        # prologue's blocks (of COPY_THREADS, a panel of the copy each); see CUDARenderer.render_tf32_copies
         self.scratch = self.prologue_grid = 0
         self.copies = None   # wgmma: the copies' layout (_TF32Copies)
         if kind == "wgmma":
@@ -62,21 +62,22 @@ class LaunchPlan:
         return f"LaunchPlan({self.kind}, threads={self.threads}, grid={self.grid}, group={self.group})"
 
 
-# the tile of an operand's tf32 copy that one prologue block writes, a panel: COPY_ROWS rows (x) by COPY_K values of k
-COPY_ROWS, COPY_K = 64, 32
+# the tile of an operand's tf32 copy that one prologue block (of COPY_THREADS) writes, a panel: COPY_ROWS rows (x) by
+# COPY_K values of k
+COPY_ROWS, COPY_K, COPY_THREADS = 64, 32, 256
 
 
 class MatmulTile:
     """Block tile BM x BN stepping BK along K. tf32 `mma`: a grid of WARPS_M x WARPS_N warps, each owning a
     (BM / WARPS_M) x (BN / WARPS_N) tile of m16n8k8 mma fragments. tf32 `wgmma`: WARPGROUPS groups of 4 warps, each
-    owning 64 rows x BN. fp32: (BM / TM) x (BN / TN) threads, each owning TM adjacent rows x TN columns in groups
+    owning 64 rows x BN, and a warp that fetches their slices. fp32: (BM / TM) x (BN / TN) threads, each owning TM adjacent rows x TN columns in groups
     of 4 (see fp32_layout). `min_blocks` asks the compiler to fit that many blocks on a multiprocessor (capping
     registers per thread). `buffers`: how many BK-deep slices shared memory holds (1 refills the one buffer between
     two barriers; 2 stages the next slice while this one is used; wgmma keeps 3 so that an asynchronous multiply can
     still read one slice while later ones are copied in). wgmma's `overlap`: 1 leaves one slice's multiply running
-    while the next one's is issued, so the copies run S - 2 slices ahead; 0 waits for each multiply in full, which
-    frees its buffer at once and lets the copies run S - 1 ahead (worth it when another block on the
-    multiprocessor keeps the tensor cores busy meanwhile). wgmma's `cluster`: 2 runs the blocks in pairs (a
+    while the next one's is issued, and frees its buffer one slice later; 0 waits for each multiply in full, which
+    frees its buffer at once (worth it when another block on the multiprocessor keeps the tensor cores busy
+    meanwhile). wgmma's `cluster`: 2 runs the blocks in pairs (a
     thread block cluster) over the same columns and adjacent rows, each fetching half of their common B slice
     for both. `efficiency`: the tile's speed on a big product relative to the biggest tile's, for the choice
     between tiles (CUDARenderer.plan_matmul)."""
@@ -93,13 +94,9 @@ class MatmulTile:
             # rows of 128 bytes; the copies are in panels of COPY_ROWS, and a cluster's blocks split B in halves
             assert BM == 64 * warpgroups and BK == COPY_K == 32 and buffers >= 3 and cluster in (1, 2) and \
                 BN % (COPY_ROWS * cluster) == 0, (BM, BN, BK, warpgroups, buffers, cluster)
-            self.threads = 128 * warpgroups
+            self.threads = 128 * warpgroups + 32
         else:
             self.threads = 32 * warps_m * warps_n if warps_m else (BM // TM) * (BN // TN)
-
-    def copies_ahead(self) -> int:
-        """wgmma: how many slices past the one being multiplied are on their way into shared memory."""
-        return self.buffers - 1 - self.overlap
 
     def shared_bytes(self) -> int:
         """Dynamic shared memory of the wgmma template (the others declare theirs statically): the buffers, a
@@ -457,7 +454,8 @@ class CUDARenderer(CRenderer):
         return True
 
     # -- the frame
-    def signature(self, kernel) -> str:
+    def signature(self, kernel, prologue=False) -> str:
+        """The kernel's declaration, or that of its tf32 copies' prologue (`<name>_tf32`, the same parameters)."""
         # variables (decode positions) are read from the device's variable table rather than passed by value, so
         # a captured CUDA graph serves every value: the table is refreshed before each replay
         c_signature = super().signature(replace_vars(kernel))
@@ -465,15 +463,16 @@ class CUDARenderer(CRenderer):
             c_signature = c_signature[:-1] + ", const int* __restrict__ pg_vars)"
         if self.launch.scratch:
             c_signature = c_signature[:-1] + ", float* __restrict__ pg_scratch)"
-        bounds = str(self.launch.threads)
-        if self.launch.tile is not None and self.launch.tile.min_blocks > 1:
-            bounds += f", {self.launch.tile.min_blocks}"
-        return f'extern "C" __global__ void __launch_bounds__({bounds}){self.cluster_dims()} ' + \
-            c_signature[len("void "):]
-
-    def cluster_dims(self) -> str:
         tile = self.launch.tile
-        return f" __cluster_dims__({tile.cluster}, 1, 1)" if tile is not None and tile.cluster > 1 else ""
+        if prologue:
+            return f'extern "C" __global__ void __launch_bounds__({COPY_THREADS}) ' + \
+                c_signature[len("void "):].replace(f"{kernel.name}(", f"{kernel.name}_tf32(", 1)
+        bounds = str(self.launch.threads)
+        if tile is not None and tile.min_blocks > 1:
+            bounds += f", {tile.min_blocks}"
+        if tile is not None and tile.cluster > 1:
+            bounds += f") __cluster_dims__({tile.cluster}, 1, 1"
+        return f'extern "C" __global__ void __launch_bounds__({bounds}) ' + c_signature[len("void "):]
 
     def render_body(self, kernel):
         self.emit_prelude(kernel)
@@ -832,15 +831,16 @@ class CUDARenderer(CRenderer):
         shared memory holds them: render_tf32_copies), so a slice arrives by bulk copies, whole panels at a time,
         without registers or a pass that rounds or swizzles it there.
 
-        Each buffer has two barriers: `full` completes when its slice's bytes have landed, `empty` when every
-        warpgroup that reads it (of every block of the cluster) is done with it. Iteration s: wait until slice s is
-        full, start its multiply, wait for that of slice s - 1 (overlap 1) or s (overlap 0), mark that slice's
-        buffer empty, and thread 0 starts the copies of slice s + a (a = copies_ahead()) into the buffer slice
-        s + a - S used, once it is empty. In a cluster of two, the blocks take adjacent rows of tiles over the same
-        columns: each fetches its own A and one half of the B slice they share, into the same place in both
-        blocks' shared memory (a multicast bulk copy), so B crosses from L2 once for the pair. A block's `empty`
-        barriers therefore count both blocks' warpgroups, and a block waits for its partner before it exits
-        (nothing may arrive in the shared memory of a block that has gone)."""
+        The block's last warp fetches, the warpgroups multiply. Each buffer has two barriers: `full` completes when
+        its slice's bytes have landed, `empty` when every warpgroup that reads it (of every block of the cluster)
+        is done with it. The fetching thread starts slice s's copies as soon as its buffer is empty, so up to S
+        slices are on their way ahead of the multiplies. A warpgroup, at slice s: waits until it is full, starts
+        its multiply, waits for that of slice s - 1 (overlap 1) or s (overlap 0), and marks that slice's buffer
+        empty. In a cluster of two, the blocks take adjacent rows of tiles over the same columns: each fetches its
+        own A and one half of the B slice they share, into the same place in both blocks' shared memory (a
+        multicast bulk copy), so B crosses from L2 once for the pair. A block's `empty` barriers therefore count
+        both blocks' warpgroups, and a block waits for its partner before it exits (nothing may arrive in the
+        shared memory of a block that has gone)."""
         c, t = self.launch.contraction, self.launch.tile
         emit = self.emit
         BM, BN, S, CL = t.BM, t.BN, t.buffers, t.cluster
@@ -890,47 +890,44 @@ class CUDARenderer(CRenderer):
         depth = self.open_unrolled(loops, 1)
         emit(f"{target} = 0.0f;", depth)
         self.close_unrolled(loops, depth)
-
-        def fill(slice_expr, depth):   # thread 0: slice's copies into its buffer, once every reader has left it
-            emit(f"if (pg_tid == 0 && {slice_expr} < {slices}) {{", depth)
-            emit(f"int pg_next = {slice_expr}, pg_b = pg_next % {S};", depth + 1)
-            emit(f"if (pg_next >= {S}) pg_barrier_wait(&pg_empty[pg_b], (pg_next / {S} + 1) & 1);", depth + 1)
-            emit(f"pg_barrier_expect(&pg_full[pg_b], {4 * (BM + BN) * COPY_K});", depth + 1)
-            emit(f"pg_bulk_copy(pg_As + pg_b * {BM * COPY_K}, pg_Ag + (long long)pg_next * {panels_a * panel}, "
-                 f"{4 * BM * COPY_K}, &pg_full[pg_b]);", depth + 1)
-            half = BN // CL * COPY_K   # the words of B this block fetches
-            if CL == 1:
-                emit(f"pg_bulk_copy(pg_Bs + pg_b * {BN * COPY_K}, pg_Bg + (long long)pg_next * {panels_b * panel}, "
-                     f"{4 * half}, &pg_full[pg_b]);", depth + 1)
-            else:
-                emit(f"pg_bulk_copy_to_cluster(pg_Bs + pg_b * {BN * COPY_K} + pg_rank * {half}, pg_Bg + "
-                     f"(long long)pg_next * {panels_b * panel} + pg_rank * {half}, {4 * half}, &pg_full[pg_b], "
-                     f"{(1 << CL) - 1});", depth + 1)
-            emit("}", depth)
-        ahead = t.copies_ahead()
-        emit(f"for (int pg_s = 0; pg_s < {ahead}; pg_s++) {{", 1)
-        fill("pg_s", 2)
-        emit("}", 1)
-        emit(f"for (int pg_s = 0; pg_s < {slices}; pg_s++) {{", 1)
-        emit(f"int pg_buf = pg_s % {S};", 2)
-        emit(f"pg_barrier_wait(&pg_full[pg_buf], (pg_s / {S}) & 1);", 2)
-        emit("pg_wgmma_fence();", 2)
+        consumers = 128 * t.warpgroups
+        emit(f"if (pg_tid == {consumers}) {{", 1)   # the fetching thread
+        emit(f"for (int pg_s = 0; pg_s < {slices}; pg_s++) {{", 2)
+        emit(f"int pg_b = pg_s % {S};", 3)
+        emit(f"if (pg_s >= {S}) pg_barrier_wait(&pg_empty[pg_b], (pg_s / {S} + 1) & 1);", 3)
+        emit(f"pg_barrier_expect(&pg_full[pg_b], {4 * (BM + BN) * COPY_K});", 3)
+        emit(f"pg_bulk_copy(pg_As + pg_b * {BM * COPY_K}, pg_Ag + (long long)pg_s * {panels_a * panel}, "
+             f"{4 * BM * COPY_K}, &pg_full[pg_b]);", 3)
+        half = BN // CL * COPY_K   # the words of B this block fetches
+        if CL == 1:
+            emit(f"pg_bulk_copy(pg_Bs + pg_b * {BN * COPY_K}, pg_Bg + (long long)pg_s * {panels_b * panel}, "
+                 f"{4 * half}, &pg_full[pg_b]);", 3)
+        else:
+            emit(f"pg_bulk_copy_to_cluster(pg_Bs + pg_b * {BN * COPY_K} + pg_rank * {half}, pg_Bg + "
+                 f"(long long)pg_s * {panels_b * panel} + pg_rank * {half}, {4 * half}, &pg_full[pg_b], "
+                 f"{(1 << CL) - 1});", 3)
+        emit("}", 2)
+        emit(f"}} else if (pg_tid < {consumers}) {{", 1)   # the warpgroups
+        emit(f"for (int pg_s = 0; pg_s < {slices}; pg_s++) {{", 2)
+        emit(f"int pg_buf = pg_s % {S};", 3)
+        emit(f"pg_barrier_wait(&pg_full[pg_buf], (pg_s / {S}) & 1);", 3)
+        emit("pg_wgmma_fence();", 3)
         for step in range(COPY_K // 8):   # k-steps of 8 start 32 bytes further into the rows
             a = f"pg_As + pg_buf * {BM * COPY_K} + (pg_tid >> 7) * {64 * COPY_K} + {8 * step}"
             b = f"pg_Bs + pg_buf * {BN * COPY_K} + {8 * step}"
-            emit(f"pg_wgmma_tf32(&pg_acc[0][0][0], pg_wgmma_desc({a}), pg_wgmma_desc({b}));", 2)
-        emit("pg_wgmma_commit();", 2)
-        emit(f"pg_wgmma_wait_{t.overlap}();", 2)
+            emit(f"pg_wgmma_tf32(&pg_acc[0][0][0], pg_wgmma_desc({a}), pg_wgmma_desc({b}));", 3)
+        emit("pg_wgmma_commit();", 3)
+        emit(f"pg_wgmma_wait_{t.overlap}();", 3)
         # a thread of each warpgroup tells each block of the cluster that the warpgroup is done with the buffer
         done = f"pg_s - {t.overlap}" if t.overlap else "pg_s"
         emit(f"if ({done} >= 0 && (pg_tid & 127) < {CL}) pg_barrier_arrive_at(&pg_empty[({done}) % {S}], "
-             f"pg_tid & 127);", 2)
-        fill(f"pg_s + {ahead}", 2)
-        emit("__syncwarp();", 2)   # warp 0 whole again before the next warpgroup-wide instruction
+             f"pg_tid & 127);", 3)
+        emit("}", 2)
+        emit("pg_wgmma_wait_0();", 2)
         emit("}", 1)
-        emit("pg_wgmma_wait_0();", 1)
         if CL > 1:
             emit("pg_cluster_sync();", 1)
+        emit(f"if (pg_tid >= {consumers}) return;", 1)
         self.matmul_epilogue(kernel, c, loops, target, True)
 
     def render_tf32_copies(self, kernel, c, copies):
@@ -940,9 +937,7 @@ class CUDARenderer(CRenderer):
         percent of a big product; rounding inside the product, where the multiplies wait for it, made x @ W.T 0.44
         of cuBLAS against 0.69 for the same kernel reading rounded copies (PERF.md). An operand whose k is not
         contiguous (B of x @ W) is transposed on the way, through shared memory (see _Operand.emit_tf32_copy)."""
-        signature = self.signature(kernel).replace(f" {kernel.name}(", f" {kernel.name}_tf32(").replace(
-            self.cluster_dims(), "")
-        main_lines, self.lines = self.lines, [signature + " {"]
+        main_lines, self.lines = self.lines, [self.signature(kernel, prologue=True) + " {"]
         emit = self.emit
         self.emit_prelude(kernel)
         a = _Operand(self, "A", c, c.a, c.m_ranges, 0, 4, c.M)
@@ -1264,7 +1259,7 @@ class _Operand:
         past the operand's edges. Where k is not contiguous the block first reads the tile into shared memory along
         the operand's contiguous axis (consecutive threads, consecutive x), then writes it out by rows: the reads
         and the writes are both whole lines."""
-        threads, groups, rows = self.renderer.launch.threads, copies.k4 // 4, self.extent
+        threads, groups, rows = COPY_THREADS, copies.k4 // 4, self.extent
         panels, row_groups = copies.panels[which], COPY_K // 4
         emit(f"int pg_z = pg_t / {panels * copies.slices};", depth)
         emit(f"int pg_x0 = pg_t % {panels} * {COPY_ROWS};", depth)
@@ -1515,16 +1510,17 @@ class CUDAProgram:
                     limit = driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
                     device.check(driver.cuFuncSetAttribute(fn, limit, self.launch.shared),
                                  f"allowing {self.name} {self.launch.shared} bytes of shared memory")
-                launches = [(fn, self.launch.grid, self.launch.shared)]
+                launches = [(fn, self.launch.grid, self.launch.threads, self.launch.shared)]
                 if self.launch.scratch:   # the prologue writing the operands' tf32 copies goes first
                     prologue = device.check(driver.cuModuleGetFunction(module, f"{self.name}_tf32".encode()),
                                             f"finding {self.name}_tf32")
-                    launches.insert(0, (prologue, self.launch.prologue_grid, 0))
+                    launches.insert(0, (prologue, self.launch.prologue_grid, COPY_THREADS, 0))
                 entry = self.functions[device.name] = (device, module, [
-                    (fn, grid, shared, self.launch_config(device, grid, shared)) for fn, grid, shared in launches])
+                    (fn, grid, threads, shared, self.launch_config(device, grid, threads, shared))
+                    for fn, grid, threads, shared in launches])
             return entry
 
-    def launch_config(self, device, grid, shared):
+    def launch_config(self, device, grid, threads, shared):
         """cuLaunchKernelEx's configuration for a programmatic dependent launch on device's stream (None: a plain
         cuLaunchKernel)."""
         launch, driver = self.launch, device.driver
@@ -1535,7 +1531,7 @@ class CUDAProgram:
         attribute.value.programmaticStreamSerializationAllowed = 1
         config = driver.CUlaunchConfig()
         config.gridDimX, config.gridDimY, config.gridDimZ = grid, 1, 1
-        config.blockDimX, config.blockDimY, config.blockDimZ = launch.threads, 1, 1
+        config.blockDimX, config.blockDimY, config.blockDimZ = threads, 1, 1
         config.sharedMemBytes, config.hStream = shared, device.stream
         config.attrs, config.numAttrs = [attribute], 1
         return config
@@ -1568,14 +1564,14 @@ class CUDAProgram:
         if launch.kind == "scatter":   # the atomic adds start from zero
             out = bufs[self.kernel.store.src[0].arg[0]]
             device.check(device.driver.cuMemsetD32Async(out.mem.ptr, 0, out.size, device.stream), "zeroing")
-        for fn, grid, shared, config in launches:
+        for fn, grid, threads, shared, config in launches:
             if config is not None:
                 err = device.driver.cuLaunchKernelEx(config, fn, self.arg_address, 0)[0]
             else:
-                err = device.driver.cuLaunchKernel(fn, grid, 1, 1, launch.threads, 1, 1, shared, device.stream,
+                err = device.driver.cuLaunchKernel(fn, grid, 1, 1, threads, 1, 1, shared, device.stream,
                                                    self.arg_address, 0)[0]
             if err != device.success:
-                device.check((err,), f"launching {self.name} (grid {grid}, {launch.threads} threads)")
+                device.check((err,), f"launching {self.name} (grid {grid}, {threads} threads)")
 
 
 class CUDAGraph:

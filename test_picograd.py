@@ -3456,16 +3456,24 @@ long long pg_shared_stride;   /* bytes from one block's shared memory to the nex
 
 void __syncthreads() { block_barriers[pg_team_thread / blockDim.x]->arrive_and_wait(); }
 void pg_cluster_sync() { cluster_barrier->arrive_and_wait(); }
+/* a block's warpgroups are its whole groups of 128 threads (a block of 288 has two, and a warp outside them) */
+static int warpgroup_of(unsigned t) {
+  unsigned per_block = blockDim.x / 128, in_block = t % blockDim.x;
+  return in_block < per_block * 128 ? (int)((t / blockDim.x) * per_block + in_block / 128) : -1;
+}
 /* a wgmma is one operation of the warpgroup's 128 threads: none of them sees it done before all have issued it */
 void pg_warpgroup_sync() {
-  if (warpgroup_barriers.empty()) {
-    fprintf(stderr, "emulator: a warpgroup operation in blocks of %u\n", blockDim.x);
+  int group = warpgroup_of(pg_team_thread);
+  if (group < 0) {
+    fprintf(stderr, "emulator: a warpgroup operation by thread %u, outside the block's warpgroups\n", threadIdx.x);
     abort();
   }
-  warpgroup_barriers[pg_team_thread / 128]->arrive_and_wait();
+  warpgroup_barriers[group]->arrive_and_wait();
 }
 unsigned pg_cta_rank() { return pg_team_thread / blockDim.x; }
-void pg_yield() { std::this_thread::yield(); }
+/* a shared-memory barrier's waiters sleep until its word changes, and every change wakes them */
+void pg_wait_while(unsigned long long* word, unsigned long long value) { std::atomic_ref(*word).wait(value); }
+void pg_wake(unsigned long long* word) { std::atomic_ref(*word).notify_all(); }
 
 unsigned long long pg_shfl_xor_bits(unsigned mask, unsigned long long bits, int off) {
   unsigned t = pg_team_thread, src = t ^ (unsigned)off;
@@ -3526,7 +3534,7 @@ static void pg_worker_loop(unsigned t) {
     block_entry(block_args);
     alive[t] = false;   /* exited threads no longer hold up barriers, as on the GPU */
     warp_barriers[t / 32]->arrive_and_drop();
-    if (!warpgroup_barriers.empty()) warpgroup_barriers[t / 128]->arrive_and_drop();
+    if (warpgroup_of(t) >= 0) warpgroup_barriers[warpgroup_of(t)]->arrive_and_drop();
     block_barriers[t / blockDim.x]->arrive_and_drop();
     cluster_barrier->arrive_and_drop();
     if (threads_running.fetch_sub(1) == 1) block_done->release();
@@ -3569,8 +3577,7 @@ extern "C" int pg_run(void (*entry)(void**), void** args, unsigned grid, unsigne
     warp_barriers.clear();
     for (unsigned w = 0; w < team / 32; w++) warp_barriers.emplace_back(new std::barrier<>(32));
     warpgroup_barriers.clear();
-    for (unsigned w = 0; threads % 128 == 0 && w < team / 128; w++)
-      warpgroup_barriers.emplace_back(new std::barrier<>(128));
+    for (unsigned w = 0; w < cluster * (threads / 128); w++) warpgroup_barriers.emplace_back(new std::barrier<>(128));
     cluster_barrier.reset(new std::barrier<>(team));
     for (unsigned t = 0; t < team; t++) alive[t] = true;
     block_index = b;
@@ -3600,7 +3607,8 @@ void pg_mma_tf32(float* d, const unsigned* a, const unsigned* b);
 void pg_cluster_sync();
 void pg_warpgroup_sync();
 unsigned pg_cta_rank();
-void pg_yield();
+void pg_wait_while(unsigned long long* word, unsigned long long value);
+void pg_wake(unsigned long long* word);
 extern long long pg_shared_stride;
 extern "C" int pg_run(void (*entry)(void**), void** args, unsigned grid, unsigned threads, double timeout,
                       const char* name, unsigned cluster);
@@ -3738,6 +3746,7 @@ static inline void pg_barrier_update(unsigned long long* bar, unsigned arrivals,
     next = count | (unsigned long long)pending << 12 | (unsigned long long)phase << 24 |
            (unsigned long long)(unsigned)(int)tx << 32;
   } while (!__atomic_compare_exchange_n(bar, &old, next, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST));
+  pg_wake(bar);
 }
 static inline void pg_barrier_expect(unsigned long long* bar, unsigned bytes) {
   pg_barrier_update(bar, 1, -(long long)bytes);
@@ -3746,7 +3755,8 @@ static inline void pg_barrier_arrive_at(unsigned long long* bar, unsigned rank) 
   pg_barrier_update(pg_in_block(bar, rank), 1, 0);
 }
 static inline void pg_barrier_wait(unsigned long long* bar, unsigned parity) {
-  while (((__atomic_load_n(bar, __ATOMIC_SEQ_CST) >> 24) & 1) == parity) pg_yield();
+  for (unsigned long long word; ((word = __atomic_load_n(bar, __ATOMIC_SEQ_CST)) >> 24 & 1) == parity;)
+    pg_wait_while(bar, word);
 }
 static inline void pg_bulk_copy_into(unsigned* shared, const float* global, unsigned bytes, unsigned long long* bar) {
   if ((unsigned long long)shared % 16 || (unsigned long long)global % 16 || bytes % 16) {
@@ -3812,7 +3822,7 @@ class EmuProgram:
         args = (ctypes.c_void_p * max(1, len(slots)))(*[ctypes.addressof(s) for s in slots])
         if self.launch.grid and self.launch.scratch:
             self.lib.pg_launch_tf32.argtypes = self.lib.pg_launch.argtypes
-            self.lib.pg_launch_tf32(args, self.launch.prologue_grid, self.launch.threads, 60.0)
+            self.lib.pg_launch_tf32(args, self.launch.prologue_grid, ops_cuda.COPY_THREADS, 60.0)
         if self.launch.grid:
             self.lib.pg_launch(args, self.launch.grid, self.launch.threads, 60.0)
 
