@@ -1534,8 +1534,11 @@ def generate(model: Llama, prompt_ids, max_new_tokens: int, temperature: float =
     timings["prefill_s"] = time.perf_counter() - start
     generated = []
     pos = len(prompt_ids)
-    # at temperature 0 the decode step itself picks the token: only its id comes back to the host
+    # at temperature 0 the decode step itself picks the token, so only its id comes back to the host, and the next
+    # step can read it on the device: the step after pos is queued before the host waits for pos's token, which
+    # keeps the device busy through the host's own work between steps (one wasted step when pos's token stops)
     greedy = sampler.temperature == 0.0
+    queued = None   # greedy: the next step's ids on the device, and their read
     while len(generated) < max_new_tokens and token not in stop_ids:
         generated.append(token)
         if on_token is not None:
@@ -1545,8 +1548,13 @@ def generate(model: Llama, prompt_ids, max_new_tokens: int, temperature: float =
             break
         traces = pg.stats()["traces"]
         start = time.perf_counter()
-        out = model.decode([token], pos, greedy).numpy().reshape(-1)
-        token = int(out[0]) if greedy else sampler(out)
+        if greedy:
+            ids, read = queued or _queue_greedy_step(model, [token], pos)
+            last = len(generated) + 1 == max_new_tokens or pos + 1 >= window
+            queued = None if last else _queue_greedy_step(model, ids.reshape(1, 1), pos + 1)
+            token = int(read()[0])
+        else:
+            token = sampler(model.decode([token], pos).numpy().reshape(-1))
         took = time.perf_counter() - start
         if pg.stats()["traces"] > traces:
             timings["compile_s"] += took
@@ -1555,6 +1563,13 @@ def generate(model: Llama, prompt_ids, max_new_tokens: int, temperature: float =
             timings["decode_s"] += took
         pos += 1
     return generated
+
+
+def _queue_greedy_step(model: Llama, tokens, pos: int):
+    """Queue the greedy decode step at pos: (the ids it picks, on the device; a function that waits for them on
+    the host)."""
+    ids = model.decode(tokens, pos, greedy=True)
+    return ids, ids.numpy_later()
 
 
 def format_timings(timings: dict) -> str:

@@ -1577,7 +1577,8 @@ class CUDAProgram:
 class CUDAGraph:
     """A step's kernel launches and copies, replayed with one cuGraphLaunch. A graph's memory is fixed: the
     call's inputs are copied into staging buffers before it and its outputs out of staging buffers after; the
-    variable table is refreshed from pinned host memory by the graph's first node."""
+    variable table is uploaded just before it, from a pinned slot of the device's staging ring, so the host can
+    queue the next replay (new variable values) while this one runs."""
     MAX_IO_BYTES = 16 << 20   # beyond this the copies cost more than the launches they save
 
     def __init__(self, device, steps, inputs, outputs):
@@ -1593,18 +1594,11 @@ class CUDAGraph:
                 b.mem
             launches.append((prog, bufs, recorded_vars))
         device.activate()
-        self.pinned = device.check(driver.cuMemHostAlloc(4 * VAR_TABLE_SLOTS, 0), "cuMemHostAlloc")
-        self.pinned_values = np.ctypeslib.as_array(ctypes.cast(int(self.pinned), ctypes.POINTER(ctypes.c_int32)),
-                                                   shape=(VAR_TABLE_SLOTS,))
-        self.pinned_values[:] = device.var_values
-        self.done = device.check(driver.cuEventCreate(0), "cuEventCreate")
         device.synchronize()
         mode = driver.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_RELAXED
         device.check(driver.cuStreamBeginCapture(device.stream, mode), "cuStreamBeginCapture")
         device.capturing = True
         try:
-            device.check(driver.cuMemcpyHtoDAsync(device.var_table.ptr, int(self.pinned), 4 * VAR_TABLE_SLOTS,
-                                                  device.stream), "capturing the variable upload")
             for prog, bufs, recorded_vars in launches:
                 if prog is None:
                     device.copy_within(bufs[0].mem, bufs[1].mem, bufs[0].nbytes)
@@ -1615,21 +1609,16 @@ class CUDAGraph:
             graph = device.check(driver.cuStreamEndCapture(device.stream), "cuStreamEndCapture")
         self.graph = graph
         self.exec = device.check(driver.cuGraphInstantiate(graph, 0), "cuGraphInstantiate")
-        self.in_flight = False
 
     def replay(self, inputs, outputs, var_values: dict):
         device, driver = self.device, self.device.driver
         for k, buf in inputs.items():
             device.copy_within(self.inputs[k].mem, buf.mem, buf.nbytes)
-        if self.in_flight:   # the previous replay's upload may not have read the pinned values yet
-            device.check(driver.cuEventSynchronize(self.done), "cuEventSynchronize")
         for name, value in var_values.items():
             device.var_values[var_slot(name)] = value
-        self.pinned_values[:] = device.var_values   # the upload rewrites the whole table
         device.activate()
+        device.staging.upload(device.var_table, device.var_values)   # the whole table, ahead of the graph
         device.check(driver.cuGraphLaunch(self.exec, device.stream), "cuGraphLaunch")
-        device.check(driver.cuEventRecord(self.done, device.stream), "cuEventRecord")
-        self.in_flight = True
         for k, buf in outputs.items():
             device.copy_within(buf.mem, self.outputs[k].mem, buf.nbytes)
 
@@ -1638,8 +1627,60 @@ class CUDAGraph:
             driver = self.device.driver
             driver.cuGraphExecDestroy(self.exec)
             driver.cuGraphDestroy(self.graph)
-            driver.cuEventDestroy(self.done)
-            driver.cuMemFreeHost(self.pinned)
+        except Exception:   # interpreter shutdown
+            pass
+
+
+class StagingRing:
+    """Small pinned host buffers used in turn for the host copies that must not wait for the whole stream: a
+    graph's variable upload, and reads of a result while later work runs (CUDADevice.copyout_later). Each slot's
+    event marks the end of the copy that last used it; taking a slot waits for that event (and lands a read still
+    parked there in its array). Pageable host memory would not do: a copy from the device into it returns only
+    once the stream has run everything queued before it."""
+    SLOTS, SLOT_BYTES = 8, 4096
+
+    def __init__(self, device):
+        driver = device.driver
+        self.device = device
+        self.base = int(device.check(driver.cuMemHostAlloc(self.SLOTS * self.SLOT_BYTES, 0), "cuMemHostAlloc"))
+        flags = int(driver.CUevent_flags.CU_EVENT_DISABLE_TIMING)
+        self.events = [device.check(driver.cuEventCreate(flags), "cuEventCreate") for _ in range(self.SLOTS)]
+        self.pending = [None] * self.SLOTS   # per slot: None (free), True (an upload), or a read's landing function
+        self.next = 0
+
+    def take(self) -> int:
+        slot, self.next = self.next, (self.next + 1) % self.SLOTS
+        self.finish(slot)
+        return slot
+
+    def finish(self, slot):
+        """Wait for the slot's last copy; a read lands in its array."""
+        done, self.pending[slot] = self.pending[slot], None
+        if done is not None:
+            self.device.check(self.device.driver.cuEventSynchronize(self.events[slot]), "cuEventSynchronize")
+            if callable(done):
+                done()
+
+    def address(self, slot) -> int:
+        return self.base + slot * self.SLOT_BYTES
+
+    def queued(self, slot, done):
+        self.device.check(self.device.driver.cuEventRecord(self.events[slot], self.device.stream), "cuEventRecord")
+        self.pending[slot] = done
+
+    def upload(self, mem, values: np.ndarray):
+        slot = self.take()
+        ctypes.memmove(self.address(slot), values.ctypes.data, values.nbytes)
+        self.device.check(self.device.driver.cuMemcpyHtoDAsync(mem.ptr, self.address(slot), values.nbytes,
+                                                               self.device.stream), "uploading the variables")
+        self.queued(slot, True)
+
+    def __del__(self):
+        try:
+            driver = self.device.driver
+            for event in self.events:
+                driver.cuEventDestroy(event)
+            driver.cuMemFreeHost(self.base)
         except Exception:   # interpreter shutdown
             pass
 
@@ -1712,6 +1753,7 @@ class CUDADevice:
         self.var_values = np.zeros(VAR_TABLE_SLOTS, dtype=np.int32)   # what the table holds (or will, in order)
         self.capturing = False
         self.scratches = []   # see scratch
+        self.staging = StagingRing(self)
 
     # -- driver plumbing
     def check(self, result, what):
@@ -1847,6 +1889,28 @@ class CUDADevice:
             self.check(self.driver.cuMemcpyDtoHAsync(out.ctypes.data, mem.ptr, out.nbytes, self.stream),
                        "copy from the device")
         self.synchronize()
+
+    def copyout_later(self, out: np.ndarray, mem):
+        """Device -> host behind everything queued so far, without waiting: returns a function that waits for this
+        copy alone (work queued after it keeps running) and leaves the data in out. Reads too big for a staging
+        slot are done at once."""
+        if out.nbytes > StagingRing.SLOT_BYTES:
+            self.copyout(out, mem)
+            return lambda: None
+        self.activate()
+        ring = self.staging
+        slot = ring.take()
+        self.check(self.driver.cuMemcpyDtoHAsync(ring.address(slot), mem.ptr, out.nbytes, self.stream),
+                   "copy from the device")
+
+        def land():
+            ctypes.memmove(out.ctypes.data, ring.address(slot), out.nbytes)
+        ring.queued(slot, land)
+
+        def wait():
+            if ring.pending[slot] is land:   # else the slot was taken again, which landed it
+                ring.finish(slot)
+        return wait
 
     def copy_within(self, dst, src, nbytes):
         if nbytes:

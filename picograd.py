@@ -834,6 +834,24 @@ class Tensor:
         Device[self.device].synchronize()
         return buf.copyout().reshape(self.shape)
 
+    def numpy_later(self):
+        """Start copying the tensor to the host behind the work queued so far, and return a function that waits
+        for that copy alone and returns the array. Work queued after the call keeps the device busy meanwhile: a
+        decoding loop reads step t's token while step t + 1, fed that token on the device, runs."""
+        _no_readback_in_capture("Tensor.numpy_later()")
+        buf = self._buffer()
+        if buf is None:
+            realize(self)
+            buf = self._buffer()
+        out = np.empty(buf.size, dtype=buf.dtype.np)
+        wait = Device[self.device].copyout_later(out, buf.mem)
+        shape = self.shape
+
+        def result() -> np.ndarray:
+            wait()
+            return out.reshape(shape)
+        return result
+
     def item(self):
         _no_readback_in_capture("Tensor.item()")
         if self.numel() != 1:

@@ -2938,6 +2938,14 @@ def test_generate_seeded_sampling_and_stops():
     streamed = []
     model.generate([1, 2, 3], 5, stop_ids=(), on_token=streamed.append)
     assert streamed == greedy[:5]
+    # greedy steps after the first are fed the previous step's ids on the device: the same trace serves both
+    traces = pg.stats()["traces"]
+    assert model.generate([1, 2, 3], 20, stop_ids=()) == greedy and pg.stats()["traces"] == traces
+    stepwise, token = [], greedy[0]
+    for pos in range(3, 22):
+        stepwise.append(token)
+        token = int(model.decode([token], pos, greedy=True).numpy()[0])
+    assert stepwise + [token] == greedy
 
 
 def test_prompt_longer_than_context_is_refused():
@@ -3847,6 +3855,7 @@ class EmuDevice:
 
     # host memory, as the CPU device's
     copyin, copyout, copy_within = ops_cpu.CPUDevice.copyin, ops_cpu.CPUDevice.copyout, ops_cpu.CPUDevice.copy_within
+    copyout_later = ops_cpu.CPUDevice.copyout_later
     synchronize = ops_cpu.CPUDevice.synchronize
 
     def build(self, kernel):
@@ -4282,7 +4291,7 @@ class FakeDriver:
         from cuda.bindings import driver as real
         self.CUresult, self.CUdevice_attribute, self.CUstream_flags = real.CUresult, real.CUdevice_attribute, \
             real.CUstream_flags
-        self.CUstreamCaptureMode = real.CUstreamCaptureMode
+        self.CUstreamCaptureMode, self.CUevent_flags = real.CUstreamCaptureMode, real.CUevent_flags
         self.CUlaunchConfig, self.CUlaunchAttribute = real.CUlaunchConfig, real.CUlaunchAttribute
         self.CUlaunchAttributeID = real.CUlaunchAttributeID
         self.ok, self.oom = real.CUresult.CUDA_SUCCESS, real.CUresult.CUDA_ERROR_OUT_OF_MEMORY
@@ -4484,6 +4493,27 @@ def test_fake_device_replays_through_a_cuda_graph(fake):
         np.testing.assert_allclose(outs[FAKE], outs["CPU"], rtol=1e-6)
     assert fake.driver.graph_launches == 4   # calls 3..6 (the first two warm up and trace)
     assert len(steps[FAKE].traces) == 1
+
+
+@needs_nvrtc
+@needs_gxx
+def test_fake_device_reads_results_later(fake):
+    """numpy_later: each step's result is read while the next, fed it on the device, is queued; more reads in flight
+    than the staging ring has slots land as their slots are taken again. Results equal the CPU's."""
+    def make(device):
+        @pg.compile
+        def step(x, pos):
+            return (x * 0.5 + pos).sin()
+        return step
+    got = {}
+    for device in ("CPU", FAKE):
+        step, x, reads = make(device), pg.Tensor(np.ones(4, np.float32), device=device), []
+        for p in range(3 * ops_cuda.StagingRing.SLOTS):
+            x = step(x, pg.Variable("pos", 0, 100).bind(p))
+            reads.append(x.numpy_later())
+        got[device] = [read() for read in reads]
+    np.testing.assert_allclose(np.stack(got[FAKE]), np.stack(got["CPU"]), rtol=1e-6)
+    assert fake.driver.graph_launches > 0
 
 
 @needs_nvrtc
