@@ -1547,19 +1547,22 @@ class Trace:
             else:
                 call.append(a)
         input_serials = {t._buffer().serial: k for k, t in enumerate(call) if isinstance(t, pg.Tensor)}
-        self.guards = _closure_guards(fn)
+        closure_reads = _closure_reads(fn)
+        pg.realize(*_pending_assigns(closure_reads))   # an assign made before the call is not part of the step
         first_serial = Buffer.next_serial()
         capture = Capture()
         pg.CTX.capturing = capture
         try:
             result = fn(*call[:len(args)], **dict(zip(sorted(kwargs), call[len(args):])))
             outs = _flatten_outputs(result)
-            pg.realize(*outs)
+            # the step's assigns to what it reads by name are its effects: recorded, even where no output needs them
+            pg.realize(*outs, *_pending_assigns(closure_reads))
         finally:
             pg.CTX.capturing = None
         for t in outs:   # outputs are plain buffers: their graphs (and the intermediates they pin) are dropped
             buf = t._buffer()
             t.uop, t.requires_grad = UOp(Ops.BUFFER, t.dtype, (), (buf, buf.version)).reshape(t.shape), False
+        self.guards = _closure_guards(closure_reads)
         self.first_result, self.structure = result, _skeleton(result)
         self.out_shapes = [t.shape for t in outs]
         gc.collect()   # intermediates kept only by reference cycles must be gone before we look for them
@@ -1748,29 +1751,47 @@ def _unflatten_outputs(structure, fresh):
     return None
 
 
-def _closure_guards(fn):
-    """Guards over what fn reads by name from its closure and module globals: a rebound tensor or a changed
-    Python number means the capture is stale and fn is traced again."""
-    guards = []
+def _closure_reads(fn):
+    """What fn reads by name from its closure and module globals: (read, value), read() giving the name's value now."""
+    reads = []
     code = getattr(fn, "__code__", None)
     if code is None:
-        return guards
+        return reads
     for cell in fn.__closure__ or ():
         try:
-            value = cell.cell_contents
-        except ValueError:
+            reads.append((lambda c=cell: c.cell_contents, cell.cell_contents))
+        except ValueError:   # a free variable not bound yet
             continue
-        guards.append(_guard_for(lambda c=cell: c.cell_contents, value))
     for name in code.co_names:
         if name in fn.__globals__:
-            guards.append(_guard_for(lambda g=fn.__globals__, n=name: g.get(n), fn.__globals__[name]))
+            reads.append((lambda g=fn.__globals__, n=name: g.get(n), fn.__globals__[name]))
+    return reads
+
+
+def _pending_assigns(reads):
+    """The tensors among what fn reads by name with an assign not run yet."""
+    return [v for _, v in reads if isinstance(v, pg.Tensor) and v.uop.op is Ops.ASSIGN and v.uop.assigned is None]
+
+
+def _closure_guards(reads):
+    """Guards over what fn read by name, made after the capture from the values before it: a rebound tensor or a
+    changed Python number means the capture is stale and fn is traced again."""
+    guards = [_guard_for(read, value) for read, value in reads]
     return [g for g in guards if g is not None]
 
 
 def _guard_for(read, value):
+    """The name still holds the same tensor, as the capture left it (a replay writes the tensor's buffer in place
+    and leaves the tensor alone, so the step's own assign into it keeps the capture valid), or an equal number or
+    string. A name the step rebinds itself fails at once: no replay does that."""
     if isinstance(value, pg.Tensor):
         uop = value.uop
-        return lambda: read() is value and value.uop is uop
-    if isinstance(value, (int, float)) and not isinstance(value, bool) or isinstance(value, (bool, str)):
-        return lambda: type(read()) is type(value) and read() == value
-    return None
+
+        def guard():
+            return read() is value and value.uop is uop
+    elif isinstance(value, (int, float, str)):
+        def guard():
+            return type(read()) is type(value) and read() == value
+    else:
+        return None
+    return guard if guard() else lambda: False
