@@ -25,6 +25,11 @@ import warnings
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 
+try:
+    import fcntl   # Unix only: locks kernel cache entries between processes
+except ImportError:
+    fcntl = None
+
 import numpy as np
 
 import picograd as pg
@@ -1270,23 +1275,35 @@ def disk_cached(key_parts: tuple, suffix: str, build) -> str:
     The file is the payload followed by its sha256 and a magic tag, written to a temporary name and renamed into
     place, so readers see a whole file or none; a truncated or corrupted entry fails its checksum and is rebuilt.
     Loaders (dlopen, cuModuleLoadData) ignore the trailer. An unwritable cache directory falls back to a private
-    temporary one, with a warning."""
-    global _fallback_dir
+    temporary one, with a warning. Processes that want a missing entry at once (MPI ranks, test workers started
+    together) take turns on a lock file beside it: the first builds, the others then read what it wrote."""
     key = hashlib.sha256("\0".join(key_parts).encode()).hexdigest()
+    name = os.path.join(key[:2], key + suffix)
+    path = _find_entry(name)
+    if path is None:
+        # the lock file stays: were it removed, a third process could lock a new file while a second holds this one
+        with _lock_between_processes(os.path.join(cache_dir(), key[:2], ".lock-" + key + suffix)):
+            path = _find_entry(name)   # built by another process while this one waited
+            if path is None:
+                return _write_entry(name, build())
+    pg._STATS["kernels_from_disk"] += 1
+    return path
+
+
+def _find_entry(name):
     for directory in (cache_dir(), _fallback_dir):
-        if directory is None:
-            continue
-        path = os.path.join(directory, key[:2], key + suffix)
-        payload = _read_checked(path)
-        if payload is not None:
-            pg._STATS["kernels_from_disk"] += 1
-            return path
-    payload = build()
+        if directory is not None and _read_checked(os.path.join(directory, name)) is not None:
+            return os.path.join(directory, name)
+    return None
+
+
+def _write_entry(name, payload):
+    global _fallback_dir
     blob = payload + hashlib.sha256(payload).digest() + _MAGIC
     for directory in (cache_dir(), _fallback_dir):
         if directory is None:
             continue
-        path = os.path.join(directory, key[:2], key + suffix)
+        path = os.path.join(directory, name)
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
@@ -1300,7 +1317,27 @@ def disk_cached(key_parts: tuple, suffix: str, build) -> str:
             warnings.warn(f"picograd: cannot write the kernel cache at {directory} ({e}); using a temporary "
                           f"directory for this process (set PICOGRAD_CACHE to a writable folder)")
     _fallback_dir = tempfile.mkdtemp(prefix="picograd-cache-")
-    return disk_cached(key_parts, suffix, lambda: payload)
+    return _write_entry(name, payload)
+
+
+@contextlib.contextmanager
+def _lock_between_processes(path):
+    """An exclusive flock on the file at path for the duration. The kernel drops it when its holder dies, so a
+    process killed while it builds holds nobody up. Where there is nothing to lock with (no fcntl, a directory that
+    cannot be written, a file system without locks), the block runs unlocked: each process builds, as before."""
+    fd = None
+    if fcntl is not None:
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            pass
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 def _read_checked(path):

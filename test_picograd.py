@@ -1370,7 +1370,8 @@ def _cache_expected():
 
 
 def _cache_files(cache):
-    return [os.path.join(root, f) for root, _, files in os.walk(cache) for f in files if not f.startswith(".tmp")]
+    """The entries, not the temporary files or the lock files beside them."""
+    return [os.path.join(root, f) for root, _, files in os.walk(cache) for f in files if not f.startswith(".")]
 
 
 UNWRITABLE_CACHE_SCRIPT = """
@@ -1418,6 +1419,67 @@ def test_kernel_cache_concurrent_processes(tmp_path):
     assert third["stats"]["kernels_from_disk"] == third["stats"]["kernels_compiled"] > 0
     assert not any(os.path.basename(f).startswith(".tmp") for root, _, files in os.walk(tmp_path / "cache")
                    for f in files), "temporary files left in the cache"
+
+
+# one cache entry asked for by several processes: build() logs each call, and is slow, so the others ask meanwhile;
+# in mode "die" it is killed while building, once another process waits for the entry
+RACE_SCRIPT = """
+import json, os, sys, time
+import compile as compiler
+log, start_when, mode = sys.argv[1:4]
+
+def build():
+    with open(log, "a") as f:
+        f.write("build\\n")
+    if mode == "die":
+        while not os.path.exists(log + ".waiting"):
+            time.sleep(0.01)
+        time.sleep(0.3)
+        os._exit(3)
+    time.sleep(0.5)
+    return b"kernel bytes"
+
+while not os.path.exists(start_when):
+    time.sleep(0.01)
+if mode != "die":
+    open(log + ".waiting", "w").close()
+path = compiler.disk_cached(("a kernel", "raced for"), ".so", build)
+print(json.dumps({"path": path, "payload": compiler.cached_payload(path).decode()}))
+"""
+
+
+def _start_racer(tmp_path, start_when, mode):
+    env = dict(os.environ, PICOGRAD_CACHE=str(tmp_path / "cache"))
+    return subprocess.Popen([sys.executable, "-c", RACE_SCRIPT, str(tmp_path / "builds"), str(start_when), mode],
+                            cwd=HERE, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_kernel_cache_entry_built_once_by_racing_processes(tmp_path):
+    """Processes started together (MPI ranks, test workers) asking for the same kernel: one builds it, the other
+    waits for it and reads the same file."""
+    go = tmp_path / "go"
+    procs = [_start_racer(tmp_path, go, "build") for _ in range(2)]
+    go.write_bytes(b"")
+    outs = [p.communicate(timeout=120) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err
+    results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+    assert (tmp_path / "builds").read_text().count("build") == 1
+    assert results[0] == results[1] and results[0]["payload"] == "kernel bytes"
+
+
+def test_kernel_cache_builder_dying_holds_nobody_up(tmp_path):
+    """A process killed while it builds an entry (and holds its lock) does not leave the others waiting: the next
+    one builds the entry itself."""
+    go = tmp_path / "go"
+    go.write_bytes(b"")
+    dying = _start_racer(tmp_path, go, "die")
+    waiting = _start_racer(tmp_path, tmp_path / "builds", "build")   # starts once the first is building
+    out, err = waiting.communicate(timeout=120)
+    assert waiting.returncode == 0, err
+    assert dying.wait(timeout=120) == 3
+    assert (tmp_path / "builds").read_text().count("build") == 2
+    assert json.loads(out.strip().splitlines()[-1])["payload"] == "kernel bytes"
 
 
 # the MLP and optimizer of test_mlp_adamw_matches_torch (MLP_SIZES, _adamw's betas and weight decay), whose
