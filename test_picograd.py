@@ -1718,6 +1718,24 @@ def test_step_assigning_its_own_state_replays():
     np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-6)
 
 
+def test_step_rebinding_its_closure_tensor_is_not_replayed():
+    """A step that rebinds a name it reads (nonlocal state; state = state + x) cannot be replayed: the capture reads
+    the tensor the name held before it. Every call runs the step, and the numbers are right."""
+    state = pg.zeros(2).contiguous().realize()
+    history = []   # keeps every earlier state alive, so that no freed buffer marks the capture stale
+
+    @pg.compile
+    def step(x):
+        nonlocal state
+        history.append(state)
+        state = (state + x).realize()
+        return state * 1
+
+    x = pg.Tensor(np.ones(2, np.float32))
+    assert [step(x).numpy().tolist() for _ in range(5)] == [[k, k] for k in range(1, 6)]
+    np.testing.assert_allclose(state.numpy(), [5, 5])
+
+
 def test_state_replaced_behind_an_attribute_retraces():
     """A parameter swapped on an object the step reads (model.w = ...): no closure guard sees it, but the old
     tensor's buffer is freed, which marks the capture stale, and the next call traces again with the new one."""
