@@ -12,6 +12,7 @@ kernel computes is decided here.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import hashlib
@@ -23,6 +24,11 @@ import time
 import warnings
 import weakref
 from concurrent.futures import ThreadPoolExecutor
+
+try:
+    import fcntl   # Unix only: locks kernel cache entries between processes
+except ImportError:
+    fcntl = None
 
 import numpy as np
 
@@ -1269,23 +1275,35 @@ def disk_cached(key_parts: tuple, suffix: str, build) -> str:
     The file is the payload followed by its sha256 and a magic tag, written to a temporary name and renamed into
     place, so readers see a whole file or none; a truncated or corrupted entry fails its checksum and is rebuilt.
     Loaders (dlopen, cuModuleLoadData) ignore the trailer. An unwritable cache directory falls back to a private
-    temporary one, with a warning."""
-    global _fallback_dir
+    temporary one, with a warning. Processes that want a missing entry at once (MPI ranks, test workers started
+    together) take turns on a lock file beside it: the first builds, the others then read what it wrote."""
     key = hashlib.sha256("\0".join(key_parts).encode()).hexdigest()
+    name = os.path.join(key[:2], key + suffix)
+    path = _find_entry(name)
+    if path is None:
+        # the lock file stays: were it removed, a third process could lock a new file while a second holds this one
+        with _lock_between_processes(os.path.join(cache_dir(), key[:2], ".lock-" + key + suffix)):
+            path = _find_entry(name)   # built by another process while this one waited
+            if path is None:
+                return _write_entry(name, build())
+    pg._STATS["kernels_from_disk"] += 1
+    return path
+
+
+def _find_entry(name):
     for directory in (cache_dir(), _fallback_dir):
-        if directory is None:
-            continue
-        path = os.path.join(directory, key[:2], key + suffix)
-        payload = _read_checked(path)
-        if payload is not None:
-            pg._STATS["kernels_from_disk"] += 1
-            return path
-    payload = build()
+        if directory is not None and _read_checked(os.path.join(directory, name)) is not None:
+            return os.path.join(directory, name)
+    return None
+
+
+def _write_entry(name, payload):
+    global _fallback_dir
     blob = payload + hashlib.sha256(payload).digest() + _MAGIC
     for directory in (cache_dir(), _fallback_dir):
         if directory is None:
             continue
-        path = os.path.join(directory, key[:2], key + suffix)
+        path = os.path.join(directory, name)
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
@@ -1299,7 +1317,27 @@ def disk_cached(key_parts: tuple, suffix: str, build) -> str:
             warnings.warn(f"picograd: cannot write the kernel cache at {directory} ({e}); using a temporary "
                           f"directory for this process (set PICOGRAD_CACHE to a writable folder)")
     _fallback_dir = tempfile.mkdtemp(prefix="picograd-cache-")
-    return disk_cached(key_parts, suffix, lambda: payload)
+    return _write_entry(name, payload)
+
+
+@contextlib.contextmanager
+def _lock_between_processes(path):
+    """An exclusive flock on the file at path for the duration. The kernel drops it when its holder dies, so a
+    process killed while it builds holds nobody up. Where there is nothing to lock with (no fcntl, a directory that
+    cannot be written, a file system without locks), the block runs unlocked: each process builds, as before."""
+    fd = None
+    if fcntl is not None:
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            pass
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 def _read_checked(path):
@@ -1547,22 +1585,27 @@ class Trace:
             else:
                 call.append(a)
         input_serials = {t._buffer().serial: k for k, t in enumerate(call) if isinstance(t, pg.Tensor)}
-        self.guards = _closure_guards(fn)
+        closure_reads = _closure_reads(fn)
+        pg.realize(*_pending_assigns(closure_reads))   # an assign made before the call is not part of the step
         first_serial = Buffer.next_serial()
         capture = Capture()
-        pg.CTX.capturing = capture
-        try:
-            result = fn(*call[:len(args)], **dict(zip(sorted(kwargs), call[len(args):])))
-            outs = _flatten_outputs(result)
-            pg.realize(*outs)
-        finally:
-            pg.CTX.capturing = None
-        for t in outs:   # outputs are plain buffers: their graphs (and the intermediates they pin) are dropped
-            buf = t._buffer()
-            t.uop, t.requires_grad = UOp(Ops.BUFFER, t.dtype, (), (buf, buf.version)).reshape(t.shape), False
+        # the step's intermediates are told by their buffers being freed: those kept only by reference cycles must
+        # be gone before _bind looks
+        with _cycles_made_inside_collected():
+            pg.CTX.capturing = capture
+            try:
+                result = fn(*call[:len(args)], **dict(zip(sorted(kwargs), call[len(args):])))
+                outs = _flatten_outputs(result)
+                # the step's assigns to what it reads by name are its effects, recorded even if no output needs them
+                pg.realize(*outs, *_pending_assigns(closure_reads))
+            finally:
+                pg.CTX.capturing = None
+            for t in outs:   # outputs are plain buffers: their graphs (and the intermediates they pin) are dropped
+                buf = t._buffer()
+                t.uop, t.requires_grad = UOp(Ops.BUFFER, t.dtype, (), (buf, buf.version)).reshape(t.shape), False
+        self.guards = _closure_guards(closure_reads)
         self.first_result, self.structure = result, _skeleton(result)
         self.out_shapes = [t.shape for t in outs]
-        gc.collect()   # intermediates kept only by reference cycles must be gone before we look for them
         self._bind(capture.launches, input_serials, [t._buffer() for t in outs], first_serial)
 
     def _bind(self, launches, input_serials, out_bufs, first_serial):
@@ -1711,6 +1754,22 @@ class Trace:
         return self._results(outs)
 
 
+@contextlib.contextmanager
+def _cycles_made_inside_collected():
+    """On leaving, the garbage cycles among the objects made inside are collected. A full collection would do it too,
+    but it walks every object of the process (with torch loaded some 200,000, 0.2-0.5 s). Automatic collections are
+    held off meanwhile, so that nothing made inside moves on from the youngest generation, and a collection of that
+    generation alone reaches all of it. (A cycle through an older object stays: what it holds counts as state.)"""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+        gc.collect(0)
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def _flatten_outputs(out):
     if isinstance(out, pg.Tensor):
         return [out]
@@ -1748,29 +1807,47 @@ def _unflatten_outputs(structure, fresh):
     return None
 
 
-def _closure_guards(fn):
-    """Guards over what fn reads by name from its closure and module globals: a rebound tensor or a changed
-    Python number means the capture is stale and fn is traced again."""
-    guards = []
+def _closure_reads(fn):
+    """What fn reads by name from its closure and module globals: (read, value), read() giving the name's value now."""
+    reads = []
     code = getattr(fn, "__code__", None)
     if code is None:
-        return guards
+        return reads
     for cell in fn.__closure__ or ():
         try:
-            value = cell.cell_contents
-        except ValueError:
+            reads.append((lambda c=cell: c.cell_contents, cell.cell_contents))
+        except ValueError:   # a free variable not bound yet
             continue
-        guards.append(_guard_for(lambda c=cell: c.cell_contents, value))
     for name in code.co_names:
         if name in fn.__globals__:
-            guards.append(_guard_for(lambda g=fn.__globals__, n=name: g.get(n), fn.__globals__[name]))
+            reads.append((lambda g=fn.__globals__, n=name: g.get(n), fn.__globals__[name]))
+    return reads
+
+
+def _pending_assigns(reads):
+    """The tensors among what fn reads by name with an assign not run yet."""
+    return [v for _, v in reads if isinstance(v, pg.Tensor) and v.uop.op is Ops.ASSIGN and v.uop.assigned is None]
+
+
+def _closure_guards(reads):
+    """Guards over what fn read by name, made after the capture from the values before it: a rebound tensor or a
+    changed Python number means the capture is stale and fn is traced again."""
+    guards = [_guard_for(read, value) for read, value in reads]
     return [g for g in guards if g is not None]
 
 
 def _guard_for(read, value):
+    """The name still holds the same tensor, as the capture left it (a replay writes the tensor's buffer in place
+    and leaves the tensor alone, so the step's own assign into it keeps the capture valid), or an equal number or
+    string. A name the step rebinds itself fails at once: no replay does that."""
     if isinstance(value, pg.Tensor):
         uop = value.uop
-        return lambda: read() is value and value.uop is uop
-    if isinstance(value, (int, float)) and not isinstance(value, bool) or isinstance(value, (bool, str)):
-        return lambda: type(read()) is type(value) and read() == value
-    return None
+
+        def guard():
+            return read() is value and value.uop is uop
+    elif isinstance(value, (int, float, str)):
+        def guard():
+            return type(read()) is type(value) and read() == value
+    else:
+        return None
+    return guard if guard() else lambda: False

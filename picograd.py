@@ -2039,7 +2039,7 @@ def scaled_dot_product_attention(q, k, v, attn_mask=None, is_causal=False, scale
 def realize(*tensors: Tensor):
     """Compute several tensors in one schedule, so shared work is done once and fused where it can be.
     A tensor that is only a view of existing memory gets a contiguous buffer of its own."""
-    pending = [t for t in tensors if t._buffer() is None]
+    pending = [t for t in dict.fromkeys(tensors) if t._buffer() is None]   # a tensor named twice is done once
     if not pending:
         return
     for t in pending:
