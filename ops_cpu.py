@@ -1028,32 +1028,41 @@ ASAN = os.environ.get("PICOGRAD_ASAN", "") not in ("", "0")   # kernels built wi
 
 
 class CPUMemory:
-    """A 64-byte aligned block inside a numpy array (the array keeps it alive). Under AddressSanitizer the block
-    is exactly the array, so a read one element past the end is reported. Big arrays get transparent huge pages
-    (numpy asks for them): slow to fault in the first time on this VM (a training step's first call spends about
-    1 s of system time on its 1.5 GB), but decode, which streams its weights every token, ran 10% slower without
-    them."""
+    """`nbytes` at `offset` in a numpy array of bytes (the array keeps them alive)."""
     __slots__ = ("array", "address", "nbytes")
 
-    def __init__(self, nbytes):
-        pad = 0 if ASAN else 64
-        try:
-            raw = np.empty(nbytes + pad, dtype=np.uint8)
-        except (MemoryError, ValueError):
-            raise MemoryError(f"CPU: cannot allocate {nbytes} bytes ({nbytes / 2**30:.2f} GiB)") from None
-        offset = (-raw.ctypes.data) % 64 if pad else 0
+    def __init__(self, raw: np.ndarray, offset: int, nbytes: int):
         self.array = raw[offset:offset + nbytes]
         self.address, self.nbytes = raw.ctypes.data + offset, nbytes
+
+
+def host_bytes(nbytes) -> np.ndarray:
+    try:
+        return np.empty(nbytes, dtype=np.uint8)
+    except (MemoryError, ValueError):
+        raise MemoryError(f"CPU: cannot allocate {nbytes} bytes ({nbytes / 2**30:.2f} GiB)") from None
 
 
 class CPUDevice:
     """The host: memory from a size-keyed cache (so a steady loop does not fault in fresh pages), kernels via gcc."""
     kind = "CPU"
     CACHE_LIMIT = 2 << 30
+    # Memory that a kernel streams wants transparent huge pages: the hardware prefetchers stop at the edge of a 4 KB
+    # page, and every page costs a TLB miss. numpy asks the kernel for them for arrays of 4 MB and more (they are
+    # slow to fault in the first time: a training step's first call spends about 1 s of system time on its 1.5 GB),
+    # which left a decode's per-layer weights (0.3-1.8 MB for stories15M) on small pages: its products ran at 11 GB/s
+    # where the vocabulary head, on huge pages, ran at 15. Blocks from ARENA_BLOCKS[0] up to ARENA_BLOCKS[1] are
+    # therefore carved, 64-byte aligned, from shared arenas of ARENA_BYTES that start on a 2 MB boundary. An arena
+    # lives as long as any of its blocks (freed blocks are reused through the cache, by size); smaller blocks stay
+    # on malloc's pages, so that scalars and masks do not pin arenas. Under AddressSanitizer every block is exactly
+    # its own array, so that a read one element past the end is reported.
+    ARENA_BYTES, HUGE_PAGE = 32 << 20, 2 << 20
+    ARENA_BLOCKS = (64 << 10, 4 << 20)
 
     def __init__(self, name="CPU"):
         self.name = name
         self.free_blocks, self.cached_bytes, self.lock = {}, 0, threading.Lock()
+        self.arena, self.arena_used, self.arena_end = None, 0, 0
         self.error_flags = np.zeros(3, dtype=np.int32)
         self.threads = cpu_threads()
         self.workspace = np.zeros(0, dtype=np.float32)   # matmul panels; grown (never shrunk) as kernels need
@@ -1065,11 +1074,27 @@ class CPUDevice:
                 self.cached_bytes -= nbytes
                 return blocks.pop()
         try:
-            return CPUMemory(nbytes)
+            return self.new_block(nbytes)
         except MemoryError:
-            self.free_blocks.clear()
-            self.cached_bytes = 0
-            return CPUMemory(nbytes)
+            with self.lock:
+                self.free_blocks.clear()
+                self.cached_bytes = 0
+            return self.new_block(nbytes)
+
+    def new_block(self, nbytes) -> CPUMemory:
+        if ASAN:
+            return CPUMemory(host_bytes(nbytes), 0, nbytes)
+        if not self.ARENA_BLOCKS[0] <= nbytes < self.ARENA_BLOCKS[1]:
+            raw = host_bytes(nbytes + 64)
+            return CPUMemory(raw, (-raw.ctypes.data) % 64, nbytes)
+        with self.lock:
+            if self.arena is None or self.arena_used + nbytes > self.arena_end:
+                raw = host_bytes(self.ARENA_BYTES + self.HUGE_PAGE)
+                start = (-raw.ctypes.data) % self.HUGE_PAGE
+                self.arena, self.arena_used, self.arena_end = raw, start, start + self.ARENA_BYTES
+            mem = CPUMemory(self.arena, self.arena_used, nbytes)
+            self.arena_used += _round_up(nbytes, 64)
+            return mem
 
     def free(self, mem, nbytes):
         with self.lock:   # buffers may be dropped on the compile threads

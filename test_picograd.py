@@ -776,6 +776,30 @@ def test_cpu_exp2_within_2_ulp():
                                                  np.inf], dtype=np.float32))
 
 
+def test_cpu_memory_blocks_aligned_and_apart():
+    """CPU blocks of every kind (malloc's, carved from the shared huge-page arenas, arrays of their own) are 64-byte
+    aligned and each holds its own bytes, across more than one arena; a freed block comes back for its size, and
+    kernels computing in arena blocks are right."""
+    dev = ops_cpu.CPUDevice("CPU")   # a device of its own: its arenas start empty
+    low, high = dev.ARENA_BLOCKS
+    sizes = [4, 1000, low - 4, low, low + 4, 300 << 10, high - 4, high, high + 4] + [high - 64] * 9
+    blocks = [dev.alloc(n) for n in sizes]
+    assert sum(n for n in sizes if low <= n < high) > dev.ARENA_BYTES
+    for k, mem in enumerate(blocks):
+        assert mem.address % 64 == 0 and mem.nbytes == sizes[k] == mem.array.size
+        dev.copyin(mem, np.full(sizes[k], k, dtype=np.uint8))
+    for k, mem in enumerate(blocks):
+        assert np.all(mem.array == k), k
+    freed = blocks[5]
+    dev.free(freed, freed.nbytes)
+    assert dev.alloc(300 << 10) is freed
+    x = RNG.standard_normal((129, 1000)).astype(np.float32)   # 516 KB: arena blocks in and out
+    w = RNG.standard_normal((7, 1000)).astype(np.float32)
+    got = (pg.Tensor(x, device="CPU") @ pg.Tensor(w, device="CPU").T).softmax(-1).numpy()
+    want = torch.softmax(torch.tensor(x) @ torch.tensor(w).T, -1).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
 def test_residual_stream_stored_by_its_products(device):
     """x = x + norm(x) @ w.T, layer after layer, the way a transformer's residual stream grows: each product's
     kernel stores the updated stream as its epilogue, so every norm reads one stream buffer (not the sum of every
