@@ -134,7 +134,7 @@ class _TF32Copies:
         self.b_offset = n_batch * self.slices * self.panels[0] * panel
         self.size = self.b_offset + n_batch * self.slices * self.panels[1] * panel
         self.blocks = tuple(n_batch * self.slices * panels for panels in self.panels)
-        if sum(self.blocks) >= 2**31 or self.size >= 2**40:
+        if sum(self.blocks) >= 2**31:
             raise ValueError(f"a tf32 product with {self.size} operand elements: its operand copies need more than "
                              f"2^31 blocks")
 
@@ -869,9 +869,10 @@ class CUDARenderer(CRenderer):
         emit(f"int pg_n0 = pg_tn * {BN};", 1)
         emit("int pg_tid = threadIdx.x;", 1)
         # this block's panels of slice 0; slice s is s * (the operand's panels) further
-        emit(f"const float* pg_Ag = pg_scratch + (long long)pg_z * {slices * panels_a * panel} + pg_m0 * {COPY_K};", 1)
+        emit(f"const float* pg_Ag = pg_scratch + ((long long)pg_z * {slices * panels_a * panel} + "
+             f"(long long)pg_m0 * {COPY_K});", 1)
         emit(f"const float* pg_Bg = pg_scratch + ({copies.b_offset} + (long long)pg_z * {slices * panels_b * panel} + "
-             f"pg_n0 * {COPY_K});", 1)
+             f"(long long)pg_n0 * {COPY_K});", 1)
         emit("if (pg_tid == 0) {", 1)
         emit(f"for (int pg_b = 0; pg_b < {S}; pg_b++) {{", 2)
         emit("pg_barrier_init(&pg_full[pg_b], 1);", 3)   # the expecting thread's arrival, then the bytes
@@ -1894,7 +1895,7 @@ class CUDADevice:
         """Device -> host behind everything queued so far, without waiting: returns a function that waits for this
         copy alone (work queued after it keeps running) and leaves the data in out. Reads too big for a staging
         slot are done at once."""
-        if out.nbytes > StagingRing.SLOT_BYTES:
+        if out.nbytes == 0 or out.nbytes > StagingRing.SLOT_BYTES:
             self.copyout(out, mem)
             return lambda: None
         self.activate()

@@ -4679,6 +4679,11 @@ def test_fake_device_reads_results_later(fake):
         got[device] = [read() for read in reads]
     np.testing.assert_allclose(np.stack(got[FAKE]), np.stack(got["CPU"]), rtol=1e-6)
     assert fake.driver.graph_launches > 0
+    # bigger than a staging slot (read at once), empty, and a view
+    big = np.arange(3 * ops_cuda.StagingRing.SLOT_BYTES, dtype=np.float32).reshape(-1, 8)
+    for array in (big, np.zeros((0, 3), np.float32)):
+        np.testing.assert_array_equal(pg.Tensor(array, device=FAKE).numpy_later()(), array)
+    np.testing.assert_array_equal(pg.Tensor(big, device=FAKE)[5:9].T.numpy_later()(), big[5:9].T)
 
 
 @needs_nvrtc
