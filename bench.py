@@ -58,6 +58,15 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores"
 
 
+def card(device: str) -> str:
+    """The GPU's name as torch reports it, in parentheses, for a CUDA device ("" for the CPU)."""
+    if device == "CPU":
+        return ""
+    import torch
+    index = int(device.split(":")[1]) if ":" in device else 0
+    return f" ({torch.cuda.get_device_name(index)})"
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Memory bandwidth: the ceiling for every bandwidth-bound kernel, measured with torch's multi-threaded kernels
 
@@ -590,7 +599,7 @@ def main():
     only = set(filter(None, args.only.split(",")))
     device = pg.Device.canonicalize(args.device)
     want = lambda name: not only or name in only   # noqa: E731
-    print(f"picograd bench on {machine()}; device {device}", flush=True)
+    print(f"picograd bench on {machine()}; device {device}{card(device)}", flush=True)
     read_bw, copy_bw = measure_bandwidth("CPU" if device == "CPU" else "CUDA")
     print(f"  memory bandwidth (torch): read {read_bw:.1f} GB/s, copy {copy_bw:.1f} GB/s", flush=True)
     if want("eager"):
