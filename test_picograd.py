@@ -4319,6 +4319,8 @@ def test_emu_wgmma_matmul(emu_hopper, m, k, n, tile, tf32):
     assert [(p.launch.tile.BM, p.launch.tile.BN) for p in device.programs if p.launch.kind == "wgmma"] == [tile]
     # adjacent columns are stored in pairs (8 bytes) where the output's rows are even
     assert [("*(float2*)" in p.source) for p in device.programs if p.launch.kind == "wgmma"] == [n % 2 == 0]
+    # the blocks run in pairs that share B's slices (a cluster of two)
+    assert ["__cluster_dims__(2, 1, 1)" in p.source for p in device.programs if p.launch.kind == "wgmma"] == [True]
     got_t = (on(device, a.T.copy()).T @ on(device, b.T.copy()).T).numpy()
     got_nt = (on(device, a) @ on(device, b.T.copy()).T).numpy()   # both k-contiguous
     want_t = a.astype(np.float64) @ b
@@ -4331,6 +4333,24 @@ def test_emu_wgmma_matmul(emu_hopper, m, k, n, tile, tf32):
     for g, w in ((got, want), (got_t, want_t), (got_nt, want_t), (got_general, want_general),
                  (got_broadcast, want_broadcast)):
         assert np.abs(g - w).max() / np.abs(w).max() < 2e-3
+
+
+@needs_gxx
+def test_emu_wgmma_blocks_without_a_cluster(emu_hopper, tf32, monkeypatch):
+    """The wgmma template with blocks on their own (cluster 1: each fetches all of B's slice itself), both tiers
+    and both overlaps, over edges and more slices than buffers."""
+    T = ops_cuda.MatmulTile
+    monkeypatch.setattr(ops_cuda, "WGMMA_TILES", (T(128, 256, 32, warpgroups=2, buffers=4),
+                                                  T(128, 128, 32, warpgroups=2, buffers=3, min_blocks=2, overlap=0),
+                                                  ops_cuda.TF32_TILES[1]))
+    for m, k, n in ((200, 165, 300), (130, 300, 129)):
+        a, b = randn(m, k), randn(k, n)
+        got = (on(emu_hopper, a) @ on(emu_hopper, b)).numpy()
+        want = a.astype(np.float64) @ b
+        assert np.abs(got - want).max() / np.abs(want).max() < 2e-3
+    plans = [p.launch for p in emu_hopper.programs if p.launch.kind == "wgmma"]
+    assert [(p.tile.BN, p.tile.cluster) for p in plans] == [(256, 1), (128, 1)]
+    assert not any("__cluster_dims__" in p.source for p in emu_hopper.programs)
 
 
 @needs_gxx
