@@ -68,19 +68,18 @@ COPY_ROWS, COPY_K, COPY_THREADS = 64, 32, 256
 
 
 class MatmulTile:
-    """Block tile BM x BN stepping BK along K. tf32 `mma`: a grid of WARPS_M x WARPS_N warps, each owning a
-    (BM / WARPS_M) x (BN / WARPS_N) tile of m16n8k8 mma fragments. tf32 `wgmma`: WARPGROUPS groups of 4 warps, each
-    owning 64 rows x BN, and a warp that fetches their slices. fp32: (BM / TM) x (BN / TN) threads, each owning TM adjacent rows x TN columns in groups
-    of 4 (see fp32_layout). `min_blocks` asks the compiler to fit that many blocks on a multiprocessor (capping
-    registers per thread). `buffers`: how many BK-deep slices shared memory holds (1 refills the one buffer between
-    two barriers; 2 stages the next slice while this one is used; wgmma keeps 3 so that an asynchronous multiply can
-    still read one slice while later ones are copied in). wgmma's `overlap`: 1 leaves one slice's multiply running
-    while the next one's is issued, and frees its buffer one slice later; 0 waits for each multiply in full, which
-    frees its buffer at once (worth it when another block on the multiprocessor keeps the tensor cores busy
-    meanwhile). wgmma's `cluster`: 2 runs the blocks in pairs (a
-    thread block cluster) over the same columns and adjacent rows, each fetching half of their common B slice
-    for both. `efficiency`: the tile's speed on a big product relative to the biggest tile's, for the choice
-    between tiles (CUDARenderer.plan_matmul)."""
+    """Block tile BM x BN stepping BK along K. tf32 `mma`: a grid of WARPS_M x WARPS_N warps, each owning a (BM /
+    WARPS_M) x (BN / WARPS_N) tile of m16n8k8 mma fragments. tf32 `wgmma`: WARPGROUPS groups of 4 warps, each owning
+    64 rows x BN, and a warp that fetches their slices. fp32: (BM / TM) x (BN / TN) threads, each owning TM adjacent
+    rows x TN columns in groups of 4 (see fp32_layout). `min_blocks` asks the compiler to fit that many blocks on a
+    multiprocessor (capping registers per thread). `buffers`: how many BK-deep slices shared memory holds (1 refills
+    the one buffer between two barriers; 2 stages the next slice while this one is used; wgmma keeps 3 so that an
+    asynchronous multiply can still read one slice while later ones are copied in). wgmma's `overlap`: 1 leaves one
+    slice's multiply running while the next one's is issued, and frees its buffer one slice later; 0 waits for each
+    multiply in full, which frees its buffer at once (worth it when another block on the multiprocessor keeps the
+    tensor cores busy meanwhile). wgmma's `cluster`: 2 runs the blocks in pairs (a thread block cluster) over the
+    same columns and adjacent rows, each fetching half of their common B slice for both. `efficiency`: the tile's
+    speed on a big product relative to the biggest tile's, for the choice between tiles (CUDARenderer.plan_matmul)."""
     __slots__ = ("BM", "BN", "BK", "warps_m", "warps_n", "TM", "TN", "warpgroups", "threads", "min_blocks",
                  "buffers", "overlap", "cluster", "efficiency")
 
@@ -119,7 +118,7 @@ FP32_TILES = (MatmulTile(128, 128, 8, TM=8, TN=8, min_blocks=2), MatmulTile(64, 
 class _TF32Copies:
     """The layout of a wgmma product's operand copies in scratch, as the bulk copies fetch them: each operand in
     panels of COPY_ROWS rows x COPY_K values of k (8 KB, laid out as the slice's rows are in shared memory: 128
-    bytes a row, its 16-byte groups swizzled, see CUDARenderer.wgmma_descriptor), ordered [batch element][k slice]
+    bytes a row, its 16-byte groups swizzled, see CUDARenderer.body_wgmma), ordered [batch element][k slice]
     [panel], so a block's slice of an operand is a run of whole panels. Rows are padded with zeros to whole block
     tiles (A's to whole clusters of them), k to whole slices. A's panels first, B's from b_offset; `size` floats
     in all. The prologue writes a panel a block: `blocks` = (A's panels, B's), `panels` and `slices` per operand
@@ -193,7 +192,7 @@ __device__ __forceinline__ void pg_mma_tf32(float* d, const unsigned* a, const u
 
 def wgmma_helpers(n: int) -> str:
     """Hopper's warpgroup mma (sm_90a) for a 64 x n x 8 step with both operands in shared memory, as the wgmma
-    template uses it: a descriptor of an operand in the 128-byte swizzled layout (CUDARenderer.wgmma_descriptor),
+    template uses it: a descriptor of an operand in the 128-byte swizzled layout (_TF32Copies),
     the fences, and the multiply itself, whose n / 2 accumulators per thread lie as mma's C fragments of 16-row
     pieces: warp w of the group holds rows 16w .. 16w + 15, d[4j + i] at (g + 8 * (i >> 1), 8j + 2t + (i & 1)).
     And what feeds it: the bulk copy engine (global -> shared memory, one instruction a piece, optionally into the
@@ -470,9 +469,10 @@ class CUDARenderer(CRenderer):
         bounds = str(self.launch.threads)
         if tile is not None and tile.min_blocks > 1:
             bounds += f", {tile.min_blocks}"
+        attributes = f"__launch_bounds__({bounds})"
         if tile is not None and tile.cluster > 1:
-            bounds += f") __cluster_dims__({tile.cluster}, 1, 1"
-        return f'extern "C" __global__ void __launch_bounds__({bounds}) ' + c_signature[len("void "):]
+            attributes += f" __cluster_dims__({tile.cluster}, 1, 1)"
+        return f'extern "C" __global__ void {attributes} ' + c_signature[len("void "):]
 
     def render_body(self, kernel):
         self.emit_prelude(kernel)
@@ -855,19 +855,7 @@ class CUDARenderer(CRenderer):
         emit(f"unsigned* pg_Bs = pg_As + {S * BM * COPY_K};", 1)
         emit(f"unsigned long long* pg_full = (unsigned long long*)(pg_Bs + {S * BN * COPY_K});", 1)
         emit(f"unsigned long long* pg_empty = pg_full + {S};", 1)
-        tiles_m, tiles_n = _cdiv(c.M, BM), _cdiv(c.N, BN)
-        clusters_m = _cdiv(tiles_m, CL)
-        emit("int pg_bid = blockIdx.x;", 1)
-        emit(f"int pg_rank = pg_bid % {CL};", 1)   # the block's rank in its cluster (clusters are along x)
-        emit(f"pg_bid /= {CL};", 1)
-        emit(f"int pg_tn = pg_bid % {tiles_n};", 1)
-        emit(f"pg_bid /= {tiles_n};", 1)
-        emit(f"int pg_tm = pg_bid % {clusters_m} * {CL} + pg_rank;", 1)
-        emit(f"int pg_z = pg_bid / {clusters_m};", 1)
-        self.decompose("pg_z", self.dims(c.batch), 1)
-        emit(f"int pg_m0 = pg_tm * {BM};", 1)
-        emit(f"int pg_n0 = pg_tn * {BN};", 1)
-        emit("int pg_tid = threadIdx.x;", 1)
+        self.tile_origin(c, t, ())
         # this block's panels of slice 0; slice s is s * (the operand's panels) further
         emit(f"const float* pg_Ag = pg_scratch + ((long long)pg_z * {slices * panels_a * panel} + "
              f"(long long)pg_m0 * {COPY_K});", 1)
@@ -1036,14 +1024,19 @@ class CUDARenderer(CRenderer):
         self.matmul_epilogue(kernel, c, loops, target, tensor_cores)
 
     def tile_origin(self, c, t, operands):
-        """This block's tile: its batch coordinates, the operands' bases, (pg_m0, pg_n0) and the thread's id."""
-        emit = self.emit
-        tiles_m, tiles_n = _cdiv(c.M, t.BM), _cdiv(c.N, t.BN)
+        """This block's tile: its batch coordinates, the operands' bases, (pg_m0, pg_n0) and the thread's id.
+        Blocks take tiles along n first; in clusters (wgmma), a cluster's blocks (pg_rank, consecutive in x) take
+        adjacent rows of tiles over the same columns, and the last cluster may have a tile past M."""
+        emit, CL = self.emit, t.cluster
+        clusters_m, tiles_n = _cdiv(_cdiv(c.M, t.BM), CL), _cdiv(c.N, t.BN)
         emit("int pg_bid = blockIdx.x;", 1)
+        if CL > 1:
+            emit(f"int pg_rank = pg_bid % {CL};", 1)
+            emit(f"pg_bid /= {CL};", 1)
         emit(f"int pg_tn = pg_bid % {tiles_n};", 1)
         emit(f"pg_bid /= {tiles_n};", 1)
-        emit(f"int pg_tm = pg_bid % {tiles_m};", 1)
-        emit(f"int pg_z = pg_bid / {tiles_m};", 1)
+        emit(f"int pg_tm = pg_bid % {clusters_m}{f' * {CL} + pg_rank' if CL > 1 else ''};", 1)
+        emit(f"int pg_z = pg_bid / {clusters_m};", 1)
         self.decompose("pg_z", self.dims(c.batch), 1)
         for op in operands:
             op.emit_base(emit, 1)

@@ -825,12 +825,17 @@ class Tensor:
         realize(self)
         return self
 
-    def numpy(self) -> np.ndarray:
-        _no_readback_in_capture("Tensor.numpy()")
+    def _realized_buffer(self):
+        """The Buffer holding this tensor, computed first if it is not one yet."""
         buf = self._buffer()
         if buf is None:
             realize(self)
             buf = self._buffer()
+        return buf
+
+    def numpy(self) -> np.ndarray:
+        _no_readback_in_capture("Tensor.numpy()")
+        buf = self._realized_buffer()
         Device[self.device].synchronize()
         return buf.copyout().reshape(self.shape)
 
@@ -839,10 +844,7 @@ class Tensor:
         for that copy alone and returns the array. Work queued after the call keeps the device busy meanwhile: a
         decoding loop reads step t's token while step t + 1, fed that token on the device, runs."""
         _no_readback_in_capture("Tensor.numpy_later()")
-        buf = self._buffer()
-        if buf is None:
-            realize(self)
-            buf = self._buffer()
+        buf = self._realized_buffer()
         out = np.empty(buf.size, dtype=buf.dtype.np)
         wait = Device[self.device].copyout_later(out, buf.mem)
         shape = self.shape
@@ -932,10 +934,7 @@ class Tensor:
         """Make self.uop a plain view of a buffer this tensor may write (the target an in-place write needs).
         A kernel output may be shared by every equal computation (nodes are hash-consed), so writing needs a copy
         of its own first."""
-        buf = self._buffer()
-        if buf is None:
-            realize(self)
-            buf = self._buffer()
+        buf = self._realized_buffer()
         if not buf.exclusive:
             own = Buffer(buf.device, buf.size, buf.dtype, exclusive=True)
             import compile as compiler

@@ -3931,7 +3931,7 @@ static inline void pg_barrier_wait(unsigned long long* bar, unsigned parity) {
   for (unsigned long long word; ((word = __atomic_load_n(bar, __ATOMIC_SEQ_CST)) >> 24 & 1) == parity;)
     pg_wait_while(bar, word);
 }
-static inline void pg_bulk_copy_into(unsigned* shared, const float* global, unsigned bytes, unsigned long long* bar) {
+static inline void pg_bulk_copy(unsigned* shared, const float* global, unsigned bytes, unsigned long long* bar) {
   if ((unsigned long long)shared % 16 || (unsigned long long)global % 16 || bytes % 16) {
     fprintf(stderr, "emulator: a bulk copy of %u bytes that is not in whole aligned 16-byte pieces\n", bytes);
     abort();
@@ -3939,13 +3939,10 @@ static inline void pg_bulk_copy_into(unsigned* shared, const float* global, unsi
   memcpy(shared, global, bytes);
   pg_barrier_update(bar, 0, bytes);
 }
-static inline void pg_bulk_copy(unsigned* shared, const float* global, unsigned bytes, unsigned long long* bar) {
-  pg_bulk_copy_into(shared, global, bytes, bar);
-}
 static inline void pg_bulk_copy_to_cluster(unsigned* shared, const float* global, unsigned bytes,
                                            unsigned long long* bar, unsigned short blocks) {
   for (unsigned rank = 0; rank < 2; rank++)
-    if (blocks >> rank & 1) pg_bulk_copy_into(pg_in_block(shared, rank), global, bytes, pg_in_block(bar, rank));
+    if (blocks >> rank & 1) pg_bulk_copy(pg_in_block(shared, rank), global, bytes, pg_in_block(bar, rank));
 }
 """
 
