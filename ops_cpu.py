@@ -145,6 +145,22 @@ def last_level_cache_bytes() -> int:
     return max(sizes, default=32 << 20)
 
 
+@functools.lru_cache(maxsize=None)
+def cpu_flags() -> frozenset:
+    """The instruction-set flags of the first CPU in /proc/cpuinfo (empty where it cannot be read). gcc builds every
+    kernel for this CPU (-march=native); the renderers read the flags to shape code for it."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return frozenset(next((line for line in f if line.startswith("flags")), "").split(":")[-1].split())
+    except OSError:
+        return frozenset()
+
+
+def gemm_vector() -> int:
+    """Floats per vector register for the matmul micro-kernel: 16 where the CPU has AVX-512, else 8 (AVX2)."""
+    return 16 if "avx512f" in cpu_flags() else 8
+
+
 def cpu_threads() -> int:
     """The cores this process may run on (a taskset or container limit), not the machine's count."""
     return int(os.environ.get("OMP_NUM_THREADS") or len(os.sched_getaffinity(0)) or 1)
@@ -675,23 +691,33 @@ class GemmRenderer(CRenderer):
     slice at a time (rows of A that are contiguous in k are read in place) and runs an MR x NR micro-kernel (gcc
     vector types, accumulators in registers) over each slice; when the sums are complete the fused epilogue runs and
     stores at the output's own index. Packing evaluates the operands' strided views once, so transposed and
-    broadcast operands cost nothing extra. Per-thread panels live in a workspace the device passes in."""
-    MR, NR, KC, MC = 6, 16, 256, 120
+    broadcast operands cost nothing extra. Per-thread panels live in a workspace the device passes in.
+
+    The register block follows the CPU's vector width, read from its flags when the renderer is made: AVX2 has 16
+    vector registers of 8 floats (6 x 16: 12 accumulators, two B vectors, a broadcast), AVX-512 has 32 of 16
+    floats: 8 x 32 there (16 accumulators), not 12 x 32, because rows of A read in place at a power-of-two stride
+    (x @ W with K = 1024) all fall in one set of the 8-way L1, and twelve such rows evicted each other (10% slower
+    than AVX2's kernel on one core; 8 x 32 is level with it on Zen 4, whose 512-bit units are two 256-bit halves,
+    and on a CPU with full-width units it does twice the work an instruction)."""
+    BLOCKS = {8: (6, 16), 16: (8, 32)}   # floats per vector: MR x NR
+    KC, MC = 256, 120   # MC: a multiple of every MR
     B_FLOATS, NB_MAX = 1 << 22, 512
 
-    @classmethod
-    def block_cols(cls, K):
+    def __init__(self, vector: int | None = None):
+        self.vector = vector or gemm_vector()
+        self.MR, self.NR = self.BLOCKS[self.vector]
+
+    def block_cols(self, K):
         """Columns per item: at most NB_MAX, with all of B's packed depth for them within B_FLOATS (16 MB a thread).
         Every column block packs all of A again: a deep K with a small budget made many narrow blocks (the vocabulary
         head's input gradient, K = 32000, N = 288, took 9 blocks of 32 columns at 4 MB and read its 262 MB A 9
         times; now 3 blocks). NB_MAX lets N = 288 (the weight gradient, K = 2048) be one block."""
-        return max(cls.NR, min(cls.NB_MAX, cls.B_FLOATS // max(K, 1) // cls.NR * cls.NR))
+        return max(self.NR, min(self.NB_MAX, self.B_FLOATS // max(K, 1) // self.NR * self.NR))
 
-    @classmethod
-    def workspace(cls, K):
+    def workspace(self, K):
         """Floats per thread: packed B (whole depth), one packed A block, one block of sums."""
-        nb = cls.block_cols(K)
-        return _round_up(K, cls.KC) * nb + cls.MC * cls.KC + cls.MC * nb
+        nb = self.block_cols(K)
+        return _round_up(K, self.KC) * nb + self.MC * self.KC + self.MC * nb
 
     @staticmethod
     def even_split(panels: int, want: int, threads: int) -> int:
@@ -854,23 +880,24 @@ class GemmRenderer(CRenderer):
         (i, p) is a[i * si + p * sp]: a packed panel (si = 1, sp = MR) or rows of A read in place (sp = 1), of which
         the first `rows` are real; the others repeat the last real row (in bounds), and their sums are not used.
         Each call site passes constant strides, so gcc inlines a kernel for its layout."""
-        MR, NR, NB = self.MR, self.NR, self.ldc
-        vecs = NR // 8
+        MR, NR, NB, width = self.MR, self.NR, self.ldc, self.vector
+        vecs = NR // width
         accs = [f"c{i}_{j}" for i in range(MR) for j in range(vecs)]
         lines = ["typedef float pg_v8f __attribute__((vector_size(32), aligned(4)));", TRANSPOSE8,
+                 f"typedef float pg_vec __attribute__((vector_size({4 * width}), aligned(4)));",
                  "static inline void pg_ukernel(int kc, const float* restrict a, long si, long sp, int rows, "
                  "const float* restrict b, float* restrict c, int add) {"]
         lines += [f"  const float* restrict a{i} = a + (long)({i} < rows ? {i} : rows - 1) * si;" for i in range(MR)]
-        lines += ["  pg_v8f " + ", ".join(f"{n} = {{0}}" for n in accs) + ";",
+        lines += ["  pg_vec " + ", ".join(f"{n} = {{0}}" for n in accs) + ";",
                   "  for (int p = 0; p < kc; p++) {"]
-        lines += [f"    pg_v8f b{j} = *(const pg_v8f*)(b + {NR} * p + {8 * j});" for j in range(vecs)]
+        lines += [f"    pg_vec b{j} = *(const pg_vec*)(b + {NR} * p + {width * j});" for j in range(vecs)]
         for i in range(MR):
             lines.append(f"    float x{i} = a{i}[p * sp];")
             lines += [f"    c{i}_{j} += x{i} * b{j};" for j in range(vecs)]
         lines.append("  }")
         for i in range(MR):
             for j in range(vecs):
-                ptr = f"(pg_v8f*)(c + {i * NB + 8 * j})"
+                ptr = f"(pg_vec*)(c + {i * NB + width * j})"
                 lines.append(f"  if (add) *{ptr} += c{i}_{j}; else *{ptr} = c{i}_{j};")
         lines.append("}")
         return "\n".join(lines) + "\n"
@@ -892,13 +919,7 @@ def compiler_identity(cc: str) -> str:
     except (OSError, subprocess.CalledProcessError) as e:
         raise RuntimeError(f"picograd needs a C compiler for the CPU backend: tried {cc!r} ({e}); install gcc or "
                            f"point the CC environment variable at one") from None
-    flags = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        pass
-    return version + "|" + hashlib.sha256(flags.encode()).hexdigest()[:16]
+    return version + "|" + hashlib.sha256(" ".join(sorted(cpu_flags())).encode()).hexdigest()[:16]
 
 
 def find_cc() -> str:
@@ -1123,8 +1144,9 @@ class CPUDevice:
     def build(self, kernel):
         contraction = compiler.match_contraction(kernel)
         if contraction is not None and self.worth_gemm(contraction):
-            source = GemmRenderer().render_gemm(contraction, self.threads)
-            need = GemmRenderer.workspace(contraction.K) * self.threads
+            gemm = GemmRenderer()
+            source = gemm.render_gemm(contraction, self.threads)
+            need = gemm.workspace(contraction.K) * self.threads
             with self.lock:   # programs are built on several threads: check and grow together
                 if self.workspace.size < need:
                     self.workspace = np.zeros(need, dtype=np.float32)

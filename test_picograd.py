@@ -724,12 +724,22 @@ def test_cpu_index_check_hoisted_out_of_row_loops():
         assert checks and all(len(line) - len(line.lstrip()) <= indent for line in checks), source
 
 
+@pytest.fixture(params=[8, 16], ids=["avx2", "avx512"])
+def gemm_vector(request, monkeypatch):
+    """The CPU matmul's micro-kernel for each vector width, whatever this CPU has (gcc splits a 16-float vector into
+    two halves where there is no AVX-512): kernels are built afresh, outside the process's program cache."""
+    import ops_cpu
+    monkeypatch.setattr(ops_cpu, "gemm_vector", lambda: request.param)
+    monkeypatch.setattr(compiler, "_programs", {})
+    return request.param
+
+
 @pytest.mark.parametrize("m,k,n", [(129, 289, 257), (7, 1000, 33), (1000, 9, 129), (33, 20000, 300), (9, 513, 1000)])
 @pytest.mark.parametrize("transposed", [False, True])
-def test_cpu_packed_matmul_depth_slices_and_column_blocks(m, k, n, transposed):
+def test_cpu_packed_matmul_depth_slices_and_column_blocks(m, k, n, transposed, gemm_vector):
     """The packed CPU product over several depth slices and several column blocks (more than NB_MAX columns, or a
     deep K that narrows the blocks: B's packed depth per block is bounded), with operands given transposed
-    (strided packing), at odd sizes."""
+    (strided packing), at odd sizes, with either micro-kernel."""
     a = RNG.standard_normal((m, k)).astype(np.float32)
     b = RNG.standard_normal((k, n)).astype(np.float32)
     if transposed:
@@ -741,8 +751,8 @@ def test_cpu_packed_matmul_depth_slices_and_column_blocks(m, k, n, transposed):
     want = a.astype(np.float64) @ b.astype(np.float64)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.sqrt(k))
     if m >= 8:
-        assert any("pg_ukernel" in p.source and f"< {k}" in p.source for key, p in compiler._programs.items()
-                   if key[0] == "CPU" and hasattr(p, "source"))
+        assert any("pg_ukernel" in p.source and f"< {k}" in p.source and f"vector_size({4 * gemm_vector})" in p.source
+                   for key, p in compiler._programs.items() if key[0] == "CPU" and hasattr(p, "source"))
 
 
 def test_kernel_flops_count_a_fused_row_reduction_once_per_row():
@@ -5152,7 +5162,7 @@ def test_rank_that_never_arrives_times_out(tmp_path):
 
 @pytest.mark.parametrize("m,k,n", [(1, 7, 16), (7, 129, 33), (8, 17, 129), (32, 128, 64), (129, 300, 1000),
                                    (256, 288, 288)])
-def test_cpu_matmul_rows_in_place_and_transposed_weights(m, k, n):
+def test_cpu_matmul_rows_in_place_and_transposed_weights(m, k, n, gemm_vector):
     """x @ W.T as the model computes it, against torch: x's rows read in place by the micro-kernel (a last panel of
     fewer than MR rows repeats a real row), W's columns packed by 8 x 8 register transposes (a partial panel and
     the depth left over from the blocks go one at a time). x is a column slice of a wider matrix (its row stride is
@@ -5170,5 +5180,6 @@ def test_cpu_matmul_rows_in_place_and_transposed_weights(m, k, n):
     if m >= 8 and n >= 16:   # the packed products of x (rows k + 5 apart, read in place) pack W.T by transposes
         sources = [p.source for key, p in compiler._programs.items() if key[0] == "CPU" and
                    f"pg_ukernel(kc, A + (long)(ic + ir) * {k + 5} + pc" in getattr(p, "source", "")]
-        assert sources and all("pg_transpose8(dst" in source for source in sources)
+        assert sources and all("pg_transpose8(dst" in source and f"vector_size({4 * gemm_vector})" in source
+                               for source in sources)
 
