@@ -289,6 +289,11 @@ def bench_bandwidth_kernels(device, read_bw, copy_bw):
     record("bandwidth", f"softmax rows of 4096, {n * 4 >> 20} MB (GB/s)", 2 * n * 4 / t / 1e9, copy_bw, "GB/s", "copy")
     t = median_time(lambda: rmsnorm(m, w), sync=sync)
     record("bandwidth", f"RMSNorm rows of 4096, {n * 4 >> 20} MB (GB/s)", 2 * n * 4 / t / 1e9, copy_bw, "GB/s", "copy")
+    # decode's shape of work: a weight matrix streamed once per token against one activation vector
+    matvec = pg.compile(lambda v: m @ v)
+    t = median_time(lambda: matvec(w), sync=sync)
+    record("bandwidth", f"matrix-vector product, [{rows} x 4096] weights, {n * 4 >> 20} MB (GB/s)", n * 4 / t / 1e9,
+           read_bw, "GB/s", "read")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -420,7 +425,15 @@ def llama2c_decode(run_binary: str, config, steps: int) -> float:
     return float(found.group(1))
 
 
-def bench_llama_inference(device, shape, decode_tokens=48, prompt_len=256, llama2c_run=""):
+def decode_weight_bytes(config) -> int:
+    """Bytes of weights one decoded token reads: every layer's matrices and norms, the final norm and the output
+    head (of the embedding table, only a row)."""
+    dim, hidden, kv_dim = config.dim, config.hidden_dim, config.kv_dim
+    layer = dim * (dim + 2 * kv_dim) + dim * dim + 3 * dim * hidden + 2 * dim
+    return 4 * (config.n_layers * layer + dim + config.vocab_size * dim)
+
+
+def bench_llama_inference(device, shape, decode_tokens=48, prompt_len=256, llama2c_run="", read_bw=0.0):
     import llama
     import torch
     from transformers import LlamaForCausalLM
@@ -464,6 +477,9 @@ def bench_llama_inference(device, shape, decode_tokens=48, prompt_len=256, llama
         compiled = _torch_compiled_decode(ref, hf, decode_tokens) if dev == "cuda" else None
     label = f"{shape} ({device})"
     record("llama", f"{label} decode tokens/s", ours_decode, theirs_decode, "tok/s", "torch")
+    if read_bw:   # the roofline: weights read per token at the memory's read bandwidth
+        weights_per_s = decode_weight_bytes(config) * ours_decode / 1e9
+        record("llama", f"{label} decode weight bytes per second (GB/s)", weights_per_s, read_bw, "GB/s", "read")
     if compiled is not None:
         record("llama", f"{label} decode vs torch.compile + CUDA graphs", ours_decode, compiled, "tok/s",
                "torch.compile")
@@ -614,7 +630,7 @@ def main():
         bench_bandwidth_kernels(device, read_bw, copy_bw)
     for shape in args.llama.split(","):
         if shape and want("llama"):
-            bench_llama_inference(device, shape, llama2c_run=args.llama2c)
+            bench_llama_inference(device, shape, llama2c_run=args.llama2c, read_bw=read_bw)
     for shape in args.train.split(","):
         if shape and want("train"):
             bench_llama_training(device, shape, batch=args.batch, seq=args.seq, profile=args.profile)
