@@ -1609,7 +1609,9 @@ class Trace:
         self._bind(capture.launches, input_serials, [t._buffer() for t in outs], first_serial)
 
     def _bind(self, launches, input_serials, out_bufs, first_serial):
-        output_serials = {b.serial: k for k, b in enumerate(out_bufs)}
+        output_serials = {}   # each output buffer's first place among the results
+        for k, b in enumerate(out_bufs):
+            output_serials.setdefault(b.serial, k)
         lifetime, meta = {}, {}
         for step, (_, refs, _, _) in enumerate(launches):
             for serial, ref, size, dtype, device in refs:
@@ -1635,8 +1637,10 @@ class Trace:
                 if serial in assigned and lifetime[serial][1] == step:
                     free.append(assigned[serial])
         self.pool = pool
-        self.outputs = [("fresh", (b.device, b.size, b.dtype)) if b.serial in created else ("copy", b)
-                        for b in out_bufs]
+        # a buffer returned twice is one buffer on every call: its later places alias the first
+        self.outputs = [("alias", output_serials[b.serial]) if output_serials[b.serial] != k else
+                        ("fresh", (b.device, b.size, b.dtype)) if b.serial in created else ("copy", b)
+                        for k, b in enumerate(out_bufs)]
         self.launches = []
         state = []
         for prog, refs, var_vals, device in launches:
@@ -1736,11 +1740,14 @@ class Trace:
 
 
     def _results(self, outs):
-        """The call's result: fresh output buffers as tensors (outputs that are long-lived state copied first)."""
+        """The call's result: fresh output buffers as tensors (outputs that are long-lived state copied first, repeated
+        outputs the same tensor's buffer again)."""
         for k, (kind, src) in enumerate(self.outputs):
             if kind == "copy":
                 outs[k] = Buffer(src.device, src.size, src.dtype)
                 _copy(outs[k], src)
+            elif kind == "alias":
+                outs[k] = outs[src]
         fresh = [pg.Tensor._wrap(UOp(Ops.BUFFER, b.dtype, (), (b, 0)).reshape(shape), b.device)
                  for b, shape in zip(outs, self.out_shapes)]
         return _unflatten_outputs(self.structure, iter(fresh))

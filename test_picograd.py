@@ -1849,6 +1849,28 @@ def test_item_inside_compiled_function_raises():
         f(x)
 
 
+def test_compiled_step_returning_a_tensor_twice(device):
+    """A step may return one tensor in two places (a computed one and a long-lived one): every call, traced or
+    replayed, gives the right values in both places, and each place's memory is that tensor's."""
+    w = pg.Tensor(np.arange(3, dtype=np.float32), device=device).realize()
+
+    @pg.compile
+    def step(x):
+        y = (x * 2).realize()
+        return y, x + 1, y, w, w
+
+    for i in range(4):
+        x = pg.Tensor(np.full(3, i, dtype=np.float32), device=device)
+        y, z, y_again, w_out, w_again = [t.numpy() for t in step(x)]
+        np.testing.assert_array_equal(y, np.full(3, 2 * i))
+        np.testing.assert_array_equal(y_again, y)
+        np.testing.assert_array_equal(z, np.full(3, i + 1))
+        np.testing.assert_array_equal(w_out, np.arange(3))
+        np.testing.assert_array_equal(w_again, np.arange(3))
+    results = step(x)
+    assert results[0]._buffer() is results[2]._buffer() and results[3]._buffer() is results[4]._buffer()
+
+
 def test_variable_position_does_not_recompile():
     """A toy KV cache written at a runtime position: one capture serves every position."""
     cache = pg.zeros(64, 4).contiguous().realize()
