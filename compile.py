@@ -1543,6 +1543,40 @@ class CompiledFunction:
             return result
         return trace.replay(flat)
 
+    def chain(self, n: int, *args, feed: int, var: str) -> tuple[pg.Tensor, pg.Tensor]:
+        """n calls in a row, as a loop over them would make them: call i + 1 takes call i's result as its argument
+        number `feed` (reshaped to that argument's shape) and its Variable argument named `var` one higher. fn
+        returns one tensor. Returns the n results stacked, [n, *shape], and the last one on its own (whole, so it
+        can feed the next chain without a copy). A device whose captured graphs chain (the CPU's) runs the n
+        replays in one native call, so the Python between calls is paid once, not n times; elsewhere, and before
+        the trace exists, this is the loop itself."""
+        if n < 1:
+            raise ValueError(f"chain needs n >= 1 calls, got {n}")
+        args = list(args)
+        where = [k for k, a in enumerate(args) if isinstance(a, Variable) and len(a.terms) == 1 and
+                 a.terms[0][0].op is Ops.BIND and a.terms[0][0].src[0].arg[0] == var and a.terms[0][1] == 1]
+        if len(where) != 1 or not isinstance(args[feed], pg.Tensor):
+            raise ValueError(f"chain needs a tensor argument {feed} to feed and one bound Variable named {var!r}")
+        step = args[where[0]]
+        name, lo, hi = step.terms[0][0].src[0].arg
+        if step.val + n - 1 > hi:
+            raise ValueError(f"chain of {n} calls takes Variable {name!r} from {step.val} to {step.val + n - 1}, past "
+                             f"its range [{lo}, {hi}]")
+        trace = self.traces.get(tuple(_signature_of(a) for a in args))
+        if trace is not None and not trace.is_stale() and pg.CTX.capturing is None:
+            chained = trace.replay_chain(args, n, feed, var)
+            if chained is not None:
+                return chained
+        results, shape = [], args[feed].shape
+        for i in range(n):
+            if i:
+                args[feed] = results[-1].reshape(shape)
+                args[where[0]] = Variable(name, lo, hi).bind(step.val + i)
+            results.append(self(*args))
+            if not isinstance(results[-1], pg.Tensor) or results[-1].numel() != args[feed].numel():
+                raise ValueError(f"chain needs {self.fn.__name__} to return one tensor of argument {feed}'s size")
+        return pg.stack(results), results[-1]
+
 
 def _signature_of(a):
     if isinstance(a, pg.Tensor):
@@ -1707,6 +1741,46 @@ class Trace:
 
     def replay(self, flat):
         pg._STATS["replays"] += 1
+        inputs, var_vals = self._inputs(flat)
+        if self.graph is not None:
+            return self._replay_graph(inputs, var_vals)
+        outs = [Buffer(*spec) if kind == "fresh" else None for kind, spec in self.outputs]
+        devices = set()
+        for prog, slots, recorded_vars, device in self.launches:
+            bufs = [inputs[ref] if kind == "input" else outs[ref] if kind == "output" else ref if kind == "fixed"
+                    else ref() for kind, ref in slots]
+            vv = {name: var_vals.get(name, value) for name, value in recorded_vars.items()}
+            ExecItem(prog, bufs, vv, device).run()
+            devices.add(device)
+        for device in devices:
+            Device[device].check_errors()
+        return self._results(outs)
+
+    def replay_chain(self, flat, n: int, feed: int, var: str):
+        """CompiledFunction.chain on a graph that chains: one output buffer holds the n results (and another a copy
+        of the last), and the graph points each replay's input `feed` at the last replay's result. None where the
+        graph cannot (no graph, or a step that is not one fresh output the size of that input)."""
+        inputs, var_vals = self._inputs(flat)
+        chains = getattr(self.graph, "replay_chain", None)
+        if chains is None or len(self.outputs) != 1 or self.outputs[0][0] != "fresh" or feed not in self.input_meta:
+            return None
+        device, size, dtype = self.outputs[0][1]
+        if self.input_meta[feed] != (device, size, dtype) or var not in var_vals:
+            return None
+        out, last = Buffer(device, n * size, dtype), Buffer(device, size, dtype)
+        if not chains({k: inputs[k] for k in self.input_meta}, out, last,
+                      {name: var_vals.get(name, value) for name, value in self.recorded_vars.items()}, n, feed, var):
+            return None
+        pg._STATS["replays"] += n
+        pg._STATS["kernels_launched"] += n * self.kernel_count
+        self.graph_device.check_errors()
+        shape = self.out_shapes[0]
+        return (pg.Tensor._wrap(UOp(Ops.BUFFER, dtype, (), (out, 0)).reshape((n, *shape)), device),
+                pg.Tensor._wrap(UOp(Ops.BUFFER, dtype, (), (last, 0)).reshape(shape), device))
+
+    def _inputs(self, flat):
+        """A call's arguments as the replay takes them: the tensors' buffers (contiguous), float arguments written
+        to their one-element buffers, and the values of the Variables. Makes the graph on the first replay."""
         inputs, var_vals = [], {}
         for k, a in enumerate(flat):
             if isinstance(a, pg.Tensor):
@@ -1724,19 +1798,7 @@ class Trace:
             self.graph = self._capture_graph(self.graph_device)
             if self.graph is None:
                 self.graph_device = None
-        if self.graph is not None:
-            return self._replay_graph(inputs, var_vals)
-        outs = [Buffer(*spec) if kind == "fresh" else None for kind, spec in self.outputs]
-        devices = set()
-        for prog, slots, recorded_vars, device in self.launches:
-            bufs = [inputs[ref] if kind == "input" else outs[ref] if kind == "output" else ref if kind == "fixed"
-                    else ref() for kind, ref in slots]
-            vv = {name: var_vals.get(name, value) for name, value in recorded_vars.items()}
-            ExecItem(prog, bufs, vv, device).run()
-            devices.add(device)
-        for device in devices:
-            Device[device].check_errors()
-        return self._results(outs)
+        return inputs, var_vals
 
 
     def _results(self, outs):

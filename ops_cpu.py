@@ -980,6 +980,22 @@ class CPUProgram:
         self.fn(*args, *self.extra)
 
 
+# n replays, each reading its input `in_slot` where the last one wrote its output, the output moving on by its size
+# and the variable in `var_slot` counting up, and the last output copied to `last`: CompiledFunction.chain without
+# the Python between the calls.
+CHAIN = r"""
+void pg_chain(long long* s, int n, int in_slot, int out_slot, int var_slot, long long out_bytes, void* last) {
+  for (int i = 0; i < n; i++) {
+    pg_replay(s);
+    s[in_slot] = s[out_slot];
+    s[out_slot] += out_bytes;
+    s[var_slot] += 1;
+  }
+  memcpy(last, (const void*)s[in_slot], out_bytes);
+}
+"""
+
+
 class CPUGraph:
     """A captured step (see compile.Trace) as one generated C function that calls its kernels in order: a replay
     is one call instead of a Python call per kernel. Every address and variable the kernels take sits in a slot
@@ -1008,10 +1024,13 @@ class CPUGraph:
                 types.append("void*")
             function = self.add(ctypes.cast(prog.fn, ctypes.c_void_p).value)
             lines.append(f"  ((void (*)({', '.join(types) or 'void'}))s[{function}])({', '.join(args)});")
-        source = "#include <string.h>\nvoid pg_replay(const long long* s) {\n" + "\n".join(lines) + "\n}\n"
+        source = "#include <string.h>\nvoid pg_replay(const long long* s) {\n" + "\n".join(lines) + "\n}\n" + CHAIN
         self.lib = ctypes.CDLL(compile_c(source))
         self.fn = self.lib.pg_replay
         self.fn.argtypes, self.fn.restype = [ctypes.c_void_p], None
+        self.chain = self.lib.pg_chain
+        self.chain.argtypes = [ctypes.c_void_p] + [ctypes.c_int] * 4 + [ctypes.c_longlong, ctypes.c_void_p]
+        self.chain.restype = None
         self.table = np.array(self.slots, dtype=np.int64)
 
     def add(self, value) -> int:
@@ -1031,6 +1050,21 @@ class CPUGraph:
         return self.add(ref.mem.address)
 
     def replay(self, inputs, outputs, var_values):
+        self.fill(inputs, outputs, var_values)
+        self.fn(self.table.ctypes.data)
+
+    def replay_chain(self, inputs, out, last, var_values, n, feed, var):
+        """n replays in one call (see compile.CompiledFunction.chain): out holds their n results, one after the
+        other, and last a copy of the last; replay i + 1 reads input `feed` where replay i wrote, with the variable
+        `var` one higher. False (and nothing run) where the step cannot be chained so."""
+        if var not in self.var_slot or feed not in self.input_slot or 0 not in self.output_slot:
+            return False   # the step does not read that variable or input, or write its output, in a kernel
+        self.fill(inputs, {0: out}, var_values)
+        self.chain(self.table.ctypes.data, n, self.input_slot[feed], self.output_slot[0], self.var_slot[var],
+                   last.nbytes, last.mem.address)
+        return True
+
+    def fill(self, inputs, outputs, var_values):
         for k, buf in inputs.items():
             self.table[self.input_slot[k]] = buf.mem.address
         for k, buf in outputs.items():
@@ -1038,7 +1072,6 @@ class CPUGraph:
         for name, value in var_values.items():
             if name in self.var_slot:
                 self.table[self.var_slot[name]] = value
-        self.fn(self.table.ctypes.data)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -1897,6 +1897,61 @@ def test_variable_position_does_not_recompile():
     assert pg.stats()["traces"] - traces == 1
 
 
+def test_chained_calls_match_the_loop(device):
+    """CompiledFunction.chain(n, ...): call i + 1 is fed call i's result and the position one higher, as the loop
+    would; the same values as the loop (whose cache writes the chain repeats), before the trace exists (the loop
+    itself), and after (on the CPU one native call: the graph's chain runs, the Python step does not). Bad chains
+    are refused with the reason."""
+    def make():
+        cache = pg.zeros(16, 3, device=device).contiguous().realize()
+
+        @pg.compile
+        def step(x, pos):
+            cache[pos:pos + 1] = x
+            visible = pg.arange(16, device=device).reshape(16, 1) <= pos
+            return pg.where(visible, cache, 0.0).sum(0, keepdim=True) * 0.5
+        return cache, step
+
+    def start(p):
+        return pg.Tensor(np.array([[p, 1.0, -2.0]], np.float32), device=device)
+
+    cache, step = make()   # the loop
+    want, x = [], start(0)
+    for p in range(10):
+        x = step(x, pg.Variable("pos", 0, 15).bind(p))
+        want.append(x.numpy())
+    cache_want = cache.numpy()
+    cache, step = make()
+    got, last = step.chain(3, start(0), pg.Variable("pos", 0, 15).bind(0), feed=0, var="pos")   # warms and traces
+    assert got.shape == (3, 1, 3) and last.shape == (1, 3)
+    chained = []
+    if device == "CPU":
+        import ops_cpu
+        original = ops_cpu.CPUGraph.replay_chain
+        ops_cpu.CPUGraph.replay_chain = lambda graph, *a: chained.append(a[4]) or original(graph, *a)
+    try:
+        replays = pg.stats()["replays"]
+        more, last = step.chain(7, last, pg.Variable("pos", 0, 15).bind(3), feed=0, var="pos")
+    finally:
+        if device == "CPU":
+            ops_cpu.CPUGraph.replay_chain = original
+    np.testing.assert_allclose(np.concatenate([got.numpy(), more.numpy()]), np.stack(want), rtol=1e-6)
+    np.testing.assert_allclose(last.numpy(), want[-1], rtol=1e-6)
+    np.testing.assert_allclose(cache.numpy(), cache_want, rtol=1e-6)
+    assert pg.stats()["replays"] - replays == 7
+    if device == "CPU":
+        assert chained == [7]
+    with pytest.raises(ValueError, match="n >= 1"):
+        step.chain(0, last, pg.Variable("pos", 0, 15).bind(0), feed=0, var="pos")
+    with pytest.raises(ValueError, match="one bound Variable named 'step'"):
+        step.chain(2, last, pg.Variable("pos", 0, 15).bind(0), feed=0, var="step")
+    with pytest.raises(ValueError, match=r"from 12 to 16, past its range \[0, 15\]"):
+        step.chain(5, last, pg.Variable("pos", 0, 15).bind(12), feed=0, var="pos")
+    wide = pg.compile(lambda x, pos: pg.cat([x, x], 1))
+    with pytest.raises(ValueError, match="one tensor of argument 0's size"):
+        wide.chain(2, last, pg.Variable("pos", 0, 15).bind(0), feed=0, var="pos")
+
+
 def test_compiled_step_memory_not_above_graph_mode():
     """Peak memory of a training step (model, optimizer state, intermediates), each mode measured alone."""
     def peak_of(compiled):
@@ -3143,6 +3198,36 @@ def test_generate_seeded_sampling_and_stops():
         stepwise.append(token)
         token = int(model.decode([token], pos, greedy=True).numpy()[0])
     assert stepwise + [token] == greedy
+
+
+def test_greedy_steps_in_one_call():
+    """decode_greedy(steps=n) runs n steps as one chain of the decode step's replays, each fed the last one's pick
+    on the device: the same ids and cache as n single steps, for a batch, and the last pick on its own to feed the
+    next call; generate hands them out one at a time and counts them (a stop token mid-call drops the rest)."""
+    config, weights = small_model()
+    model = llama.Llama(config, weights)
+    prompt = np.array([[1, 2, 3], [4, 5, 6]], dtype=np.int32)
+    first = model.prefill(prompt).numpy().argmax(-1).astype(np.int32)
+    want, token = [], first
+    for pos in range(3, 12):
+        want.append(token)
+        token = model.decode(token.reshape(-1, 1), pos, greedy=True).numpy().astype(np.int32)
+    single_cache = [c.numpy()[:, :12].copy() for pair in model.cache.values() for c in pair]
+    model.prefill(prompt)
+    picks = []
+    for pos, steps in [(3, 2), (5, 4), (9, 3)]:   # the first chain warms up and traces; the others replay
+        ids, last = model.decode_greedy(want[pos - 3].reshape(-1, 1) if pos == 3 else last.reshape(-1, 1), pos, steps)
+        assert ids.shape == (steps, 2) and last.shape == (2,) and ids.dtype is last.dtype is pg.int32
+        picks += list(ids.numpy())
+        np.testing.assert_array_equal(last.numpy(), picks[-1])
+    np.testing.assert_array_equal(np.stack(picks), np.stack(want[1:] + [token]))
+    for ours, theirs in zip([c.numpy()[:, :12] for pair in model.cache.values() for c in pair], single_cache):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
+    greedy = model.generate([1, 2, 3], 20, stop_ids=())   # more tokens than one call's GREEDY_STEPS
+    assert model.generate([1, 2, 3], 20, stop_ids=()) == greedy and model.timings["decode_tokens"] == 19
+    assert model.generate([1, 2, 3], 20, stop_ids={greedy[10]}) == greedy[:greedy.index(greedy[10])]
+    with pytest.raises(ValueError, match="got 4 steps from position 62"):
+        model.decode_greedy([1], 62, 4)
 
 
 def test_prompt_longer_than_context_is_refused():
