@@ -190,6 +190,29 @@ __device__ __forceinline__ void pg_mma_tf32(float* d, const unsigned* a, const u
 """
 
 
+# Waiting for a barrier's phase to be over: pg_barrier_wait for `full` barriers, pg_barrier_wait_cluster for `empty`
+# ones (see CUDARenderer.body_wgmma). Each acquires at the scope of the arrivals it must see. A `full` barrier's one
+# arrival is its own block's fetching thread, and its bytes count down as the copies land (complete_tx), which makes
+# the copies' writes, the partner block's multicast ones included, visible to whoever sees the phase complete: the
+# CTA's scope is enough (as in CUTLASS's ClusterBarrier::wait). An `empty` barrier also counts the partner block's
+# warpgroups, whose arrivals come from another CTA as releases at cluster scope; by the PTX memory model a release
+# and an acquire synchronize only when each one's scope holds the other's thread, so the fetching thread acquires at
+# cluster scope before its copies overwrite a buffer that the partner block read. The suspend-time hint (10 ms, in
+# nanoseconds, CUTLASS's) lets a waiting thread sleep until the phase completes instead of polling after the
+# system's default limit.
+BARRIER_WAIT = """\
+__device__ __forceinline__ void {name}(unsigned long long* bar, unsigned parity) {{
+  unsigned done;
+  do {{
+    asm volatile("{{ .reg .pred p; mbarrier.try_wait.parity.acquire.{scope}.shared::cta.b64 p, [%1], %2, %3; "
+                 "selp.u32 %0, 1, 0, p; }}" : "=r"(done) : "r"(pg_shared(bar)), "r"(parity), "r"(10000000) : "memory");
+  }} while (!done);
+}}
+"""
+BARRIER_WAITS = "".join(BARRIER_WAIT.format(name=name, scope=scope) for name, scope in (
+    ("pg_barrier_wait", "cta"), ("pg_barrier_wait_cluster", "cluster")))
+
+
 def wgmma_helpers(n: int) -> str:
     """Hopper's warpgroup mma (sm_90a) for a 64 x n x 8 step with both operands in shared memory, as the wgmma
     template uses it: a descriptor of an operand in the 128-byte swizzled layout (_TF32Copies),
@@ -237,14 +260,7 @@ __device__ __forceinline__ void pg_barrier_arrive_at(unsigned long long* bar, un
   asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(pg_shared(bar)), "r"(rank));
   asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];" :: "r"(remote) : "memory");
 }}
-__device__ __forceinline__ void pg_barrier_wait(unsigned long long* bar, unsigned parity) {{   /* that phase is over */
-  unsigned done;
-  do {{
-    asm volatile("{{ .reg .pred p; mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2; "
-                 "selp.u32 %0, 1, 0, p; }}" : "=r"(done) : "r"(pg_shared(bar)), "r"(parity) : "memory");
-  }} while (!done);
-}}
-__device__ __forceinline__ void pg_bulk_copy(unsigned* shared, const float* global, unsigned bytes,
+{BARRIER_WAITS}__device__ __forceinline__ void pg_bulk_copy(unsigned* shared, const float* global, unsigned bytes,
                                              unsigned long long* bar) {{
   asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
                :: "r"(pg_shared(shared)), "l"(global), "r"(bytes), "r"(pg_shared(bar)) : "memory");
@@ -883,7 +899,7 @@ class CUDARenderer(CRenderer):
         emit(f"if (pg_tid == {consumers}) {{", 1)   # the fetching thread
         emit(f"for (int pg_s = 0; pg_s < {slices}; pg_s++) {{", 2)
         emit(f"int pg_b = pg_s % {S};", 3)
-        emit(f"if (pg_s >= {S}) pg_barrier_wait(&pg_empty[pg_b], (pg_s / {S} + 1) & 1);", 3)
+        emit(f"if (pg_s >= {S}) pg_barrier_wait_cluster(&pg_empty[pg_b], (pg_s / {S} + 1) & 1);", 3)
         emit(f"pg_barrier_expect(&pg_full[pg_b], {4 * (BM + BN) * COPY_K});", 3)
         emit(f"pg_bulk_copy(pg_As + pg_b * {BM * COPY_K}, pg_Ag + (long long)pg_s * {panels_a * panel}, "
              f"{4 * BM * COPY_K}, &pg_full[pg_b]);", 3)
