@@ -26,7 +26,7 @@ import threading
 import numpy as np
 
 import picograd as pg
-from picograd import Ops, prod
+from picograd import Ops, UOp, prod
 import compile as compiler
 from ops_cpu import CRenderer, _cdiv, _round_up
 
@@ -331,11 +331,14 @@ class CUDARenderer(CRenderer):
         self.sm_count = sm_count
         self.launch = None
         self.rows = None   # (row loops, row element loops) of a kernel with fused row reductions, set by plan
+        # in a pass over a row kept in registers: (step variable, steps, the loops it walks, whether a later pass
+        # may read the row again), see kept_load
+        self.row_pass = None
 
     # -- planning
     def render(self, kernel) -> str:
         self.ranges_of = compiler.range_sets(kernel.store)
-        self.rows = None
+        self.rows = self.row_pass = None
         self.launch = self.plan(kernel)
         # Hopper's programmatic dependent launch: a kernel's blocks are dispatched while the kernel before it still
         # runs its last blocks, and wait (griddepcontrol.wait, every thread, before anything else) until that
@@ -622,6 +625,7 @@ class CUDARenderer(CRenderer):
     def row_body(self, kernel, size):
         rows, tail = self.rows
         self.decompose("pg_gid", self.dims(rows), 1)
+        self.kept, self.kept_at = {}, len(self.lines)   # the row's loaded values, declared here (see kept_load)
         self.outputs, self.group = frozenset(rows), ("pg_lane", size)
         for node in kernel.store.toposort():   # each reduction once, by the whole group; nested ones first
             if node.op is Ops.ACC and self.ranges_of[node] <= self.outputs:
@@ -643,12 +647,45 @@ class CUDARenderer(CRenderer):
             if line is None:
                 self.store(kernel.store, 2)
             else:
+                self.row_pass = ("pg_c_j", steps // size, tail, False)   # the stores' pass reads only pg_row
                 self.emit(line(), 2)
+                self.row_pass = None
             self.scopes.pop()
             self.emit("}", 1)
 
     def keeps_row(self, steps, size) -> bool:
         return self.launch.kind in ("row_warp", "row_block") and steps % size == 0 and steps // size <= ROW_REGISTERS
+
+    def expr(self, u, depth) -> str:
+        if u.op is Ops.LOAD and self.row_pass is not None and self.lookup(u) is None:
+            return self.kept_load(u, depth)
+        return super().expr(u, depth)
+
+    def kept_load(self, load, depth) -> str:
+        """A load in a pass over a row kept in registers (see open_stride). The passes (a reduction's, the row's
+        values') step through the row alike, thread `lane` at element lane + j * size in step j, each over loops of
+        its own; a load that is the same in two passes once their loops are matched in order (a norm's input, read
+        for the sum of squares and again for the output) is read in the first and kept in an array of registers,
+        indexed by the step, for the next. NVRTC reuses such loads itself only sometimes: an RMSNorm whose second
+        pass also reads the weight re-read all but one of its row's values from memory (47 loads for 32)."""
+        step, count, walked, later = self.row_pass
+        ranges = self.ranges_of[load]
+        if not ranges & set(walked) or not ranges <= set(self.rows[0]) | set(walked):
+            return super().expr(load, depth)   # the same for every step, or inside a loop of its own within one
+        # the same element in step j of both passes: the loops' sizes agree in order (the last walks fastest)
+        steps = {r: UOp(Ops.RANGE, r.dtype, (), (f"pg_step{i}", r.arg[1])) for i, r in enumerate(walked)}
+        key = (tuple(r.arg[1] for r in walked), compiler.substitute(load, steps))
+        kept = self.kept.get(key)
+        if kept is not None:
+            return self.temp(load, f"{kept}[{step}]", depth, "v")
+        value = super().expr(load, depth)
+        if not later:
+            return value
+        kept = self.kept[key] = f"pg_keep{len(self.kept)}"
+        self.lines.insert(self.kept_at, f"  {self.ctype(load.dtype)} {kept}[{count}];")
+        self.kept_at += 1
+        self.emit(f"{kept}[{step}] = {value};", depth)
+        return value
 
     def open_stride(self, var, lane, steps, size, depth):
         """Open `for (var = lane; var < steps; var += size)`. In a row kernel whose rows split evenly into at most
@@ -757,7 +794,10 @@ class CUDARenderer(CRenderer):
             self.accumulate_vectors(u, acc, rr, order, moving, depth + 1)
         else:
             self.decompose(rr, self.dims(order), depth + 1)
+            if self.keeps_row(steps, size):
+                self.row_pass = (f"{rr}_j", steps // size, order, True)
             value = self.expr(u.src[0], depth + 1)
+            self.row_pass = None
             self.emit(f"{acc} = {self.acc_update(reduce_op, acc, value, u.dtype)};", depth + 1)
         del self.loop_stack[-len(ranges):]
         self.reduce_depth -= 1

@@ -4409,6 +4409,26 @@ def test_emu_softmax_and_log_softmax(emu):
 
 
 @needs_gxx
+def test_emu_rows_read_once(emu):
+    """An RMSNorm reads its row for the sum of squares and again, beside the weight, for the output: where the rows
+    split evenly over the threads, the second pass takes the values the first kept in registers (pg_keep) instead
+    of loading them again. A warp's rows of 256 and a block's of 2048, against numpy; a flipped second read of the
+    same row is a different element and is loaded."""
+    for rows, cols, kind in ((6, 256, "row_warp"), (3, 2048, "row_block")):
+        x, w = randn(rows, cols), randn(cols)
+        got = pg.rms_norm(on(emu, x), on(emu, w), 1e-5).numpy()
+        x64 = x.astype(np.float64)
+        close(got, x64 / np.sqrt((x64 ** 2).mean(-1, keepdims=True) + 1e-5) * w, rtol=1e-4, atol=1e-5)
+        source = [p for p in emu.programs if p.launch.kind == kind][-1].source
+        assert source.count("= pg_keep0[") == 1 and source.count("pg_keep") == 3, source   # declared, kept, read
+        xe = on(emu, x)
+        got = (xe * (xe * xe).sum(-1, keepdim=True) + xe.flip(-1)).numpy()
+        close(got, x64 * (x64 ** 2).sum(-1, keepdims=True) + x64[:, ::-1], rtol=1e-4, atol=1e-3)
+        source = [p for p in emu.programs if p.launch.kind == kind][-1].source
+        assert source.count("= pg_keep0[") == 1 and source.count("d1[") == 2, source   # the flipped read loads
+
+
+@needs_gxx
 def test_emu_causal_attention_rows(emu):
     """Causal attention forward and backward, emulated: the softmax rows of 64 keys split evenly over a warp, so
     they are kept in registers (unrolled passes, values before stores; rows of other lengths, as in
