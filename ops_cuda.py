@@ -191,26 +191,29 @@ __device__ __forceinline__ void pg_mma_tf32(float* d, const unsigned* a, const u
 
 
 # Waiting for a barrier's phase to be over: pg_barrier_wait for `full` barriers, pg_barrier_wait_cluster for `empty`
-# ones (see CUDARenderer.body_wgmma). Each acquires at the scope of the arrivals it must see. A `full` barrier's one
-# arrival is its own block's fetching thread, and its bytes count down as the copies land (complete_tx), which makes
-# the copies' writes, the partner block's multicast ones included, visible to whoever sees the phase complete: the
-# CTA's scope is enough (as in CUTLASS's ClusterBarrier::wait). An `empty` barrier also counts the partner block's
-# warpgroups, whose arrivals come from another CTA as releases at cluster scope; by the PTX memory model a release
-# and an acquire synchronize only when each one's scope holds the other's thread, so the fetching thread acquires at
-# cluster scope before its copies overwrite a buffer that the partner block read. The suspend-time hint (10 ms, in
+# ones (see CUDARenderer.body_wgmma). A `full` barrier's one arrival is its own block's fetching thread, and its bytes
+# count down as the copies land (complete_tx), which makes the copies' writes, the partner block's multicast ones
+# included, visible to the threads that see the phase complete: the warpgroups acquire at the CTA's scope (as
+# CUTLASS's ClusterBarrier::wait). An `empty` barrier publishes no data: a warpgroup arrives (pg_barrier_arrive_at)
+# once wgmma.wait_group has returned, that is once its multiplies have finished reading the buffer, and the fetching
+# thread issues the copies that overwrite it only after it sees the phase complete. Completion orders those reads
+# before those writes (both by the async proxy, which a release and an acquire of ordinary memory would not order
+# anyway), so the arrivals and this wait are relaxed, at cluster scope since the partner block's warpgroups arrive
+# too. (A release at cluster scope made each arriving warp wait on a GPU-wide memory barrier, MEMBAR.ALL.GPU in the
+# SASS, every slice; an acquire there invalidates the L1 cache, CCTL.IVALL.) The suspend-time hint (10 ms, in
 # nanoseconds, CUTLASS's) lets a waiting thread sleep until the phase completes instead of polling after the
 # system's default limit.
 BARRIER_WAIT = """\
 __device__ __forceinline__ void {name}(unsigned long long* bar, unsigned parity) {{
   unsigned done;
   do {{
-    asm volatile("{{ .reg .pred p; mbarrier.try_wait.parity.acquire.{scope}.shared::cta.b64 p, [%1], %2, %3; "
+    asm volatile("{{ .reg .pred p; mbarrier.try_wait.parity.{sem}.shared::cta.b64 p, [%1], %2, %3; "
                  "selp.u32 %0, 1, 0, p; }}" : "=r"(done) : "r"(pg_shared(bar)), "r"(parity), "r"(10000000) : "memory");
   }} while (!done);
 }}
 """
-BARRIER_WAITS = "".join(BARRIER_WAIT.format(name=name, scope=scope) for name, scope in (
-    ("pg_barrier_wait", "cta"), ("pg_barrier_wait_cluster", "cluster")))
+BARRIER_WAITS = "".join(BARRIER_WAIT.format(name=name, sem=sem) for name, sem in (
+    ("pg_barrier_wait", "acquire.cta"), ("pg_barrier_wait_cluster", "relaxed.cluster")))
 
 
 def wgmma_helpers(n: int) -> str:
@@ -255,10 +258,11 @@ __device__ __forceinline__ void pg_barriers_visible() {{   /* the inits, to the 
 __device__ __forceinline__ void pg_barrier_expect(unsigned long long* bar, unsigned bytes) {{
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(pg_shared(bar)), "r"(bytes) : "memory");
 }}
-__device__ __forceinline__ void pg_barrier_arrive_at(unsigned long long* bar, unsigned rank) {{   /* rank's barrier */
+/* arrive on rank's barrier, relaxed: see BARRIER_WAIT */
+__device__ __forceinline__ void pg_barrier_arrive_at(unsigned long long* bar, unsigned rank) {{
   unsigned remote;
   asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(pg_shared(bar)), "r"(rank));
-  asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];" :: "r"(remote) : "memory");
+  asm volatile("mbarrier.arrive.relaxed.cluster.shared::cluster.b64 _, [%0];" :: "r"(remote) : "memory");
 }}
 {BARRIER_WAITS}__device__ __forceinline__ void pg_bulk_copy(unsigned* shared, const float* global, unsigned bytes,
                                              unsigned long long* bar) {{

@@ -3534,15 +3534,18 @@ def test_tf32_matmul_uses_tensor_cores(make, tf32):
 @needs_nvrtc
 def test_wgmma_source_builds_for_sm90a(tf32):
     """The wgmma template's own source (the emulator replaces its helpers) builds for sm_90a, a 128 x 128 product
-    in clusters of two: the warpgroups wait for full buffers at the block's scope, the fetching thread for empty
-    ones at the cluster's, where the partner block's warpgroups arrive (see ops_cuda.BARRIER_WAIT)."""
+    in clusters of two: the warpgroups wait for full buffers with an acquire at the block's scope; empty buffers,
+    which publish no data, are arrived at and waited for relaxed, at the cluster's scope, where the partner block's
+    warpgroups arrive (see ops_cuda.BARRIER_WAIT)."""
     k = lowered(Tensor(randn(2048, 64)) @ Tensor(randn(64, 1152)))[-1]
     source, plan = ops_cuda.render_cuda(k, "sm_90a")
     assert plan.kind == "wgmma" and (plan.tile.BN, plan.tile.cluster) == (128, 2)
     assert "pg_barrier_wait(&pg_full[" in source and "pg_barrier_wait_cluster(&pg_empty[" in source
     assert "pg_barrier_wait(&pg_empty" not in source and "pg_barrier_wait_cluster(&pg_full" not in source
     waits = [line for line in source.splitlines() if "mbarrier.try_wait" in line]
-    assert len(waits) == 2 and ".acquire.cta." in waits[0] and ".acquire.cluster." in waits[1], waits
+    assert len(waits) == 2 and ".acquire.cta." in waits[0] and ".relaxed.cluster." in waits[1], waits
+    arrives = [line for line in source.splitlines() if "mbarrier.arrive." in line and "expect_tx" not in line]
+    assert len(arrives) == 1 and "mbarrier.arrive.relaxed.cluster.shared::cluster" in arrives[0], arrives
     cubin = compiler.cached_payload(ops_cuda.compile_cuda(source, "sm_90a", k.name))
     assert cubin[:4] == b"\x7fELF"
 
@@ -3947,7 +3950,7 @@ static inline void pg_barrier_wait(unsigned long long* bar, unsigned parity) {
   for (unsigned long long word; ((word = __atomic_load_n(bar, __ATOMIC_SEQ_CST)) >> 24 & 1) == parity;)
     pg_wait_while(bar, word);
 }
-/* the GPU's two waits differ in the scope of their acquire; the emulator's atomics are sequentially consistent */
+/* the GPU's two waits differ in their ordering semantics; the emulator's atomics are sequentially consistent */
 static inline void pg_barrier_wait_cluster(unsigned long long* bar, unsigned parity) { pg_barrier_wait(bar, parity); }
 static inline void pg_bulk_copy(unsigned* shared, const float* global, unsigned bytes, unsigned long long* bar) {
   if ((unsigned long long)shared % 16 || (unsigned long long)global % 16 || bytes % 16) {
