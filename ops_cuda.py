@@ -264,7 +264,8 @@ __device__ __forceinline__ void pg_barrier_arrive_at(unsigned long long* bar, un
   asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(pg_shared(bar)), "r"(rank));
   asm volatile("mbarrier.arrive.relaxed.cluster.shared::cluster.b64 _, [%0];" :: "r"(remote) : "memory");
 }}
-{BARRIER_WAITS}__device__ __forceinline__ void pg_bulk_copy(unsigned* shared, const float* global, unsigned bytes,
+{BARRIER_WAITS}
+__device__ __forceinline__ void pg_bulk_copy(unsigned* shared, const float* global, unsigned bytes,
                                              unsigned long long* bar) {{
   asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
                :: "r"(pg_shared(shared)), "l"(global), "r"(bytes), "r"(pg_shared(bar)) : "memory");
@@ -335,9 +336,10 @@ class CUDARenderer(CRenderer):
         self.sm_count = sm_count
         self.launch = None
         self.rows = None   # (row loops, row element loops) of a kernel with fused row reductions, set by plan
-        # in a pass over a row kept in registers: (step variable, steps, the loops it walks, whether a later pass
-        # may read the row again), see kept_load
+        # in a pass over a row kept in registers: (step variable, steps a thread, the loops it walks, whether a later
+        # pass may read the row again); the loads kept so far and where their arrays are declared (see kept_load)
         self.row_pass = None
+        self.kept, self.kept_at = {}, 0
 
     # -- planning
     def render(self, kernel) -> str:
@@ -696,7 +698,7 @@ class CUDARenderer(CRenderer):
         ROW_REGISTERS steps a thread, the loop counts steps instead, from 0 to a constant: the compiler unrolls it,
         and as each pass over the row (max, sum, the written elements) then loads the same addresses, it keeps
         the row in registers and reads memory once (the causal softmax's backward rows read their two inputs
-        once instead of three times)."""
+        once instead of three times); where NVRTC does not, kept_load does it."""
         if self.keeps_row(steps, size):
             self.emit("#pragma unroll", depth)
             self.emit(f"for (int {var}_j = 0; {var}_j < {steps // size}; {var}_j++) {{", depth)
