@@ -26,7 +26,7 @@ import threading
 import numpy as np
 
 import picograd as pg
-from picograd import Ops, prod
+from picograd import Ops, UOp, prod
 import compile as compiler
 from ops_cpu import CRenderer, _cdiv, _round_up
 
@@ -190,6 +190,32 @@ __device__ __forceinline__ void pg_mma_tf32(float* d, const unsigned* a, const u
 """
 
 
+# Waiting for a barrier's phase to be over: pg_barrier_wait for `full` barriers, pg_barrier_wait_cluster for `empty`
+# ones (see CUDARenderer.body_wgmma). A `full` barrier's one arrival is its own block's fetching thread, and its bytes
+# count down as the copies land (complete_tx), which makes the copies' writes, the partner block's multicast ones
+# included, visible to the threads that see the phase complete: the warpgroups acquire at the CTA's scope (as
+# CUTLASS's ClusterBarrier::wait). An `empty` barrier publishes no data: a warpgroup arrives (pg_barrier_arrive_at)
+# once wgmma.wait_group has returned, that is once its multiplies have finished reading the buffer, and the fetching
+# thread issues the copies that overwrite it only after it sees the phase complete. Completion orders those reads
+# before those writes (both by the async proxy, which a release and an acquire of ordinary memory would not order
+# anyway), so the arrivals and this wait are relaxed, at cluster scope since the partner block's warpgroups arrive
+# too. (A release at cluster scope made each arriving warp wait on a GPU-wide memory barrier, MEMBAR.ALL.GPU in the
+# SASS, every slice; an acquire there invalidates the L1 cache, CCTL.IVALL.) The suspend-time hint (10 ms, in
+# nanoseconds, CUTLASS's) lets a waiting thread sleep until the phase completes instead of polling after the
+# system's default limit.
+BARRIER_WAIT = """\
+__device__ __forceinline__ void {name}(unsigned long long* bar, unsigned parity) {{
+  unsigned done;
+  do {{
+    asm volatile("{{ .reg .pred p; mbarrier.try_wait.parity.{sem}.shared::cta.b64 p, [%1], %2, %3; "
+                 "selp.u32 %0, 1, 0, p; }}" : "=r"(done) : "r"(pg_shared(bar)), "r"(parity), "r"(10000000) : "memory");
+  }} while (!done);
+}}
+"""
+BARRIER_WAITS = "".join(BARRIER_WAIT.format(name=name, sem=sem) for name, sem in (
+    ("pg_barrier_wait", "acquire.cta"), ("pg_barrier_wait_cluster", "relaxed.cluster")))
+
+
 def wgmma_helpers(n: int) -> str:
     """Hopper's warpgroup mma (sm_90a) for a 64 x n x 8 step with both operands in shared memory, as the wgmma
     template uses it: a descriptor of an operand in the 128-byte swizzled layout (_TF32Copies),
@@ -232,18 +258,13 @@ __device__ __forceinline__ void pg_barriers_visible() {{   /* the inits, to the 
 __device__ __forceinline__ void pg_barrier_expect(unsigned long long* bar, unsigned bytes) {{
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(pg_shared(bar)), "r"(bytes) : "memory");
 }}
-__device__ __forceinline__ void pg_barrier_arrive_at(unsigned long long* bar, unsigned rank) {{   /* rank's barrier */
+/* arrive on rank's barrier, relaxed: see BARRIER_WAIT */
+__device__ __forceinline__ void pg_barrier_arrive_at(unsigned long long* bar, unsigned rank) {{
   unsigned remote;
   asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(pg_shared(bar)), "r"(rank));
-  asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];" :: "r"(remote) : "memory");
+  asm volatile("mbarrier.arrive.relaxed.cluster.shared::cluster.b64 _, [%0];" :: "r"(remote) : "memory");
 }}
-__device__ __forceinline__ void pg_barrier_wait(unsigned long long* bar, unsigned parity) {{   /* that phase is over */
-  unsigned done;
-  do {{
-    asm volatile("{{ .reg .pred p; mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2; "
-                 "selp.u32 %0, 1, 0, p; }}" : "=r"(done) : "r"(pg_shared(bar)), "r"(parity) : "memory");
-  }} while (!done);
-}}
+{BARRIER_WAITS}
 __device__ __forceinline__ void pg_bulk_copy(unsigned* shared, const float* global, unsigned bytes,
                                              unsigned long long* bar) {{
   asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
@@ -315,11 +336,15 @@ class CUDARenderer(CRenderer):
         self.sm_count = sm_count
         self.launch = None
         self.rows = None   # (row loops, row element loops) of a kernel with fused row reductions, set by plan
+        # in a pass over a row kept in registers: (step variable, steps a thread, the loops it walks, whether a later
+        # pass may read the row again); the loads kept so far and where their arrays are declared (see kept_load)
+        self.row_pass = None
+        self.kept, self.kept_at = {}, 0
 
     # -- planning
     def render(self, kernel) -> str:
         self.ranges_of = compiler.range_sets(kernel.store)
-        self.rows = None
+        self.rows = self.row_pass = None
         self.launch = self.plan(kernel)
         # Hopper's programmatic dependent launch: a kernel's blocks are dispatched while the kernel before it still
         # runs its last blocks, and wait (griddepcontrol.wait, every thread, before anything else) until that
@@ -606,6 +631,7 @@ class CUDARenderer(CRenderer):
     def row_body(self, kernel, size):
         rows, tail = self.rows
         self.decompose("pg_gid", self.dims(rows), 1)
+        self.kept, self.kept_at = {}, len(self.lines)   # the row's loaded values, declared here (see kept_load)
         self.outputs, self.group = frozenset(rows), ("pg_lane", size)
         for node in kernel.store.toposort():   # each reduction once, by the whole group; nested ones first
             if node.op is Ops.ACC and self.ranges_of[node] <= self.outputs:
@@ -627,19 +653,52 @@ class CUDARenderer(CRenderer):
             if line is None:
                 self.store(kernel.store, 2)
             else:
+                self.row_pass = ("pg_c_j", steps // size, tail, False)   # the stores' pass reads only pg_row
                 self.emit(line(), 2)
+                self.row_pass = None
             self.scopes.pop()
             self.emit("}", 1)
 
     def keeps_row(self, steps, size) -> bool:
         return self.launch.kind in ("row_warp", "row_block") and steps % size == 0 and steps // size <= ROW_REGISTERS
 
+    def expr(self, u, depth) -> str:
+        if u.op is Ops.LOAD and self.row_pass is not None and self.lookup(u) is None:
+            return self.kept_load(u, depth)
+        return super().expr(u, depth)
+
+    def kept_load(self, load, depth) -> str:
+        """A load in a pass over a row kept in registers (see open_stride). The passes (a reduction's, the row's
+        values') step through the row alike, thread `lane` at element lane + j * size in step j, each over loops of
+        its own; a load that is the same in two passes once their loops are matched in order (a norm's input, read
+        for the sum of squares and again for the output) is read in the first and kept in an array of registers,
+        indexed by the step, for the next. NVRTC reuses such loads itself only sometimes: an RMSNorm whose second
+        pass also reads the weight re-read all but one of its row's values from memory (47 loads for 32)."""
+        step, count, walked, later = self.row_pass
+        ranges = self.ranges_of[load]
+        if not ranges & set(walked) or not ranges <= set(self.rows[0]) | set(walked):
+            return super().expr(load, depth)   # the same for every step, or inside a loop of its own within one
+        # the same element in step j of both passes: the loops' sizes agree in order (the last walks fastest)
+        steps = {r: UOp(Ops.RANGE, r.dtype, (), (f"pg_step{i}", r.arg[1])) for i, r in enumerate(walked)}
+        key = (tuple(r.arg[1] for r in walked), compiler.substitute(load, steps))
+        kept = self.kept.get(key)
+        if kept is not None:
+            return self.temp(load, f"{kept}[{step}]", depth, "v")
+        value = super().expr(load, depth)
+        if not later:
+            return value
+        kept = self.kept[key] = f"pg_keep{len(self.kept)}"
+        self.lines.insert(self.kept_at, f"  {self.ctype(load.dtype)} {kept}[{count}];")
+        self.kept_at += 1
+        self.emit(f"{kept}[{step}] = {value};", depth)
+        return value
+
     def open_stride(self, var, lane, steps, size, depth):
         """Open `for (var = lane; var < steps; var += size)`. In a row kernel whose rows split evenly into at most
         ROW_REGISTERS steps a thread, the loop counts steps instead, from 0 to a constant: the compiler unrolls it,
         and as each pass over the row (max, sum, the written elements) then loads the same addresses, it keeps
         the row in registers and reads memory once (the causal softmax's backward rows read their two inputs
-        once instead of three times)."""
+        once instead of three times); where NVRTC does not, kept_load does it."""
         if self.keeps_row(steps, size):
             self.emit("#pragma unroll", depth)
             self.emit(f"for (int {var}_j = 0; {var}_j < {steps // size}; {var}_j++) {{", depth)
@@ -741,7 +800,10 @@ class CUDARenderer(CRenderer):
             self.accumulate_vectors(u, acc, rr, order, moving, depth + 1)
         else:
             self.decompose(rr, self.dims(order), depth + 1)
+            if self.keeps_row(steps, size):
+                self.row_pass = (f"{rr}_j", steps // size, order, True)
             value = self.expr(u.src[0], depth + 1)
+            self.row_pass = None
             self.emit(f"{acc} = {self.acc_update(reduce_op, acc, value, u.dtype)};", depth + 1)
         del self.loop_stack[-len(ranges):]
         self.reduce_depth -= 1
@@ -883,7 +945,7 @@ class CUDARenderer(CRenderer):
         emit(f"if (pg_tid == {consumers}) {{", 1)   # the fetching thread
         emit(f"for (int pg_s = 0; pg_s < {slices}; pg_s++) {{", 2)
         emit(f"int pg_b = pg_s % {S};", 3)
-        emit(f"if (pg_s >= {S}) pg_barrier_wait(&pg_empty[pg_b], (pg_s / {S} + 1) & 1);", 3)
+        emit(f"if (pg_s >= {S}) pg_barrier_wait_cluster(&pg_empty[pg_b], (pg_s / {S} + 1) & 1);", 3)
         emit(f"pg_barrier_expect(&pg_full[pg_b], {4 * (BM + BN) * COPY_K});", 3)
         emit(f"pg_bulk_copy(pg_As + pg_b * {BM * COPY_K}, pg_Ag + (long long)pg_s * {panels_a * panel}, "
              f"{4 * BM * COPY_K}, &pg_full[pg_b]);", 3)

@@ -3649,6 +3649,25 @@ def test_tf32_matmul_uses_tensor_cores(make, tf32):
 
 
 @needs_nvrtc
+def test_wgmma_source_builds_for_sm90a(tf32):
+    """The wgmma template's own source (the emulator replaces its helpers) builds for sm_90a, a 128 x 128 product
+    in clusters of two: the warpgroups wait for full buffers with an acquire at the block's scope; empty buffers,
+    which publish no data, are arrived at and waited for relaxed, at the cluster's scope, where the partner block's
+    warpgroups arrive (see ops_cuda.BARRIER_WAIT)."""
+    k = lowered(Tensor(randn(2048, 64)) @ Tensor(randn(64, 1152)))[-1]
+    source, plan = ops_cuda.render_cuda(k, "sm_90a")
+    assert plan.kind == "wgmma" and (plan.tile.BN, plan.tile.cluster) == (128, 2)
+    assert "pg_barrier_wait(&pg_full[" in source and "pg_barrier_wait_cluster(&pg_empty[" in source
+    assert "pg_barrier_wait(&pg_empty" not in source and "pg_barrier_wait_cluster(&pg_full" not in source
+    waits = [line for line in source.splitlines() if "mbarrier.try_wait" in line]
+    assert len(waits) == 2 and ".acquire.cta." in waits[0] and ".relaxed.cluster." in waits[1], waits
+    arrives = [line for line in source.splitlines() if "mbarrier.arrive." in line and "expect_tx" not in line]
+    assert len(arrives) == 1 and "mbarrier.arrive.relaxed.cluster.shared::cluster" in arrives[0], arrives
+    cubin = compiler.cached_payload(ops_cuda.compile_cuda(source, "sm_90a", k.name))
+    assert cubin[:4] == b"\x7fELF"
+
+
+@needs_nvrtc
 def test_plans_for_small_and_matvec(fp32):
     # a matrix-vector product is a reduction (no tile of 1 column), a 3-element row a serial loop
     k, = lowered(Tensor(randn(64, 256)) @ Tensor(randn(256)))
@@ -4048,6 +4067,8 @@ static inline void pg_barrier_wait(unsigned long long* bar, unsigned parity) {
   for (unsigned long long word; ((word = __atomic_load_n(bar, __ATOMIC_SEQ_CST)) >> 24 & 1) == parity;)
     pg_wait_while(bar, word);
 }
+/* the GPU's two waits differ in their ordering semantics; the emulator's atomics are sequentially consistent */
+static inline void pg_barrier_wait_cluster(unsigned long long* bar, unsigned parity) { pg_barrier_wait(bar, parity); }
 static inline void pg_bulk_copy(unsigned* shared, const float* global, unsigned bytes, unsigned long long* bar) {
   if ((unsigned long long)shared % 16 || (unsigned long long)global % 16 || bytes % 16) {
     fprintf(stderr, "emulator: a bulk copy of %u bytes that is not in whole aligned 16-byte pieces\n", bytes);
@@ -4505,6 +4526,26 @@ def test_emu_softmax_and_log_softmax(emu):
     got = (on(emu, x) * ((on(emu, x) * on(emu, x)).mean(-1, keepdim=True) + 1e-5).rsqrt() * on(emu, w)).numpy()
     x64 = x.astype(np.float64)
     close(got, x64 / np.sqrt((x64 ** 2).mean(-1, keepdims=True) + 1e-5) * w, rtol=1e-4, atol=1e-5)
+
+
+@needs_gxx
+def test_emu_rows_read_once(emu):
+    """An RMSNorm reads its row for the sum of squares and again, beside the weight, for the output: where the rows
+    split evenly over the threads, the second pass takes the values the first kept in registers (pg_keep) instead
+    of loading them again. A warp's rows of 256 and a block's of 2048, against numpy; a flipped second read of the
+    same row is a different element and is loaded."""
+    for rows, cols, kind in ((6, 256, "row_warp"), (3, 2048, "row_block")):
+        x, w = randn(rows, cols), randn(cols)
+        got = pg.rms_norm(on(emu, x), on(emu, w), 1e-5).numpy()
+        x64 = x.astype(np.float64)
+        close(got, x64 / np.sqrt((x64 ** 2).mean(-1, keepdims=True) + 1e-5) * w, rtol=1e-4, atol=1e-5)
+        source = [p for p in emu.programs if p.launch.kind == kind][-1].source
+        assert source.count("= pg_keep0[") == 1 and source.count("pg_keep") == 3, source   # declared, kept, read
+        xe = on(emu, x)
+        got = (xe * (xe * xe).sum(-1, keepdim=True) + xe.flip(-1)).numpy()
+        close(got, x64 * (x64 ** 2).sum(-1, keepdims=True) + x64[:, ::-1], rtol=1e-4, atol=1e-3)
+        source = [p for p in emu.programs if p.launch.kind == kind][-1].source
+        assert source.count("= pg_keep0[") == 1 and source.count("d1[") == 2, source   # the flipped read loads
 
 
 @needs_gxx
