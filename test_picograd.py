@@ -3035,7 +3035,8 @@ def test_stories260k_greedy_matches_llama2c():
     assert tokenizer.decode(ids).startswith(expected)
     assert ids == llama2c_greedy(path, 120)
     timings = model.timings
-    assert timings["prefill_tokens"] == 1 and timings["decode_tokens"] + 1 >= 110
+    # the calls that built kernels or traced (one at each of the context lengths 32, 64 and 128) are left out
+    assert timings["prefill_tokens"] == 1 and timings["decode_tokens"] + 1 >= 120 - 3 * llama.GREEDY_STEPS
 
 
 def transformers_model(tmp_path, **overrides):
