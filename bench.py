@@ -10,6 +10,7 @@ this file measures). The table at the end is what goes into issue notes.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -393,11 +394,10 @@ def _eager(fn):
         return fn()
 
 
-def llama2c_decode(run_binary: str, config, steps: int) -> float:
-    """Tokens/s of llama2.c's `run` (a binary the user built from its run.c, e.g. with gcc -Ofast -fopenmp
-    -march=native) decoding greedily from BOS, as its own "achieved tok/s" line reports it: its timer starts after
-    the first token, so it runs steps + 1 positions. It reads random weights of the same shape, written in its
-    checkpoint format, and a placeholder tokenizer (it only prints the tokens)."""
+@contextlib.contextmanager
+def llama2c_files(config):
+    """Random weights of config's shape in llama2.c's checkpoint format, and a placeholder tokenizer (its `run` only
+    prints the tokens), in a temporary folder: yields (checkpoint, tokenizer)."""
     rng = np.random.default_rng(0)
     dim, hidden, layers, vocab = config.dim, config.hidden_dim, config.n_layers, config.vocab_size
     kv_dim, head = config.kv_dim, config.head_dim
@@ -417,8 +417,16 @@ def llama2c_decode(run_binary: str, config, steps: int) -> float:
             f.write(struct.pack("<i", max(map(len, pieces))))
             for piece in pieces:
                 f.write(struct.pack("<fi", 0.0, len(piece)) + piece)
-        proc = subprocess.run([run_binary, checkpoint, "-z", tokenizer, "-n", str(steps + 1), "-t", "0"],
-                              capture_output=True, text=True, timeout=600)
+        yield checkpoint, tokenizer
+
+
+def llama2c_decode(run_binary: str, files, steps: int) -> float:
+    """Tokens/s of llama2.c's `run` (a binary the user built from its run.c, e.g. with gcc -Ofast -fopenmp
+    -march=native) decoding greedily from BOS, as its own "achieved tok/s" line reports it: its timer starts after
+    the first token, so it runs steps + 1 positions. files: llama2c_files' checkpoint and tokenizer."""
+    checkpoint, tokenizer = files
+    proc = subprocess.run([run_binary, checkpoint, "-z", tokenizer, "-n", str(steps + 1), "-t", "0"],
+                          capture_output=True, text=True, timeout=600)
     found = re.search(r"achieved tok/s: ([0-9.]+)", proc.stdout + proc.stderr)
     if proc.returncode != 0 or found is None:
         raise RuntimeError(f"{run_binary} did not report its speed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
@@ -484,8 +492,13 @@ def bench_llama_inference(device, shape, decode_tokens=48, prompt_len=256, llama
         record("llama", f"{label} decode vs torch.compile + CUDA graphs", ours_decode, compiled, "tok/s",
                "torch.compile")
     if llama2c_run and device == "CPU":
-        record("llama", f"{label} decode vs llama2.c on this machine", ours_decode,
-               llama2c_decode(llama2c_run, config, decode_tokens), "tok/s", "llama2.c")
+        # alternated, five times each: this machine's memory bandwidth swings by a third from minute to minute, so
+        # one run of each side, minutes apart, compares two machines
+        with llama2c_files(config) as files:
+            pairs = [(decode_rate(), llama2c_decode(llama2c_run, files, decode_tokens)) for _ in range(5)]
+        ours_paired, theirs = np.median(pairs, axis=0)
+        record("llama", f"{label} decode vs llama2.c on this machine (5 alternated runs)", ours_paired, theirs,
+               "tok/s", "llama2.c")
     elif shape in LLAMA2C_DECODE and device == "CPU":
         lo, hi = map(float, LLAMA2C_DECODE[shape].split("-"))
         record("llama", f"{label} decode vs llama2.c (its low figure)", ours_decode, lo, "tok/s", "llama2.c")
