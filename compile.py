@@ -1742,7 +1742,7 @@ class Trace:
     def replay(self, flat):
         pg._STATS["replays"] += 1
         inputs, var_vals = self._inputs(flat)
-        if self.graph is not None:
+        if self._graph() is not None:
             return self._replay_graph(inputs, var_vals)
         outs = [Buffer(*spec) if kind == "fresh" else None for kind, spec in self.outputs]
         devices = set()
@@ -1760,11 +1760,11 @@ class Trace:
         """CompiledFunction.chain on a graph that chains: one output buffer holds the n results (and another a copy
         of the last), and the graph points each replay's input `feed` at the last replay's result. None where the
         graph cannot (no graph, or a step that is not one fresh output the size of that input)."""
-        inputs, var_vals = self._inputs(flat)
-        chains = getattr(self.graph, "replay_chain", None)
+        chains = getattr(self._graph(), "replay_chain", None)
         if chains is None or len(self.outputs) != 1 or self.outputs[0][0] != "fresh" or feed not in self.input_meta:
             return None
         device, size, dtype = self.outputs[0][1]
+        inputs, var_vals = self._inputs(flat)
         if self.input_meta[feed] != (device, size, dtype) or var not in var_vals:
             return None
         out, last = Buffer(device, n * size, dtype), Buffer(device, size, dtype)
@@ -1778,9 +1778,17 @@ class Trace:
         return (pg.Tensor._wrap(UOp(Ops.BUFFER, dtype, (), (out, 0)).reshape((n, *shape)), device),
                 pg.Tensor._wrap(UOp(Ops.BUFFER, dtype, (), (last, 0)).reshape(shape), device))
 
+    def _graph(self):
+        """The device's graph of the launches, made on the first replay; None where the device has none."""
+        if self.graph is None and self.graph_device is not None:
+            self.graph = self._capture_graph(self.graph_device)
+            if self.graph is None:
+                self.graph_device = None
+        return self.graph
+
     def _inputs(self, flat):
         """A call's arguments as the replay takes them: the tensors' buffers (contiguous), float arguments written
-        to their one-element buffers, and the values of the Variables. Makes the graph on the first replay."""
+        to their one-element buffers, and the values of the Variables."""
         inputs, var_vals = [], {}
         for k, a in enumerate(flat):
             if isinstance(a, pg.Tensor):
@@ -1794,12 +1802,7 @@ class Trace:
                 if isinstance(a, Variable):
                     for node, _ in a.terms:
                         var_vals[node.src[0].arg[0]] = node.src[1].arg
-        if self.graph is None and self.graph_device is not None:
-            self.graph = self._capture_graph(self.graph_device)
-            if self.graph is None:
-                self.graph_device = None
         return inputs, var_vals
-
 
     def _results(self, outs):
         """The call's result: fresh output buffers as tensors (outputs that are long-lived state copied first, repeated
