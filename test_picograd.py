@@ -5310,7 +5310,7 @@ def test_rank_that_never_arrives_times_out(tmp_path):
 
 
 @pytest.mark.parametrize("m,k,n", [(1, 7, 16), (7, 129, 33), (8, 17, 129), (32, 128, 64), (129, 300, 1000),
-                                   (256, 288, 288)])
+                                   (256, 288, 288), (40, 64, 2200)])
 def test_cpu_matmul_rows_in_place_and_transposed_weights(m, k, n, gemm_vector):
     """x @ W.T as the model computes it, against torch: x's rows read in place by the micro-kernel (a last panel of
     fewer than MR rows repeats a real row), W's columns packed by 8 x 8 register transposes (a partial panel and
