@@ -1764,19 +1764,17 @@ class Trace:
         if chains is None or len(self.outputs) != 1 or self.outputs[0][0] != "fresh" or feed not in self.input_meta:
             return None
         device, size, dtype = self.outputs[0][1]
-        inputs, var_vals = self._inputs(flat)
-        if self.input_meta[feed] != (device, size, dtype) or var not in var_vals:
+        if self.input_meta[feed] != (device, size, dtype):
             return None
+        inputs, var_vals = self._inputs(flat)
         out, last = Buffer(device, n * size, dtype), Buffer(device, size, dtype)
-        if not chains({k: inputs[k] for k in self.input_meta}, out, last,
-                      {name: var_vals.get(name, value) for name, value in self.recorded_vars.items()}, n, feed, var):
+        if not chains({k: inputs[k] for k in self.input_meta}, out, last, self._var_values(var_vals), n, feed, var):
             return None
         pg._STATS["replays"] += n
         pg._STATS["kernels_launched"] += n * self.kernel_count
         self.graph_device.check_errors()
         shape = self.out_shapes[0]
-        return (pg.Tensor._wrap(UOp(Ops.BUFFER, dtype, (), (out, 0)).reshape((n, *shape)), device),
-                pg.Tensor._wrap(UOp(Ops.BUFFER, dtype, (), (last, 0)).reshape(shape), device))
+        return _buffer_tensor(out, (n, *shape)), _buffer_tensor(last, shape)
 
     def _graph(self):
         """The device's graph of the launches, made on the first replay; None where the device has none."""
@@ -1804,6 +1802,10 @@ class Trace:
                         var_vals[node.src[0].arg[0]] = node.src[1].arg
         return inputs, var_vals
 
+    def _var_values(self, var_vals):
+        """Every variable the launches take: the call's value, or the one recorded where the call left it out."""
+        return {name: var_vals.get(name, value) for name, value in self.recorded_vars.items()}
+
     def _results(self, outs):
         """The call's result: fresh output buffers as tensors (outputs that are long-lived state copied first, repeated
         outputs the same tensor's buffer again)."""
@@ -1813,17 +1815,21 @@ class Trace:
                 _copy(outs[k], src)
             elif kind == "alias":
                 outs[k] = outs[src]
-        fresh = [pg.Tensor._wrap(UOp(Ops.BUFFER, b.dtype, (), (b, 0)).reshape(shape), b.device)
-                 for b, shape in zip(outs, self.out_shapes)]
+        fresh = [_buffer_tensor(b, shape) for b, shape in zip(outs, self.out_shapes)]
         return _unflatten_outputs(self.structure, iter(fresh))
 
     def _replay_graph(self, inputs, var_vals):
         outs = [Buffer(*spec) if kind == "fresh" else None for kind, spec in self.outputs]
         self.graph.replay({k: inputs[k] for k in self.input_meta}, {k: b for k, b in enumerate(outs) if b},
-                          {name: var_vals.get(name, value) for name, value in self.recorded_vars.items()})
+                          self._var_values(var_vals))
         pg._STATS["kernels_launched"] += self.kernel_count
         self.graph_device.check_errors()
         return self._results(outs)
+
+
+def _buffer_tensor(buf, shape) -> pg.Tensor:
+    """A tensor that is the whole of buf, in shape."""
+    return pg.Tensor._wrap(UOp(Ops.BUFFER, buf.dtype, (), (buf, 0)).reshape(shape), buf.device)
 
 
 @contextlib.contextmanager

@@ -699,31 +699,31 @@ class Llama:
         """Logits [batch, vocab] for one token per sequence (a list of ids or an int32 tensor [batch, 1]) at
         position pos, through the compiled step; positions before pos must already be in the cache. greedy: the
         most likely token ids [batch] (int32, the first on ties) instead of the logits."""
-        if not isinstance(tokens, pg.Tensor):
-            tokens = pg.Tensor(np.asarray(tokens, dtype=np.int32).reshape(-1, 1), device=self.device)
-        if not 0 <= pos < self.max_seq_len:
-            raise ValueError(f"position {pos} is outside the context window of {self.max_seq_len} tokens")
-        self._ensure_cache(tokens.shape[0])
-        ctx = min(max(32, 1 << pos.bit_length()), self.max_seq_len)
+        tokens, pos_var, ctx = self._decode_args(tokens, pos, 1)
         with pg.no_grad():
-            return self.decode_step(tokens, pg.Variable("pos", 0, self.max_seq_len - 1).bind(pos), ctx, greedy)
+            return self.decode_step(tokens, pos_var, ctx, greedy)
 
     def decode_greedy(self, tokens, pos: int, steps: int) -> tuple[pg.Tensor, pg.Tensor]:
-        """`steps` greedy decode steps from position pos (tokens: a list of ids or int32 [batch, 1]), each fed the
-        last one's pick on the device: the ids picked, [steps, batch] (int32), and the last of them as [batch],
-        ready to feed the next call. One chain of the compiled step's replays (CompiledFunction.chain), which the
-        CPU runs in one native call: the Python between tokens is paid once per call."""
+        """`steps` greedy decode steps from position pos (tokens as for decode), each fed the last one's pick on
+        the device: the ids picked, [steps, batch] (int32), and the last of them as [batch], ready to feed the
+        next call. One chain of the compiled step's replays (CompiledFunction.chain), which the CPU runs in one
+        native call: the Python between tokens is paid once per call."""
+        tokens, pos_var, ctx = self._decode_args(tokens, pos, steps)
+        with pg.no_grad():
+            return self.decode_step.chain(steps, tokens, pos_var, ctx, True, feed=0, var="pos")
+
+    def _decode_args(self, tokens, pos: int, steps: int):
+        """The decode step's arguments for positions pos to pos + steps - 1: the tokens as a tensor, the position as
+        a Variable, and the context length of the last position, which serves them all (keys past each step's
+        position are masked)."""
         if not isinstance(tokens, pg.Tensor):
             tokens = pg.Tensor(np.asarray(tokens, dtype=np.int32).reshape(-1, 1), device=self.device)
         if steps < 1 or not 0 <= pos <= pos + steps - 1 < self.max_seq_len:
-            raise ValueError(f"decode_greedy needs steps >= 1 and positions inside the context window of "
+            raise ValueError(f"decoding needs steps >= 1 and positions inside the context window of "
                              f"{self.max_seq_len} tokens, got {steps} steps from position {pos}")
         self._ensure_cache(tokens.shape[0])
-        # the context length of the last position serves them all (keys past each step's position are masked)
         ctx = min(max(32, 1 << (pos + steps - 1).bit_length()), self.max_seq_len)
-        pos_var = pg.Variable("pos", 0, self.max_seq_len - 1).bind(pos)
-        with pg.no_grad():
-            return self.decode_step.chain(steps, tokens, pos_var, ctx, True, feed=0, var="pos")
+        return tokens, pg.Variable("pos", 0, self.max_seq_len - 1).bind(pos), ctx
 
     # -- training: no cache, every position attends causally within its own sequence
     def causal(self, seq: int):

@@ -3227,8 +3227,10 @@ def test_greedy_steps_in_one_call():
     greedy = model.generate([1, 2, 3], 20, stop_ids=())   # more tokens than one call's GREEDY_STEPS
     assert model.generate([1, 2, 3], 20, stop_ids=()) == greedy and model.timings["decode_tokens"] == 19
     assert model.generate([1, 2, 3], 20, stop_ids={greedy[10]}) == greedy[:greedy.index(greedy[10])]
-    with pytest.raises(ValueError, match="got 4 steps from position 62"):
+    with pytest.raises(ValueError, match="context window of 64 tokens, got 4 steps from position 62"):
         model.decode_greedy([1], 62, 4)
+    with pytest.raises(ValueError, match="context window of 64 tokens, got 1 steps from position 64"):
+        model.decode([1], 64, greedy=True)
 
 
 def test_prompt_longer_than_context_is_refused():
