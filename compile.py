@@ -1636,6 +1636,8 @@ class Trace:
                 pg.CTX.capturing = None
             for t in outs:   # outputs are plain buffers: their graphs (and the intermediates they pin) are dropped
                 buf = t._buffer()
+                if buf.serial < first_serial:
+                    continue   # long-lived state returned as it is (a parameter): the caller's tensor, left alone
                 t.uop, t.requires_grad = UOp(Ops.BUFFER, t.dtype, (), (buf, buf.version)).reshape(t.shape), False
         self.guards = _closure_guards(closure_reads)
         self.first_result, self.structure = result, _skeleton(result)

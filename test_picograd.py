@@ -1871,6 +1871,24 @@ def test_compiled_step_returning_a_tensor_twice(device):
     assert results[0]._buffer() is results[2]._buffer() and results[3]._buffer() is results[4]._buffer()
 
 
+def test_compiled_step_returning_a_parameter_keeps_it_trainable(device):
+    """A step that returns a parameter it reads from its closure leaves the parameter as it was: still requiring
+    grad (the trace used to clear the flag, so the next backward silently skipped it), with its values."""
+    w = pg.Tensor(np.arange(3, dtype=np.float32), device=device, requires_grad=True)
+
+    @pg.compile
+    def step(x):
+        return w, (x * w).sum()
+
+    for i in range(3):
+        w_out, total = step(pg.Tensor(np.full(3, i + 1, dtype=np.float32), device=device))
+        assert w.requires_grad, f"call {i} cleared the parameter's requires_grad"
+        np.testing.assert_array_equal(w_out.numpy(), np.arange(3))
+        assert total.item() == 3 * (i + 1)
+    (w * w).sum().backward()
+    np.testing.assert_array_equal(w.grad.numpy(), 2 * np.arange(3))
+
+
 def test_variable_position_does_not_recompile():
     """A toy KV cache written at a runtime position: one capture serves every position."""
     cache = pg.zeros(64, 4).contiguous().realize()
