@@ -1522,6 +1522,7 @@ class CompiledFunction:
     def __call__(self, *args, **kwargs):
         if pg.CTX.capturing is not None:
             return self.fn(*args, **kwargs)   # called inside another trace: part of it
+        pg.realize(*pg.pending_assigns())   # the caller's writes come first, and are not part of the step
         flat = list(args) + [kwargs[k] for k in sorted(kwargs)]
         signature = tuple(_signature_of(a) for a in flat)
         trace = self.traces.get(signature)
@@ -1562,6 +1563,7 @@ class CompiledFunction:
         if step.val + n - 1 > hi:
             raise ValueError(f"chain of {n} calls takes Variable {name!r} from {step.val} to {step.val + n - 1}, past "
                              f"its range [{lo}, {hi}]")
+        pg.realize(*pg.pending_assigns())
         trace = self.traces.get(tuple(_signature_of(a) for a in args))
         if trace is not None and not trace.is_stale() and pg.CTX.capturing is None:
             chained = trace.replay_chain(args, n, feed, var)
@@ -1620,7 +1622,7 @@ class Trace:
                 call.append(a)
         input_serials = {t._buffer().serial: k for k, t in enumerate(call) if isinstance(t, pg.Tensor)}
         closure_reads = _closure_reads(fn)
-        pg.realize(*_pending_assigns(closure_reads))   # an assign made before the call is not part of the step
+        pg.realize(*pg.pending_assigns())   # an assign made before the call is not part of the step
         first_serial = Buffer.next_serial()
         capture = Capture()
         # the step's intermediates are told by their buffers being freed: those kept only by reference cycles must
@@ -1630,8 +1632,8 @@ class Trace:
             try:
                 result = fn(*call[:len(args)], **dict(zip(sorted(kwargs), call[len(args):])))
                 outs = _flatten_outputs(result)
-                # the step's assigns to what it reads by name are its effects, recorded even if no output needs them
-                pg.realize(*outs, *_pending_assigns(closure_reads))
+                # the step's assigns are its effects, recorded even if no output needs them
+                pg.realize(*outs, *pg.pending_assigns())
             finally:
                 pg.CTX.capturing = None
             for t in outs:   # outputs are plain buffers: their graphs (and the intermediates they pin) are dropped
@@ -1904,11 +1906,6 @@ def _closure_reads(fn):
     return reads
 
 
-def _pending_assigns(reads):
-    """The tensors among what fn reads by name with an assign not run yet."""
-    return [v for _, v in reads if isinstance(v, pg.Tensor) and v.uop.op is Ops.ASSIGN and v.uop.assigned is None]
-
-
 def _closure_guards(reads):
     """Guards over what fn read by name, made after the capture from the values before it: a rebound tensor or a
     changed Python number means the capture is stale and fn is traced again."""
@@ -1917,14 +1914,14 @@ def _closure_guards(reads):
 
 
 def _guard_for(read, value):
-    """The name still holds the same tensor, as the capture left it (a replay writes the tensor's buffer in place
-    and leaves the tensor alone, so the step's own assign into it keeps the capture valid), or an equal number or
-    string. A name the step rebinds itself fails at once: no replay does that."""
+    """The name still holds the same tensor, as the capture left it or written in place since (a replay writes the
+    tensor's buffer and leaves the tensor alone; the caller's own assign leaves it a new version of the same buffer),
+    or an equal number or string. A name the step rebinds itself fails at once: no replay does that."""
     if isinstance(value, pg.Tensor):
-        uop = value.uop
+        uop, buf = value.uop, value._buffer()
 
         def guard():
-            return read() is value and value.uop is uop
+            return read() is value and (value.uop is uop or (buf is not None and value._buffer() is buf))
     elif isinstance(value, (int, float, str)):
         def guard():
             return type(read()) is type(value) and read() == value

@@ -910,6 +910,8 @@ class Tensor:
         self.uop = UOp(Ops.ASSIGN, self.dtype, (self.uop, value.uop.cast(self.dtype)))
         if CTX.eager:
             realize(self)
+        else:
+            _PENDING_ASSIGNS[id(self)] = self
         return self
 
     def __setitem__(self, index, value):
@@ -2033,6 +2035,23 @@ def scaled_dot_product_attention(q, k, v, attn_mask=None, is_causal=False, scale
     if attn_mask is not None:
         scores = where(attn_mask, scores, float("-inf")) if attn_mask.dtype is bool_ else scores + attn_mask
     return scores.softmax(-1) @ v
+
+
+# Tensors with an assign that has not run yet. A compiled step runs them before it traces or replays, so that a
+# write the caller made before the call lands before the step reads (in order, as eager mode would), however the
+# step reaches the tensor: by name, or through an attribute or a list. Keyed by id (a tensor's == is elementwise).
+_PENDING_ASSIGNS = weakref.WeakValueDictionary()
+
+
+def pending_assigns() -> list[Tensor]:
+    """The tensors whose assign has not run yet (one that ran as part of another realize is dropped here)."""
+    pending = []
+    for key, t in list(_PENDING_ASSIGNS.items()):
+        if t.uop.op is Ops.ASSIGN and t.uop.assigned is None:
+            pending.append(t)
+        else:
+            del _PENDING_ASSIGNS[key]
+    return pending
 
 
 def realize(*tensors: Tensor):
