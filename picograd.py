@@ -2045,6 +2045,8 @@ _PENDING_ASSIGNS = weakref.WeakValueDictionary()
 
 def pending_assigns() -> list[Tensor]:
     """The tensors whose assign has not run yet (one that ran as part of another realize is dropped here)."""
+    if not _PENDING_ASSIGNS:   # the common case, checked on every compiled call
+        return []
     pending = []
     for key, t in list(_PENDING_ASSIGNS.items()):
         if t.uop.op is Ops.ASSIGN and t.uop.assigned is None:
