@@ -1621,8 +1621,8 @@ class Trace:
             else:
                 call.append(a)
         input_serials = {t._buffer().serial: k for k, t in enumerate(call) if isinstance(t, pg.Tensor)}
+        # the caller's pending assigns have run (CompiledFunction.__call__): any assign now pending is the step's
         closure_reads = _closure_reads(fn)
-        pg.realize(*pg.pending_assigns())   # an assign made before the call is not part of the step
         first_serial = Buffer.next_serial()
         capture = Capture()
         # the step's intermediates are told by their buffers being freed: those kept only by reference cycles must
