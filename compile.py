@@ -1563,7 +1563,7 @@ class CompiledFunction:
         if step.val + n - 1 > hi:
             raise ValueError(f"chain of {n} calls takes Variable {name!r} from {step.val} to {step.val + n - 1}, past "
                              f"its range [{lo}, {hi}]")
-        pg.realize(*pg.pending_assigns())
+        pg.realize(*pg.pending_assigns())   # as a call does: the caller's writes first
         trace = self.traces.get(tuple(_signature_of(a) for a in args))
         if trace is not None and not trace.is_stale() and pg.CTX.capturing is None:
             chained = trace.replay_chain(args, n, feed, var)
