@@ -124,8 +124,11 @@ static inline int pg_slice(int t, int threads, int n, int step) {
 """
 
 
-# Below this many operations a kernel runs on one thread: waking the others costs more than it saves.
-PARALLEL_WORK = 1 << 18
+# Below this many operations a kernel runs on one thread: waking the others costs more than it saves. Counted in
+# operations, a decode step's attention is small, but it reads a KV cache that the step's weight stream has just
+# evicted, one miss at a time: at 2^18 a stories15M token at positions 200-248 spent 470-490 us in its small
+# kernels, at 2^16 (the attention of 128 positions and more on two threads) 260-290.
+PARALLEL_WORK = 1 << 16
 
 
 def last_level_cache_bytes() -> int:
