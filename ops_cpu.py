@@ -224,6 +224,7 @@ class CRenderer:
         self.lines, self.scopes, self.counter, self.kernel = [], [{}], 0, kernel
         self.parked, self.next_row = {}, None   # see park_shared_value and hoist_rows
         self.stream, self.readback = False, None   # see streams and park_shared_value
+        self.columns = None   # see column_reduction
         self.functions = []   # printed before the kernel: the loops of a threaded kernel (render_threaded)
         self.lines.append(self.signature(kernel) + " {")
         self.render_body(kernel)
@@ -253,6 +254,8 @@ class CRenderer:
         # in each thread's slice function it would be computed twice, its parked values written over the other
         # thread's results. Such a loop stores plainly (its threads' streaming stores would need a fence each).
         deps = self.deps = compiler.range_sets(kernel.store)   # which loops each node depends on
+        self.columns = self.column_reduction(kernel)
+        self.stream = self.stream and self.columns is None
         whole = any(n.op is Ops.ACC and not deps[n] for n in kernel.store.toposort())
         if threaded and not whole:
             return self.render_threaded(kernel)
@@ -286,6 +289,8 @@ class CRenderer:
     def render_loops(self, kernel, bounds=None, parallel=False):
         """The loops around the store; `bounds` (names of the first and past-the-end values) limits the outermost
         one to a thread's slice, `parallel` shares it out between the threads."""
+        if self.columns is not None:
+            return self.render_columns(kernel, self.columns, bounds)
         depth = 1
         # reductions that depend on the outer loops only (a softmax's max and sum, fused into the kernel that
         # writes it) are computed as soon as those loops are open: once per row, not once per element
@@ -326,6 +331,81 @@ class CRenderer:
             self.close_loop(depth)
         if self.stream:
             self.emit("pg_stream_fence();", 1)
+
+    COLUMNS = 128   # outputs whose sums a column reduction keeps side by side (8 AVX-512 registers)
+
+    def column_reduction(self, kernel):
+        """The reduction to render with the reduced loops outside the output's innermost loop (render_columns), or
+        None. That order suits one float sum or max per output whose loads step through the reduced loop with a
+        stride and through the innermost output loop contiguously: a column sum (x.sum(0)), or a decode step's
+        attention-weighted sum of the cached values (each output reads one float per cached position, 3 KB apart).
+        Reduced innermost, every load there is a different cache line and no vector covers two of them."""
+        ranges = kernel.ranges
+        if kernel.scatter is not None or not ranges or ranges[-1].arg[1] < 8:
+            return None
+        accs = [n for n in kernel.store.toposort() if n.op is Ops.ACC]
+        if len(accs) != 1 or accs[0].dtype is not float32 or accs[0].arg[0] not in (Ops.ADD, Ops.MAX):
+            return None
+        acc, inner = accs[0], ranges[-1]
+        reduced = acc.arg[1][-1]
+        if not set(ranges) <= self.deps[acc]:
+            return None   # a row's reduction broadcast over the row: render_loops computes it once per row
+        strided = False
+        for load in acc.src[0].toposort():
+            if load.op is not Ops.LOAD:
+                continue
+            along, across = compiler._coeff(load.src[1], inner), compiler._coeff(load.src[1], reduced)
+            if along not in (0, 1) or across is None or (along == 1 and 0 < abs(across) < 16):
+                return None
+            strided = strided or (along == 1 and abs(across) >= 16)
+        return acc if strided else None
+
+    def render_columns(self, kernel, acc, bounds=None):
+        """A column reduction (see column_reduction): for each block of up to COLUMNS outputs along the innermost
+        loop, their sums in a stack array (registers), the reduced loops around a loop over the block that the
+        compiler vectorizes, then the stores. `bounds` limits the outermost loop to a thread's slice."""
+        depth = 1
+        *outer, inner = kernel.ranges
+        for i, r in enumerate(outer):
+            self.open_loop(r, depth, bounds if i == 0 else None)
+            depth += 1
+        name, n = inner.arg
+        block = min(self.COLUMNS, n)
+        first, end = bounds if bounds is not None and not outer else (0, n)
+        count = block if (first, end) == (0, n) and n % block == 0 else \
+            f"({end} - {name}_o < {block} ? {end} - {name}_o : {block})"
+        reduce_op, reduced = acc.arg
+        init = self.acc_init(reduce_op, float32)
+        self.emit(f"for (int {name}_o = {first}; {name}_o < {end}; {name}_o += {block}) {{", depth)
+        self.scopes.append({})
+        self.emit(f"float pg_col[{block}];", depth + 1)
+        self.emit(f"for (int {name}_l = 0; {name}_l < {block}; {name}_l++) pg_col[{name}_l] = {init};", depth + 1)
+        inside = depth + 1
+        for r in reduced:
+            self.open_loop(r, inside)
+            inside += 1
+        # what the block's loop does not change (a weight per position, an index check) is read once per position
+        opened = set(outer) | set(reduced)
+        self.hoist_invariants([n for n in acc.src[0].toposort() if n.op in (Ops.LOAD, Ops.CHECK)], self.deps,
+                              opened, inside)
+        self.emit(f"for (int {name}_l = 0; {name}_l < {count}; {name}_l++) {{", inside)
+        self.scopes.append({})
+        self.emit(f"int {name} = {name}_o + {name}_l;", inside + 1)
+        value = self.expr(acc.src[0], inside + 1)
+        self.emit(f"pg_col[{name}_l] = {self.acc_update(reduce_op, f'pg_col[{name}_l]', value, float32)};", inside + 1)
+        self.close_loop(inside)
+        for _ in reduced:
+            inside -= 1
+            self.close_loop(inside)
+        self.emit(f"for (int {name}_l = 0; {name}_l < {count}; {name}_l++) {{", depth + 1)
+        self.scopes.append({acc: f"pg_col[{name}_l]"})
+        self.emit(f"int {name} = {name}_o + {name}_l;", depth + 2)
+        self.store(kernel.store, depth + 2)
+        self.close_loop(depth + 1)
+        self.close_loop(depth)
+        while depth > 1:
+            depth -= 1
+            self.close_loop(depth)
 
     def streams(self, kernel) -> bool:
         """Whether the store goes through pg_stream, VECTOR floats at a time: for a float output of at least
