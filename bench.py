@@ -451,11 +451,11 @@ def bench_llama_inference(device, shape, decode_tokens=48, prompt_len=256, llama
     rng = np.random.default_rng(0)
     sync = pg.Device[device].synchronize
 
-    def decode_rate():
+    def decode_rate(tokens=decode_tokens):
         # greedy generation from one token through Llama.generate, as a user streams it: every token comes back to
         # the host as it is chosen (the torch loops below read theirs too); generate queues each step before it
         # waits for the previous step's token. Its timings leave out the prefill and any step that traced.
-        model.generate([1], decode_tokens, stop_ids=())
+        model.generate([1], tokens, stop_ids=())
         return model.timings["decode_tokens"] / model.timings["decode_s"]
     decode_rate()   # traces each context length's step
     ours_decode = float(np.median([decode_rate() for _ in range(3)]))
@@ -494,10 +494,18 @@ def bench_llama_inference(device, shape, decode_tokens=48, prompt_len=256, llama
     if llama2c_run and device == "CPU":
         # alternated, five times each: this machine's memory bandwidth swings by a third from minute to minute, so
         # one run of each side, minutes apart, compares two machines
+        # and over a whole window of 256 positions, as llama2.c's own figures are (its default -n 256): later
+        # positions attend over more of the cache
+        window = min(256, model.max_seq_len) - 1
+        decode_rate(window)   # traces the steps of the longer contexts
         with llama2c_files(config) as files:
             pairs = [(decode_rate(), llama2c_decode(llama2c_run, files, decode_tokens)) for _ in range(5)]
+            pairs_window = [(decode_rate(window), llama2c_decode(llama2c_run, files, window)) for _ in range(3)]
         ours_paired, theirs = np.median(pairs, axis=0)
         record("llama", f"{label} decode vs llama2.c on this machine (5 alternated runs)", ours_paired, theirs,
+               "tok/s", "llama2.c")
+        ours_paired, theirs = np.median(pairs_window, axis=0)
+        record("llama", f"{label} decode of {window} tokens vs llama2.c (3 alternated runs)", ours_paired, theirs,
                "tok/s", "llama2.c")
     elif shape in LLAMA2C_DECODE and device == "CPU":
         lo, hi = map(float, LLAMA2C_DECODE[shape].split("-"))
