@@ -346,15 +346,14 @@ class CRenderer:
         accs = [n for n in kernel.store.toposort() if n.op is Ops.ACC]
         if len(accs) != 1 or accs[0].dtype is not float32 or accs[0].arg[0] not in (Ops.ADD, Ops.MAX):
             return None
-        acc, inner = accs[0], ranges[-1]
-        reduced = acc.arg[1][-1]
+        acc, inner, innermost_reduced = accs[0], ranges[-1], accs[0].arg[1][-1]
         if not set(ranges) <= self.deps[acc]:
             return None   # a row's reduction broadcast over the row: render_loops computes it once per row
         strided = False
         for load in acc.src[0].toposort():
             if load.op is not Ops.LOAD:
                 continue
-            along, across = compiler._coeff(load.src[1], inner), compiler._coeff(load.src[1], reduced)
+            along, across = compiler._coeff(load.src[1], inner), compiler._coeff(load.src[1], innermost_reduced)
             if along not in (0, 1) or across is None or (along == 1 and 0 < abs(across) < 16):
                 return None
             strided = strided or (along == 1 and abs(across) >= 16)
@@ -386,8 +385,8 @@ class CRenderer:
             inside += 1
         # what the block's loop does not change (a weight per position, an index check) is read once per position
         opened = set(outer) | set(reduced)
-        self.hoist_invariants([n for n in acc.src[0].toposort() if n.op in (Ops.LOAD, Ops.CHECK)], self.deps,
-                              opened, inside)
+        self.hoist_invariants([node for node in acc.src[0].toposort() if node.op in (Ops.LOAD, Ops.CHECK)],
+                              self.deps, opened, inside)
         self.emit(f"for (int {name}_l = 0; {name}_l < {count}; {name}_l++) {{", inside)
         self.scopes.append({})
         self.emit(f"int {name} = {name}_o + {name}_l;", inside + 1)
