@@ -492,21 +492,17 @@ def bench_llama_inference(device, shape, decode_tokens=48, prompt_len=256, llama
         record("llama", f"{label} decode vs torch.compile + CUDA graphs", ours_decode, compiled, "tok/s",
                "torch.compile")
     if llama2c_run and device == "CPU":
-        # alternated, five times each: this machine's memory bandwidth swings by a third from minute to minute, so
-        # one run of each side, minutes apart, compares two machines
-        # and over a whole window of 256 positions, as llama2.c's own figures are (its default -n 256): later
-        # positions attend over more of the cache
+        # alternated: this machine's memory bandwidth swings by a third from minute to minute, so one run of each
+        # side, minutes apart, compares two machines. Over bench's 48 tokens, and over a whole window of 256
+        # positions as llama2.c's own figures are made (its default -n 256), where attention reads more of the cache
         window = min(256, model.max_seq_len) - 1
         decode_rate(window)   # traces the steps of the longer contexts
         with llama2c_files(config) as files:
-            pairs = [(decode_rate(), llama2c_decode(llama2c_run, files, decode_tokens)) for _ in range(5)]
-            pairs_window = [(decode_rate(window), llama2c_decode(llama2c_run, files, window)) for _ in range(3)]
-        ours_paired, theirs = np.median(pairs, axis=0)
-        record("llama", f"{label} decode vs llama2.c on this machine (5 alternated runs)", ours_paired, theirs,
-               "tok/s", "llama2.c")
-        ours_paired, theirs = np.median(pairs_window, axis=0)
-        record("llama", f"{label} decode of {window} tokens vs llama2.c (3 alternated runs)", ours_paired, theirs,
-               "tok/s", "llama2.c")
+            for tokens, runs, what in ((decode_tokens, 5, "decode"), (window, 3, f"decode of {window} tokens")):
+                pairs = [(decode_rate(tokens), llama2c_decode(llama2c_run, files, tokens)) for _ in range(runs)]
+                ours_paired, theirs = np.median(pairs, axis=0)
+                record("llama", f"{label} {what} vs llama2.c ({runs} alternated runs)", ours_paired, theirs,
+                       "tok/s", "llama2.c")
     elif shape in LLAMA2C_DECODE and device == "CPU":
         lo, hi = map(float, LLAMA2C_DECODE[shape].split("-"))
         record("llama", f"{label} decode vs llama2.c (its low figure)", ours_decode, lo, "tok/s", "llama2.c")

@@ -1563,12 +1563,13 @@ class CompiledFunction:
         if step.val + n - 1 > hi:
             raise ValueError(f"chain of {n} calls takes Variable {name!r} from {step.val} to {step.val + n - 1}, past "
                              f"its range [{lo}, {hi}]")
-        pg.realize(*pg.pending_assigns())   # as a call does: the caller's writes first
-        trace = self.traces.get(tuple(_signature_of(a) for a in args))
-        if trace is not None and not trace.is_stale() and pg.CTX.capturing is None:
-            chained = trace.replay_chain(args, n, feed, var)
-            if chained is not None:
-                return chained
+        if pg.CTX.capturing is None:   # (inside another trace, the loop below records the calls)
+            pg.realize(*pg.pending_assigns())   # as a call does: the caller's writes first
+            trace = self.traces.get(tuple(_signature_of(a) for a in args))
+            if trace is not None and not trace.is_stale():
+                chained = trace.replay_chain(args, n, feed, var)
+                if chained is not None:
+                    return chained
         results, shape = [], args[feed].shape
         for i in range(n):
             if i:
@@ -1746,9 +1747,9 @@ class Trace:
     def replay(self, flat):
         pg._STATS["replays"] += 1
         inputs, var_vals = self._inputs(flat)
-        if self._graph() is not None:
-            return self._replay_graph(inputs, var_vals)
         outs = [Buffer(*spec) if kind == "fresh" else None for kind, spec in self.outputs]
+        if self._graph() is not None:
+            return self._replay_graph(inputs, outs, var_vals)
         devices = set()
         for prog, slots, recorded_vars, device in self.launches:
             bufs = [inputs[ref] if kind == "input" else outs[ref] if kind == "output" else ref if kind == "fixed"
@@ -1822,8 +1823,7 @@ class Trace:
         fresh = [_buffer_tensor(b, shape) for b, shape in zip(outs, self.out_shapes)]
         return _unflatten_outputs(self.structure, iter(fresh))
 
-    def _replay_graph(self, inputs, var_vals):
-        outs = [Buffer(*spec) if kind == "fresh" else None for kind, spec in self.outputs]
+    def _replay_graph(self, inputs, outs, var_vals):
         self.graph.replay({k: inputs[k] for k in self.input_meta}, {k: b for k, b in enumerate(outs) if b},
                           self._var_values(var_vals))
         pg._STATS["kernels_launched"] += self.kernel_count

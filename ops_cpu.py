@@ -247,15 +247,14 @@ class CRenderer:
     def render_body(self, kernel):
         if kernel.scatter is not None:
             return self.render_scatter(kernel)
-        self.stream = self.streams(kernel)
+        deps = self.deps = compiler.range_sets(kernel.store)   # which loops each node depends on
+        self.columns = self.column_reduction(kernel)
+        self.stream = self.columns is None and self.streams(kernel)   # a column reduction stores plainly
         work = kernel.out_size * max(1, kernel.flops // max(kernel.out_size, 1))
         threaded = bool(kernel.ranges) and kernel.ranges[0].arg[1] > 1 and work >= PARALLEL_WORK and self.threads > 1
         # A reduction over everything (x / x.sum()) is computed once, before the threads share the outermost loop:
         # in each thread's slice function it would be computed twice, its parked values written over the other
         # thread's results. Such a loop stores plainly (its threads' streaming stores would need a fence each).
-        deps = self.deps = compiler.range_sets(kernel.store)   # which loops each node depends on
-        self.columns = self.column_reduction(kernel)
-        self.stream = self.stream and self.columns is None
         whole = any(n.op is Ops.ACC and not deps[n] for n in kernel.store.toposort())
         if threaded and not whole:
             return self.render_threaded(kernel)
