@@ -819,16 +819,20 @@ def test_cpu_exp2_within_2_ulp():
 
 
 def test_cpu_memory_blocks_aligned_and_apart():
-    """CPU blocks of every kind (malloc's, carved from the shared huge-page arenas, arrays of their own) are 64-byte
-    aligned and each holds its own bytes, across more than one arena; a freed block comes back for its size, and
-    kernels computing in arena blocks are right."""
+    """CPU blocks of every kind (malloc's, carved from the shared huge-page arenas, mappings of their own) are
+    64-byte aligned and each holds its own bytes, across more than one arena; blocks of their own start on a huge
+    page, even after big arrays were freed (when malloc would serve them from its heap); a freed block comes back
+    for its size, and kernels computing in arena blocks are right."""
     dev = ops_cpu.CPUDevice("CPU")   # a device of its own: its arenas start empty
     low, high = dev.ARENA_BLOCKS
-    sizes = [4, 1000, low - 4, low, low + 4, 300 << 10, high - 4, high, high + 4] + [high - 64] * 9
+    scratch = [np.ones(20 << 20, np.uint8) for _ in range(3)]
+    del scratch   # freed: malloc now serves blocks under 20 MB from its heap
+    sizes = [4, 1000, low - 4, low, low + 4, 300 << 10, high - 4, high, high + 4, 7 << 20] + [high - 64] * 9
     blocks = [dev.alloc(n) for n in sizes]
     assert sum(n for n in sizes if low <= n < high) > dev.ARENA_BYTES
     for k, mem in enumerate(blocks):
         assert mem.address % 64 == 0 and mem.nbytes == sizes[k] == mem.array.size
+        assert sizes[k] < high or mem.address % dev.HUGE_PAGE == 0, (sizes[k], hex(mem.address))
         dev.copyin(mem, np.full(sizes[k], k, dtype=np.uint8))
     for k, mem in enumerate(blocks):
         assert np.all(mem.array == k), k
