@@ -1180,16 +1180,18 @@ class Contraction:
     """A kernel of the form out[batch.., m.., n..] = epilogue(sum over k.. of A[batch.., m.., k..] * B[batch.., k..,
     n..]): what the matmul templates (CPU packing + micro-kernel, CUDA tensor cores) accept. Each side may span
     several loops (dimensions that could not be merged); M, N and K are their products, 1 for an empty side (a
-    matrix-vector product). `linear` holds when each side is one loop and both operands are plain loads at linear
-    indices: then `m`, `n`, `k` are those loops, `a_strides`/`b_strides`/`out_strides` map each loop to its
-    coefficient and `*_offset` is the constant part (what templates that read memory directly need)."""
+    matrix-vector product). An operand is plain when k and its own side are at most one loop each and it is a load
+    at an index linear in the loops: then `a_strides` (`b_strides`) maps each loop to its coefficient and `a_offset`
+    (`b_offset`) is the constant part, what templates that read memory directly need; otherwise they are None and
+    the operand is an expression to evaluate. `linear` holds when both operands are plain and the output index is
+    linear too; then `m`, `n`, `k` are the loops."""
 
-    def __init__(self, kernel, acc, a, b, m_ranges, n_ranges, k_ranges, batch, strides, offsets):
+    def __init__(self, kernel, acc, a, b, m_ranges, n_ranges, k_ranges, batch, a_form, b_form, out_linear):
         self.kernel, self.acc, self.a, self.b = kernel, acc, a, b
         self.m_ranges, self.n_ranges, self.k_ranges, self.batch = m_ranges, n_ranges, k_ranges, batch
-        self.linear = strides is not None
-        self.a_strides, self.b_strides, self.out_strides = strides or (None, None, None)
-        self.a_offset, self.b_offset, self.out_offset = offsets or (None, None, None)
+        self.a_strides, self.a_offset = a_form or (None, None)
+        self.b_strides, self.b_offset = b_form or (None, None)
+        self.linear = a_form is not None and b_form is not None and out_linear
         self.M, self.N, self.K = (prod(r.arg[1] for r in side) for side in (m_ranges, n_ranges, k_ranges))
 
     @property
@@ -1243,16 +1245,13 @@ def match_contraction(kernel: Kernel):
     # the accumulator must not be read by anything but the epilogue at its own (m, n), nor the output read back
     if any(n_.op is Ops.LOAD and n_.src[0].arg[0] == param.arg[0] for n_ in value.toposort()):
         return None
-    linear = None
-    if (len(m_ranges) <= 1 and len(n_ranges) <= 1 and len(k_ranges) == 1 and a.op is Ops.LOAD and b.op is Ops.LOAD
-            and a.src[2] is TRUE and b.src[2] is TRUE):
-        linear = (_linear_in_ranges(a.src[1]), _linear_in_ranges(b.src[1]), _linear_in_ranges(index))
-        if any(x is None for x in linear):
-            linear = None
-    if linear is None:
-        return Contraction(kernel, acc, a, b, m_ranges, n_ranges, list(k_ranges), batch, None, None)
-    (ca, oa), (cb, ob), (co, oo) = linear
-    return Contraction(kernel, acc, a, b, m_ranges, n_ranges, list(k_ranges), batch, (ca, cb, co), (oa, ob, oo))
+
+    def plain(operand, side):   # (coefficients by loop, constant) of a load at a linear index, else None
+        if len(k_ranges) == 1 and len(side) <= 1 and operand.op is Ops.LOAD and operand.src[2] is TRUE:
+            return _linear_in_ranges(operand.src[1])
+        return None
+    return Contraction(kernel, acc, a, b, m_ranges, n_ranges, list(k_ranges), batch, plain(a, m_ranges),
+                       plain(b, n_ranges), _linear_in_ranges(index) is not None)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

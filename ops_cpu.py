@@ -860,29 +860,33 @@ class GemmRenderer(CRenderer):
         for r, size in reversed(list(zip(c.batch, batch_sizes))):
             emit(f"int {r.arg[0]} = (bi / {stride}) % {size};", 2)
             stride *= size
+        # Each operand is read from memory where it is plain (a load at a linear index) and evaluated element by
+        # element where it is not, independently: an attention output read through its heads' transpose (A of
+        # the output projection) does not make the weights (B) an expression too
         direct_a = False
-        if c.linear:
-            a_param, b_param = c.a.src[0].arg[0], c.b.src[0].arg[0]
+        for name, operand, strides, offset in ("A", c.a, c.a_strides, c.a_offset), ("B", c.b, c.b_strides, c.b_offset):
+            if strides is not None:
+                base = " + ".join([str(offset)] + [f"(long){r.arg[0]}*{strides.get(r, 0)}" for r in c.batch])
+                emit(f"const float* restrict {name} = d{operand.src[0].arg[0]} + {base};", 2)
+        if c.a_strides is not None:
             am, ak = c.a_strides.get(c.m, 0), c.a_strides[c.k]
-            bn, bk = c.b_strides.get(c.n, 0), c.b_strides[c.k]
             direct_a = ak == 1 and am > 0
-            abase = " + ".join([str(c.a_offset)] + [f"(long){r.arg[0]}*{c.a_strides.get(r, 0)}" for r in c.batch])
-            bbase = " + ".join([str(c.b_offset)] + [f"(long){r.arg[0]}*{c.b_strides.get(r, 0)}" for r in c.batch])
-            emit(f"const float* restrict A = d{a_param} + {abase};", 2)
-            emit(f"const float* restrict B = d{b_param} + {bbase};", 2)
+        if c.b_strides is not None:
+            bn, bk = c.b_strides.get(c.n, 0), c.b_strides[c.k]
         # pack B once for the whole depth: slice pc starts at Bp + pc * ncr, panel jr at + jr * kc
         emit(f"for (int pc = 0; pc < {K}; pc += {KC}) {{", 2)
         emit(f"int kc = {K} - pc < {KC} ? {K} - pc : {KC};", 3)
         emit("float* restrict Bs = Bp + (long)pc * ncr;", 3)
-        if not c.linear:   # B is an expression (a view with flips, a prologue): evaluate it for each element
-            self.pack_general(c.b, c.n_ranges, c.k_ranges, "j", "nc", "ncr", NR,
-                              "Bs + (j / {R}) * {R} * kc + j % {R}", "jc", 3)
-        elif bn == 1:   # rows of B are contiguous: copy NR-wide row pieces
-            emit("for (int p = 0; p < kc; p++) {", 3)
-            emit(f"const float* src = B + (long)(pc + p) * {bk} + jc;", 4)
-            emit(f"for (int j = 0; j < ncr; j++) Bs[(j / {NR}) * {NR} * kc + p * {NR} + j % {NR}] = "
-                 f"j < nc ? src[j] : 0.0f;", 4)
-            emit("}", 3)
+        if c.b_strides is None:   # B is an expression (a view with flips, a prologue): evaluate it for each element
+            self.pack_general(c.b, c.n_ranges, c.k_ranges, "j", "nc", "ncr", NR, "Bs", "jc", 3)
+        elif bn == 1:   # rows of B are contiguous: copy NR-wide row pieces, panel by panel (one vector copy each)
+            emit(f"for (int j0 = 0; j0 < ncr; j0 += {NR})", 3)
+            emit("for (int p = 0; p < kc; p++) {", 4)
+            emit(f"const float* src = B + (long)(pc + p) * {bk} + jc + j0;", 5)
+            emit(f"float* dst = Bs + j0 * kc + p * {NR};", 5)
+            emit(f"if (j0 + {NR} <= nc) for (int j = 0; j < {NR}; j++) dst[j] = src[j];", 5)
+            emit(f"else for (int j = 0; j < {NR}; j++) dst[j] = j0 + j < nc ? src[j] : 0.0f;", 5)
+            emit("}", 4)
         elif bk == 1:
             # columns of B are contiguous (B = W^T, the weights of x @ W.T): 8 x 8 blocks transposed in registers;
             # a partial panel and a depth left over from the blocks go one element at a time
@@ -893,7 +897,9 @@ class GemmRenderer(CRenderer):
             emit("for (int p = 0; p < blocks; p += 8)", 4)
             emit(f"for (int j8 = 0; j8 < {NR}; j8 += 8) pg_transpose8(dst + p * {NR} + j8, {NR}, "
                  f"src + (long)j8 * {bn} + p, {bn});", 5)
-            emit("for (int p = blocks; p < kc; p++)", 4)
+            # p is long: as an int, gcc 12 saw an overflow in this loop (-Waggressive-loop-optimizations) where a
+            # constant depth left it no iterations
+            emit("for (long p = blocks; p < kc; p++)", 4)
             emit(f"for (int j = 0; j < {NR}; j++) dst[p * {NR} + j] = j0 + j < nc ? src[(long)j * {bn} + p] : 0.0f;", 5)
             emit("}", 3)
         else:         # columns of B are strided: walk each column down the depth
@@ -911,9 +917,9 @@ class GemmRenderer(CRenderer):
         emit(f"int kc = {K} - pc < {KC} ? {K} - pc : {KC};", 4)
         # pack A: MR-row panels, rows past the block zero; rows that are contiguous in k (x in x @ W.T) are read in
         # place instead (see micro_kernel)
-        if not c.linear:
-            self.pack_general(c.a, c.m_ranges, c.k_ranges, "i", "mc", f"(mc + {MR - 1}) / {MR} * {MR}", MR,
-                              "Ap + (i / {R}) * {R} * kc + i % {R}", "ic", 4)
+        if c.a_strides is None:
+            self.pack_general(c.a, c.m_ranges, c.k_ranges, "i", "mc", f"(mc + {MR - 1}) / {MR} * {MR}", MR, "Ap",
+                              "ic", 4)
         elif not direct_a:
             emit(f"for (int panel = 0; panel < mc; panel += {MR}) {{", 4)
             emit(f"float* dst = Ap + panel * kc;", 5)
@@ -952,21 +958,27 @@ class GemmRenderer(CRenderer):
         self.ldc = NB
         return self.preamble + "#include <omp.h>\n" + self.micro_kernel() + "\n".join(self.lines) + "\n"
 
-    def pack_general(self, operand, side, k, var, count, rounded, R, dst, start, depth):
-        """Pack an operand given as an expression: for each row (or column) `var` of the block and each depth p,
-        bind the loop variables and evaluate it; rows past the block get zeros."""
+    def pack_general(self, operand, side, k, var, count, rounded, R, panels, start, depth):
+        """Pack an operand given as an expression into R-wide panels (panel q at panels + q * R * kc): for each
+        depth p the k loops are bound once, then the panel's R rows (or columns) `var` are evaluated, so that a k
+        index with divisions (an attention output read through its heads' transpose) is worked out once per R
+        elements, not for each; rows past the block get zeros."""
         emit = self.emit
-        emit(f"for (int {var} = 0; {var} < {rounded}; {var}++) {{", depth)
-        emit(f"float* dst = {dst.format(R=R)};", depth + 1)
-        emit(f"if ({var} < {count}) {{", depth + 1)
-        emit("for (int p = 0; p < kc; p++) {", depth + 2)
+        first = f"{var}p"   # the panel's first row
+        emit(f"for (int {first} = 0; {first} < {rounded}; {first} += {R}) {{", depth)
+        emit(f"float* dst = {panels} + {first} * kc;", depth + 1)
+        emit("for (int p = 0; p < kc; p++) {", depth + 1)
         self.scopes.append({})
+        self.decompose("(pc + p)", self.dims(k), depth + 2)
+        emit(f"for (int {var} = {first}; {var} < {first} + {R}; {var}++) {{", depth + 2)
+        self.scopes.append({})
+        emit(f"if ({var} >= {count}) {{ dst[p * {R} + {var} - {first}] = 0.0f; continue; }}", depth + 3)
         self.decompose(f"({start} + {var})", self.dims(side), depth + 3)
-        self.decompose("(pc + p)", self.dims(k), depth + 3)
-        emit(f"dst[p * {R}] = {self.expr(operand, depth + 3)};", depth + 3)
+        emit(f"dst[p * {R} + {var} - {first}] = {self.expr(operand, depth + 3)};", depth + 3)
         self.scopes.pop()
         emit("}", depth + 2)
-        emit(f"}} else {{ for (int p = 0; p < kc; p++) dst[p * {R}] = 0.0f; }}", depth + 1)
+        self.scopes.pop()
+        emit("}", depth + 1)
         emit("}", depth)
 
     def micro_kernel(self) -> str:

@@ -755,6 +755,28 @@ def test_cpu_packed_matmul_depth_slices_and_column_blocks(m, k, n, transposed, g
                    for key, p in compiler._programs.items() if key[0] == "CPU" and hasattr(p, "source"))
 
 
+@pytest.mark.parametrize("m,heads,hd,n", [(7, 3, 5, 33), (129, 6, 48, 288), (33, 2, 129, 1000)])
+def test_cpu_matmul_one_operand_an_expression(m, heads, hd, n, gemm_vector):
+    """Each operand of a packed product is read from memory or evaluated on its own: an attention output read
+    through its heads' transpose (A, an expression whose depth index divides by the head size) times weights read
+    from memory (B: packed by 8 x 8 transposes for W.T, by row copies for W), and plain rows times weights under a
+    prologue (B the expression), against torch at odd sizes with either micro-kernel."""
+    import torch
+    y = RNG.standard_normal((heads, m, hd)).astype(np.float32)
+    w = RNG.standard_normal((n, heads * hd)).astype(np.float32)
+    x = RNG.standard_normal((m, heads * hd)).astype(np.float32)
+    py, pw, pwt, px = (pg.Tensor(a, device="CPU") for a in (y, w, np.ascontiguousarray(w.T), x))
+    ty, tw, tx = (torch.from_numpy(a).double() for a in (y, w, x))
+    through_heads, t_heads = py.transpose(0, 1).reshape(m, heads * hd), ty.transpose(0, 1).reshape(m, heads * hd)
+    for got, want in ((through_heads @ pw.T, t_heads @ tw.T), (through_heads @ pwt, t_heads @ tw.T),
+                      (px @ pw.relu().T, tx @ tw.relu().T)):
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-4, atol=1e-4 * np.sqrt(heads * hd))
+    if m >= 8:   # A packed element by element (a panel's rows for each depth), B read from memory
+        sources = [p.source for key, p in compiler._programs.items()
+                   if key[0] == "CPU" and "for (int ip = 0;" in getattr(p, "source", "")]
+        assert any("pg_transpose8(dst" in s for s in sources) and any("dst[j] = src[j]" in s for s in sources)
+
+
 def test_kernel_flops_count_a_fused_row_reduction_once_per_row():
     """DEBUG=2's GFLOP/s: the max and the sum of a softmax fused into its kernel run once per row, so they count
     row length x rows, not once more for every element (which showed the cross entropy's gradient at 15 TFLOP/s)."""
