@@ -1224,14 +1224,14 @@ class CPUDevice:
     kind = "CPU"
     CACHE_LIMIT = 2 << 30
     # Memory that a kernel streams wants transparent huge pages: the hardware prefetchers stop at the edge of a 4 KB
-    # page, and every page costs a TLB miss. numpy asks the kernel for them for arrays of 4 MB and more (they are
-    # slow to fault in the first time: a training step's first call spends about 1 s of system time on its 1.5 GB),
-    # which left a decode's per-layer weights (0.3-1.8 MB for stories15M) on small pages: its products ran at 11 GB/s
-    # where the vocabulary head, on huge pages, ran at 15. Blocks from ARENA_BLOCKS[0] up to ARENA_BLOCKS[1] are
-    # therefore carved, 64-byte aligned, from shared arenas of ARENA_BYTES that start on a 2 MB boundary. An arena
-    # lives as long as any of its blocks (freed blocks are reused through the cache, by size); smaller blocks stay
-    # on malloc's pages, so that scalars and masks do not pin arenas. Under AddressSanitizer every block is exactly
-    # its own array, so that a read one element past the end is reported.
+    # page, and every page costs a TLB miss (they are slow to fault in the first time: a training step's first call
+    # spends about 1 s of system time on its 1.5 GB). Blocks of ARENA_BLOCKS[1] and more get mappings of their own,
+    # whole huge pages (huge_page_bytes). Blocks from ARENA_BLOCKS[0] up to that are carved, 64-byte aligned, from
+    # shared arenas of ARENA_BYTES mapped the same way: on malloc's small pages, a stories15M decode's per-layer
+    # weights (0.3-1.8 MB) ran at 11 GB/s where the vocabulary head, on huge pages, ran at 15. An arena lives as
+    # long as any of its blocks (freed blocks are reused through the cache, by size); smaller blocks stay on
+    # malloc's pages, so that scalars and masks do not pin arenas. Under AddressSanitizer every block is exactly its
+    # own array, so that a read one element past the end is reported.
     ARENA_BYTES, HUGE_PAGE = 32 << 20, 2 << 20
     ARENA_BLOCKS = (64 << 10, 4 << 20)
 
