@@ -853,14 +853,16 @@ def test_cpu_memory_blocks_aligned_and_apart():
     blocks = [dev.alloc(n) for n in sizes]
     assert sum(n for n in sizes if low <= n < high) > dev.ARENA_BYTES
     for k, mem in enumerate(blocks):
-        assert mem.address % 64 == 0 and mem.nbytes == sizes[k] == mem.array.size
-        assert sizes[k] < high or mem.address % dev.HUGE_PAGE == 0, (sizes[k], hex(mem.address))
+        assert mem.nbytes == sizes[k] == mem.array.size
+        if not ops_cpu.ASAN:   # there every block is an exact array, so that reads past its end are caught
+            assert mem.address % 64 == 0, (sizes[k], hex(mem.address))
+            assert sizes[k] < high or mem.address % dev.HUGE_PAGE == 0, (sizes[k], hex(mem.address))
         dev.copyin(mem, np.full(sizes[k], k, dtype=np.uint8))
     for k, mem in enumerate(blocks):
         assert np.all(mem.array == k), k
     freed = blocks[5]
     dev.free(freed, freed.nbytes)
-    assert dev.alloc(300 << 10) is freed
+    assert (dev.alloc(300 << 10) is freed) != ops_cpu.ASAN   # AddressSanitizer builds reuse nothing
     x = RNG.standard_normal((129, 1000)).astype(np.float32)   # 516 KB: arena blocks in and out
     w = RNG.standard_normal((7, 1000)).astype(np.float32)
     got = (pg.Tensor(x, device="CPU") @ pg.Tensor(w, device="CPU").T).softmax(-1).numpy()
@@ -1645,7 +1647,8 @@ def test_long_run_memory_is_flat(mode, tmp_path):
     print(f"\n{mode}: step 10 rss {early['rss'] / 2**20:.1f} MiB, buffers {early['bytes_in_use']} B; "
           f"step {steps} rss {end['rss'] / 2**20:.1f} MiB, buffers {end['bytes_in_use']} B")
     assert end["bytes_in_use"] == early["bytes_in_use"], marks
-    assert end["rss"] - middle["rss"] < 2 << 20, marks
+    if not ops_cpu.ASAN:   # AddressSanitizer holds freed memory back (its quarantine) before reusing it
+        assert end["rss"] - middle["rss"] < 2 << 20, marks
 
 
 def test_kernel_cache_corrupt_entry_rebuilt(tmp_path):
@@ -3640,7 +3643,10 @@ def _have_gpu():
 HAVE_NVRTC = _have_nvrtc()
 HAVE_GPU = _have_gpu()
 HAVE_GXX = shutil.which(os.environ.get("CXX", "g++")) is not None
-needs_nvrtc = pytest.mark.skipif(not HAVE_NVRTC, reason="cuda-bindings / NVRTC not installed")
+# under AddressSanitizer (make test-asan, which checks the CPU kernels) NVRTC fails to build some kernels
+# (NVRTC_ERROR_BUILTIN_OPERATION_FAILURE) with the sanitizer's runtime preloaded
+needs_nvrtc = pytest.mark.skipif(not HAVE_NVRTC or ops_cpu.ASAN,
+                                 reason="cuda-bindings / NVRTC not installed, or AddressSanitizer preloaded")
 needs_gpu = pytest.mark.skipif(not HAVE_GPU, reason="no CUDA GPU")
 needs_gxx = pytest.mark.skipif(not HAVE_GXX, reason="no g++ for the CUDA emulator")
 
