@@ -931,11 +931,17 @@ class GemmRenderer(CRenderer):
         emit(f"for (int jr = 0; jr < nc; jr += {NR})", 4)
         emit(f"for (int ir = 0; ir < mc; ir += {MR})", 5)
         if direct_a:
-            emit(f"pg_ukernel(kc, A + (long)(ic + ir) * {am} + pc, {am}, 1, mc - ir, Bp + (long)pc * ncr + jr * kc, "
-                 f"Cs + ir * {NB} + jr, pc > 0);", 6)
+            args = f"kc, A + (long)(ic + ir) * {am} + pc, {am}, 1, mc - ir, Bp + (long)pc * ncr + jr * kc, " \
+                   f"Cs + ir * {NB} + jr, pc > 0"
         else:
-            emit(f"pg_ukernel(kc, Ap + ir * kc, 1, {MR}, {MR}, Bp + (long)pc * ncr + jr * kc, Cs + ir * {NB} + jr, "
-                 f"pc > 0);", 6)
+            args = f"kc, Ap + ir * kc, 1, {MR}, {MR}, Bp + (long)pc * ncr + jr * kc, Cs + ir * {NB} + jr, pc > 0"
+        # only the last column block's last panel can be partial (blocks are whole panels): when it is at most half
+        # full, a kernel of half the width skips the padding's FMAs (an attention head of 48 is 1.5 panels of 32)
+        self.half_panel = 0 < N % NR <= NR // 2
+        if self.half_panel:
+            emit(f"if (nc - jr > {NR // 2}) pg_ukernel({args}); else pg_ukernel_half({args});", 6)
+        else:
+            emit(f"pg_ukernel({args});", 6)
         emit("}", 3)
         # epilogue: the finished sums through the fused elementwise tail, stored at the output's own index
         emit("for (int i = 0; i < mc; i++) {", 3)
@@ -985,13 +991,19 @@ class GemmRenderer(CRenderer):
         """C[MR x NR] (+)= A[MR x kc] * B_panel[kc x NR], the accumulators held in vector registers. A's element
         (i, p) is a[i * si + p * sp]: a packed panel (si = 1, sp = MR) or rows of A read in place (sp = 1), of which
         the first `rows` are real; the others repeat the last real row (in bounds), and their sums are not used.
-        Each call site passes constant strides, so gcc inlines a kernel for its layout."""
-        MR, NR, NB, width = self.MR, self.NR, self.ldc, self.vector
-        vecs = NR // width
-        accs = [f"c{i}_{j}" for i in range(MR) for j in range(vecs)]
+        Each call site passes constant strides, so gcc inlines a kernel for its layout. pg_ukernel_half, where the
+        product has a last panel at most half full, computes the panel's first NR / 2 columns only."""
         lines = ["typedef float pg_v8f __attribute__((vector_size(32), aligned(4)));", TRANSPOSE8,
-                 f"typedef float pg_vec __attribute__((vector_size({4 * width}), aligned(4)));",
-                 "static inline void pg_ukernel(int kc, const float* restrict a, long si, long sp, int rows, "
+                 f"typedef float pg_vec __attribute__((vector_size({4 * self.vector}), aligned(4)));"]
+        lines += self.micro_kernel_lines("pg_ukernel", self.NR // self.vector)
+        if self.half_panel:
+            lines += self.micro_kernel_lines("pg_ukernel_half", self.NR // self.vector // 2)
+        return "\n".join(lines) + "\n"
+
+    def micro_kernel_lines(self, name, vecs) -> list:
+        MR, NR, NB, width = self.MR, self.NR, self.ldc, self.vector
+        accs = [f"c{i}_{j}" for i in range(MR) for j in range(vecs)]
+        lines = [f"static inline void {name}(int kc, const float* restrict a, long si, long sp, int rows, "
                  "const float* restrict b, float* restrict c, int add) {"]
         lines += [f"  const float* restrict a{i} = a + (long)({i} < rows ? {i} : rows - 1) * si;" for i in range(MR)]
         lines += ["  pg_vec " + ", ".join(f"{n} = {{0}}" for n in accs) + ";",
@@ -1006,7 +1018,7 @@ class GemmRenderer(CRenderer):
                 ptr = f"(pg_vec*)(c + {i * NB + width * j})"
                 lines.append(f"  if (add) *{ptr} += c{i}_{j}; else *{ptr} = c{i}_{j};")
         lines.append("}")
-        return "\n".join(lines) + "\n"
+        return lines
 
 
 # ----------------------------------------------------------------------------------------------------------------------

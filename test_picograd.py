@@ -734,12 +734,13 @@ def gemm_vector(request, monkeypatch):
     return request.param
 
 
-@pytest.mark.parametrize("m,k,n", [(129, 289, 257), (7, 1000, 33), (1000, 9, 129), (33, 20000, 300), (9, 513, 1000)])
+@pytest.mark.parametrize("m,k,n", [(129, 289, 257), (7, 1000, 33), (1000, 9, 129), (33, 20000, 300), (9, 513, 1000),
+                                   (40, 48, 48)])
 @pytest.mark.parametrize("transposed", [False, True])
 def test_cpu_packed_matmul_depth_slices_and_column_blocks(m, k, n, transposed, gemm_vector):
     """The packed CPU product over several depth slices and several column blocks (more than NB_MAX columns, or a
     deep K that narrows the blocks: B's packed depth per block is bounded), with operands given transposed
-    (strided packing), at odd sizes, with either micro-kernel."""
+    (strided packing), at odd sizes, with either micro-kernel and its half-width variant for a last panel."""
     a = RNG.standard_normal((m, k)).astype(np.float32)
     b = RNG.standard_normal((k, n)).astype(np.float32)
     if transposed:
@@ -751,8 +752,11 @@ def test_cpu_packed_matmul_depth_slices_and_column_blocks(m, k, n, transposed, g
     want = a.astype(np.float64) @ b.astype(np.float64)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.sqrt(k))
     if m >= 8:
-        assert any("pg_ukernel" in p.source and f"< {k}" in p.source and f"vector_size({4 * gemm_vector})" in p.source
-                   for key, p in compiler._programs.items() if key[0] == "CPU" and hasattr(p, "source"))
+        sources = [p.source for key, p in compiler._programs.items()
+                   if key[0] == "CPU" and "pg_ukernel" in getattr(p, "source", "") and f"< {k}" in p.source]
+        assert sources and all(f"vector_size({4 * gemm_vector})" in source for source in sources)
+        # a last panel (2 vectors wide) at most half full goes through the half-width kernel
+        assert all(("pg_ukernel_half(" in source) == (0 < n % (2 * gemm_vector) <= gemm_vector) for source in sources)
 
 
 @pytest.mark.parametrize("m,heads,hd,n", [(7, 3, 5, 33), (129, 6, 48, 288), (33, 2, 129, 1000)])
