@@ -937,8 +937,8 @@ class GemmRenderer(CRenderer):
             args = f"kc, Ap + ir * kc, 1, {MR}, {MR}, Bp + (long)pc * ncr + jr * kc, Cs + ir * {NB} + jr, pc > 0"
         # only the last column block's last panel can be partial (blocks are whole panels): when it is at most half
         # full, a kernel of half the width skips the padding's FMAs (an attention head of 48 is 1.5 panels of 32)
-        self.half_panel = 0 < N % NR <= NR // 2
-        if self.half_panel:
+        half_panel = 0 < N % NR <= NR // 2
+        if half_panel:
             emit(f"if (nc - jr > {NR // 2}) pg_ukernel({args}); else pg_ukernel_half({args});", 6)
         else:
             emit(f"pg_ukernel({args});", 6)
@@ -962,7 +962,7 @@ class GemmRenderer(CRenderer):
         emit("}", 1)
         emit("}", 0)
         self.ldc = NB
-        return self.preamble + "#include <omp.h>\n" + self.micro_kernel() + "\n".join(self.lines) + "\n"
+        return self.preamble + "#include <omp.h>\n" + self.micro_kernel(half_panel) + "\n".join(self.lines) + "\n"
 
     def pack_general(self, operand, side, k, var, count, rounded, R, panels, start, depth):
         """Pack an operand given as an expression into R-wide panels (panel q at panels + q * R * kc): for each
@@ -987,16 +987,16 @@ class GemmRenderer(CRenderer):
         emit("}", depth + 1)
         emit("}", depth)
 
-    def micro_kernel(self) -> str:
+    def micro_kernel(self, half_panel: bool) -> str:
         """C[MR x NR] (+)= A[MR x kc] * B_panel[kc x NR], the accumulators held in vector registers. A's element
         (i, p) is a[i * si + p * sp]: a packed panel (si = 1, sp = MR) or rows of A read in place (sp = 1), of which
         the first `rows` are real; the others repeat the last real row (in bounds), and their sums are not used.
-        Each call site passes constant strides, so gcc inlines a kernel for its layout. pg_ukernel_half, where the
-        product has a last panel at most half full, computes the panel's first NR / 2 columns only."""
+        Each call site passes constant strides, so gcc inlines a kernel for its layout. With half_panel (the product
+        has a last panel at most half full) also pg_ukernel_half, which computes a panel's first NR / 2 columns."""
         lines = ["typedef float pg_v8f __attribute__((vector_size(32), aligned(4)));", TRANSPOSE8,
                  f"typedef float pg_vec __attribute__((vector_size({4 * self.vector}), aligned(4)));"]
         lines += self.micro_kernel_lines("pg_ukernel", self.NR // self.vector)
-        if self.half_panel:
+        if half_panel:
             lines += self.micro_kernel_lines("pg_ukernel_half", self.NR // self.vector // 2)
         return "\n".join(lines) + "\n"
 
@@ -1208,11 +1208,15 @@ class CPUMemory:
         self.address, self.nbytes = raw.ctypes.data + offset, nbytes
 
 
+def _out_of_memory(nbytes) -> MemoryError:
+    return MemoryError(f"CPU: cannot allocate {nbytes} bytes ({nbytes / 2**30:.2f} GiB)")
+
+
 def host_bytes(nbytes) -> np.ndarray:
     try:
         return np.empty(nbytes, dtype=np.uint8)
     except (MemoryError, ValueError):
-        raise MemoryError(f"CPU: cannot allocate {nbytes} bytes ({nbytes / 2**30:.2f} GiB)") from None
+        raise _out_of_memory(nbytes) from None
 
 
 def huge_page_bytes(nbytes, huge_page: int) -> tuple[np.ndarray, int]:
@@ -1224,7 +1228,7 @@ def huge_page_bytes(nbytes, huge_page: int) -> tuple[np.ndarray, int]:
     try:
         pages = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     except OSError:
-        raise MemoryError(f"CPU: cannot allocate {nbytes} bytes ({nbytes / 2**30:.2f} GiB)") from None
+        raise _out_of_memory(nbytes) from None
     if hasattr(mmap, "MADV_HUGEPAGE"):
         pages.madvise(mmap.MADV_HUGEPAGE)
     raw = np.frombuffer(pages, dtype=np.uint8)   # keeps the mapping alive; unmapped when the last view goes
