@@ -724,6 +724,29 @@ def test_cpu_index_check_hoisted_out_of_row_loops():
         assert checks and all(len(line) - len(line.lstrip()) <= indent for line in checks), source
 
 
+def test_cpu_long_sums_of_products_keep_one_vector(monkeypatch):
+    """A matrix-vector row of 2048 and more (decode's down projection) and a long sum of squares keep one vector of
+    partial sums; shorter rows and sums of exponentials keep two. Each against torch in float64, with a tail (2051
+    is 128 vectors of 16 and 3)."""
+    monkeypatch.setattr(compiler, "_programs", {})
+    cases = {}
+    for k in (768, 2051):
+        x, w = RNG.standard_normal((1, k)).astype(np.float32), RNG.standard_normal((9, k)).astype(np.float32)
+        want = torch.from_numpy(x).double() @ torch.from_numpy(w).double().T
+        cases[f"matvec {k}"] = (pg.Tensor(x) @ pg.Tensor(w).T, want)
+    rows = RNG.standard_normal((3, 4099)).astype(np.float32)
+    cases["squares 4099"] = ((pg.Tensor(rows) * pg.Tensor(rows)).sum(-1),
+                             (torch.from_numpy(rows).double() ** 2).sum(-1))
+    cases["softmax 4099"] = (pg.Tensor(rows).softmax(-1), torch.from_numpy(rows).double().softmax(-1))
+    lanes = {}
+    for name, (got, want) in cases.items():
+        before = set(compiler._programs)
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5, atol=1e-5, err_msg=name)
+        sources = [compiler._programs[key].source for key in set(compiler._programs) - before]
+        lanes[name] = {int(n) for source in sources for n in re.findall(r"float acc\d+_p\[(\d+)\];", source)}
+    assert lanes == {"matvec 768": {32}, "matvec 2051": {16}, "squares 4099": {16}, "softmax 4099": {32}}, lanes
+
+
 @pytest.fixture(params=[8, 16], ids=["avx2", "avx512"])
 def gemm_vector(request, monkeypatch):
     """The CPU matmul's micro-kernel for each vector width, whatever this CPU has (gcc splits a 16-float vector into
