@@ -631,24 +631,13 @@ class CRenderer:
         args = [self.expr(s, depth) for s in u.src]
         return self.temp(u, self.alu(op, args, u.dtype, [s.dtype for s in u.src], u.arg), depth)
 
-    partial_sums = True   # long float sums keep 8-32 partial sums (vector lanes, independent FMA chains)
-    COSTLY = (Ops.EXP2, Ops.LOG2, Ops.SIN, Ops.SQRT, Ops.RECIP)
-
     def accumulate(self, u, depth):
         reduce_op, ranges = u.arg
         acc = f"acc{self.counter}"
         self.counter += 1
         n = ranges[-1].arg[1]
-        lanes = next((k for k in (32, 16, 8) if n >= 4 * k), 0) if self.partial_sums else 0
-        if n >= 2048 and reduce_op is Ops.ADD and not any(node.op in self.COSTLY for node in u.src[0].toposort()):
-            # a long sum of loads, products and adds (a matrix-vector row, a sum of squares) waits on memory: one
-            # AVX-512 vector of partial sums keeps up with it, as llama2.c's loop does. Measured, not understood:
-            # with two, matrix-vector rows of 2048 read 14-30% slower (stories110M decode's down projection
-            # trailed llama2.c's by that), rows of 4096 2-7% faster, and rows of 288 and 768 were level or a few
-            # percent faster, so shorter rows keep 32. Sums of exponentials keep 32 to hide their arithmetic.
-            lanes = 16
-        if lanes and reduce_op in (Ops.ADD, Ops.MAX) and u.dtype is float32:
-            return self.accumulate_partials(u, acc, depth, lanes)
+        if n >= 32 and reduce_op in (Ops.ADD, Ops.MAX) and u.dtype is float32:
+            return self.accumulate_partials(u, acc, depth, self.partial_sum_lanes(u, n))
         self.emit(f"{self.ctype(u.dtype)} {acc} = {self.acc_init(reduce_op, u.dtype)};", depth)
         for r in ranges:
             self.open_loop(r, depth)
@@ -661,6 +650,19 @@ class CRenderer:
             self.close_loop(depth)
         self.scopes[-1][u] = acc
         return acc
+
+    def partial_sum_lanes(self, u, n) -> int:
+        """How many partial results a float sum or max of n >= 32 terms keeps side by side (vector lanes, independent
+        FMA chains): up to 32, at least 4 per lane. A long sum of loads, products and adds (a matrix-vector row, a
+        sum of squares) waits on memory, and keeps one AVX-512 vector, as llama2.c's loop does. That is measured,
+        not understood: with two, matrix-vector rows of 2048 read 14-30% slower (stories110M decode's down
+        projection trailed llama2.c's by that); rows of 4096 were within 4% either way in decode-like kernels, but
+        a lone [8192 x 4096] product lost 7-22% with one; rows of 288 and 768 were level or a few percent faster
+        with two, so shorter sums keep 32. Sums of exponentials keep 32 to hide their arithmetic."""
+        if n >= 2048 and u.arg[0] is Ops.ADD and not any(
+                node.op in self.math_fns or node.op is Ops.RECIP for node in u.src[0].toposort()):
+            return 16
+        return next(k for k in (32, 16, 8) if n >= 4 * k)
 
     def accumulate_partials(self, u, acc, depth, lanes):
         """A float sum or max whose innermost loop is long: `lanes` partial results updated side by side (the
