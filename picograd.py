@@ -908,6 +908,7 @@ class Tensor:
                                f"of it with t[a:b] = value")
         self._make_buffer_view()
         self.uop = UOp(Ops.ASSIGN, self.dtype, (self.uop, value.uop.cast(self.dtype)))
+        _note_written(self)
         if CTX.eager:
             realize(self)
         else:
@@ -931,6 +932,7 @@ class Tensor:
         write = UOp(Ops.ASSIGN, self.dtype, (region.uop, value.uop.cast(self.dtype)))
         _realize_uops([write], [self.device])
         self.uop = write.assigned.base().reshape(self.shape)
+        _note_written(self)
 
     def _make_buffer_view(self):
         """Make self.uop a plain view of a buffer this tensor may write (the target an in-place write needs).
@@ -2075,6 +2077,13 @@ def realize(*tensors: Tensor):
         elif not t.requires_grad or t._is_leaf:
             # drop the graph behind a realized tensor; one that feeds a gradient keeps it (its nodes are memoized)
             t.uop = UOp(Ops.BUFFER, t.dtype, (), (node.realized, node.realized.version)).reshape(t.shape)
+
+
+def _note_written(t: Tensor):
+    """t writes its buffer in place (assign, setitem). Inside a @pg.compile trace the capture keeps it, so that each
+    replay, which writes the buffer again, moves t on to the new version."""
+    if CTX.capturing is not None:
+        CTX.capturing.written_tensors.append(weakref.ref(t))
 
 
 def _realize_uops(uops, devices):

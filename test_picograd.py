@@ -2023,6 +2023,41 @@ def test_compiled_step_keeps_its_trace_when_the_caller_writes_a_tensor_it_reads(
     assert step(x).item() == 33
 
 
+def test_compiled_step_writes_leave_older_lazy_tensors_stale(device):
+    """Every call of a step writes its state again, a replay as much as the call that traced it: a lazy tensor
+    built over the state before a call fails to realize after it, as it does outside a compiled step, and the
+    state's own tensors (a parameter's assign, a cache's setitem, a chain's n writes) read their new contents.
+    Before, replays left the buffers' versions alone, and such a tensor silently read a later call's values."""
+    w = pg.Tensor(np.zeros(3, dtype=np.float32), device=device).realize()
+    cache = pg.Tensor(np.zeros((8, 3), dtype=np.float32), device=device).realize()
+
+    @pg.compile
+    def step(x, pos):
+        w.assign(w + x.reshape(3))
+        cache[pos:pos + 1] = w.reshape(1, 3)
+        return x * 1.0
+
+    x = pg.Tensor(np.ones((1, 3), dtype=np.float32), device=device)
+    for p in range(5):   # warm-up, trace, replays
+        before_w, before_cache = w * 10, cache.sum(0)
+        step(x, pg.Variable("pos", 0, 7).bind(p))
+        for lazy in (before_w, before_cache):
+            with pytest.raises(RuntimeError, match="modified in place"):
+                lazy.numpy()
+        np.testing.assert_array_equal(w.numpy(), np.full(3, p + 1))
+        np.testing.assert_array_equal(cache.numpy()[:p + 1], np.repeat(np.arange(1, p + 2)[:, None], 3, 1))
+        np.testing.assert_array_equal((w * 10).numpy(), np.full(3, 10 * (p + 1)))   # new lazy tensors are fine
+    step(x, pg.Variable("pos", 0, 7).bind(5))   # nothing built over the state in between: no new versions needed
+    np.testing.assert_array_equal(w.numpy(), np.full(3, 6))
+    np.testing.assert_array_equal(cache.numpy()[5], np.full(3, 6))
+    before_w = w * 10
+    step.chain(2, x, pg.Variable("pos", 0, 7).bind(6), feed=0, var="pos")
+    with pytest.raises(RuntimeError, match="modified in place"):
+        before_w.numpy()
+    np.testing.assert_array_equal(w.numpy(), np.full(3, 8))
+    np.testing.assert_array_equal(cache.numpy()[6:], [[7] * 3, [8] * 3])
+
+
 def test_variable_position_does_not_recompile():
     """A toy KV cache written at a runtime position: one capture serves every position."""
     cache = pg.zeros(64, 4).contiguous().realize()
