@@ -585,7 +585,10 @@ def print_kernel_profile(fn, what, top=20):
               f"{flop / us / 1e3:9.1f} GFLOP/s {nbytes / us / 1e3:8.1f} GB/s", flush=True)
 
 
-def bench_llama_training(device, shape, batch=8, seq=256, steps=4, tf32=False, profile=False):
+def bench_llama_training(device, shape, batch=8, seq=256, steps=5, tf32=False, profile=False):
+    """Training tokens/s against transformers' Llama under torch, one step of each in turn: the memory's speed
+    swings from minute to minute on a shared machine, and all of one side's steps and then the other's would
+    compare two different machines. Medians of `steps` steps each, after each side's first two."""
     import llama
     import torch
     from transformers import LlamaForCausalLM
@@ -594,29 +597,17 @@ def bench_llama_training(device, shape, batch=8, seq=256, steps=4, tf32=False, p
     model = llama.Llama(config, llama.Llama.init_weights(config, seed=0), device=device, max_seq_len=seq,
                         requires_grad=True)
     opt = pg.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
-
     step = pg.compile(_training_step(model, opt))
-    rng = np.random.default_rng(0)
-    batches = [rng.integers(0, config.vocab_size, (2, batch, seq)).astype(np.int32) for _ in range(steps + 2)]
-
-    def run(k):
-        step(pg.Tensor(batches[k][0], device=device), pg.Tensor(batches[k][1], device=device)).item()
-    run(0)
-    run(1)
-    start = time.perf_counter()
-    for k in range(steps):
-        run(k + 2)
-    ours = steps * batch * seq / (time.perf_counter() - start)
-    if profile:
-        print_kernel_profile(lambda: step.__wrapped__(pg.Tensor(batches[0][0], device=device),
-                                                      pg.Tensor(batches[0][1], device=device)).item(),
-                             f"one {shape} training step, uncompiled, {'tf32' if tf32 else 'fp32'}")
-    pg.TF32 = False
     dev = "cpu" if device == "CPU" else "cuda"
-    torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.manual_seed(0)
     ref = LlamaForCausalLM(hf).to(dev)
     topt = torch.optim.AdamW(ref.parameters(), lr=1e-4, weight_decay=0.1)
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    rng = np.random.default_rng(0)
+    batches = [rng.integers(0, config.vocab_size, (2, batch, seq)).astype(np.int32) for _ in range(steps + 2)]
+
+    def ours_step(k):
+        step(pg.Tensor(batches[k][0], device=device), pg.Tensor(batches[k][1], device=device)).item()
 
     def torch_step(k):
         x = torch.tensor(batches[k][0], dtype=torch.long, device=dev)
@@ -626,13 +617,21 @@ def bench_llama_training(device, shape, batch=8, seq=256, steps=4, tf32=False, p
         topt.step()
         topt.zero_grad()
         loss.item()
-    torch_step(0)
-    start = time.perf_counter()
-    for k in range(steps):
-        torch_step(k + 1)
-    theirs = steps * batch * seq / (time.perf_counter() - start)
+    times = {ours_step: [], torch_step: []}
+    for k in range(steps + 2):   # the first two: our compile and trace, torch's warm-up
+        for fn in times:
+            start = time.perf_counter()
+            fn(k)
+            times[fn].append(time.perf_counter() - start)
+    ours, theirs = (batch * seq / float(np.median(times[fn][2:])) for fn in (ours_step, torch_step))
+    if profile:
+        print_kernel_profile(lambda: step.__wrapped__(pg.Tensor(batches[0][0], device=device),
+                                                      pg.Tensor(batches[0][1], device=device)).item(),
+                             f"one {shape} training step, uncompiled, {'tf32' if tf32 else 'fp32'}")
+    pg.TF32 = False
     precision = "tf32" if tf32 else "fp32"
-    record("train", f"{shape} batch {batch} seq {seq} {precision} ({device})", ours, theirs, "tok/s", "torch")
+    record("train", f"{shape} batch {batch} seq {seq} {precision} ({device}), {steps} alternated steps", ours, theirs,
+           "tok/s", "torch")
 
 
 def main():
