@@ -2064,6 +2064,41 @@ def test_compiled_step_writes_leave_older_lazy_tensors_stale(device):
     np.testing.assert_array_equal(cache.numpy()[6:], [[7] * 3, [8] * 3])
 
 
+def test_compiled_step_follows_state_rebound_through_attributes(device):
+    """A tensor the step reaches through an object's attribute, a dict entry or a list entry, rebound by the caller
+    while the old tensor lives on (as an optimizer keeps a replaced parameter): the next call traces again and reads
+    the new one; calls that rebind nothing keep replaying. Before, replays went on reading the old tensor."""
+    def full(v):
+        return pg.Tensor(np.full(3, v, dtype=np.float32), device=device).realize()
+
+    class Model:
+        pass
+    model = Model()
+    model.scale, model.weights, model.layers = full(1), {"w": full(2)}, [full(3)]
+
+    @pg.compile
+    def step(x):
+        return (x * model.scale + model.weights["w"] * model.layers[0]).sum()
+
+    x = pg.Tensor(np.ones(3, dtype=np.float32), device=device)
+    kept = []   # the old tensors stay alive, so no freed buffer tells the capture it is stale
+    for i, rebind in enumerate([None, None, None, "scale", "w", "layer", None, None]):
+        if rebind == "scale":
+            kept.append(model.scale)
+            model.scale = full(5)
+        elif rebind == "w":
+            kept.append(model.weights["w"])
+            model.weights["w"] = full(7)
+        elif rebind == "layer":
+            kept.append(model.layers[0])
+            model.layers[0] = full(11)
+        traces = pg.stats()["traces"]
+        want = 3 * (model.scale.numpy()[0] + model.weights["w"].numpy()[0] * model.layers[0].numpy()[0])
+        assert step(x).item() == want, f"call {i}"
+        if i in (2, 7):   # replays of an unchanged capture
+            assert pg.stats()["traces"] == traces
+
+
 def test_variable_position_does_not_recompile():
     """A toy KV cache written at a runtime position: one capture serves every position."""
     cache = pg.zeros(64, 4).contiguous().realize()
