@@ -209,9 +209,9 @@ for spec in sys.argv[1:]:
     b = b.transpose(0, 2, 1) if transposed else np.ascontiguousarray(b.transpose(0, 2, 1))
     if batch == 1:
         a, b = a[0], b[0]
-    a @ b
+    t = time.perf_counter(); a @ b; first = time.perf_counter() - t
     ts = []
-    for _ in range(5):
+    for _ in range(max(5, min(200, int(0.1 / first)))):   # a tenth of a second of products, as bench_matmul times
         t = time.perf_counter(); a @ b; ts.append(time.perf_counter() - t)
     print(spec, 2 * batch * m * k * n / np.median(ts) / 1e9)
 """
@@ -246,14 +246,26 @@ def matmul_cases(sizes, shapes):
     return cases
 
 
-def bench_matmul(device, sizes, shapes):
+def product_time(mm, a, device) -> float:
+    """The median time of mm(a) over about a tenth of a second of calls (5 at least): a 256x288x288 product takes
+    0.25 ms, and five of them read one moment of a machine that swings."""
+    sync = pg.Device[device].synchronize
+    start = time.perf_counter()
+    mm(a)
+    sync()
+    first = time.perf_counter() - start
+    return median_time(lambda: mm(a), reps=max(5, min(200, int(0.1 / first))), sync=sync)
+
+
+def bench_matmul(device, sizes, shapes, cpu_rounds=3):
+    """Each product beside its baseline. On the CPU, numpy's two OpenBLAS runs and ours take turns for cpu_rounds
+    rounds and each figure is the median of its rounds: a single pass of each, minutes apart on a machine whose
+    memory and clock swing, read the 256x288x288 product at 0.75 of numpy in one run and 1.04 in the next."""
     cases = matmul_cases(sizes, shapes)
-    if device == "CPU":
-        as_set = numpy_matmul_gflops(cases, True)
-        unset = numpy_matmul_gflops(cases, False)
     rng = np.random.default_rng(0)
     for tf32 in ([False] if device == "CPU" else [False, True]):
         pg.TF32 = tf32
+        products = []
         for label, batch, m, k, n, transposed in cases:
             a_np = rng.random((batch, m, k), dtype=np.float32)
             b_np = rng.random((batch, n, k), dtype=np.float32)
@@ -265,15 +277,22 @@ def bench_matmul(device, sizes, shapes):
                 b = b.contiguous().realize()
             # b is read from the closure, as a model reads its weights: a compiled function's tensor arguments are
             # copied contiguous on every call, which for the view W.T timed a strided transpose with the product
-            mm = pg.compile(lambda x: x @ b)
-            t = median_time(lambda: mm(a), reps=5, sync=pg.Device[device].synchronize)
-            ours = 2 * batch * m * k * n / t / 1e9
+            products.append((pg.compile(lambda x, b=b: x @ b), a, a_np, b_np))
+        rounds = {"ours": [], "as set": [], "unset": []}
+        for _ in range(cpu_rounds if device == "CPU" else 1):
+            if device == "CPU":
+                rounds["as set"].append(numpy_matmul_gflops(cases, True))
+                rounds["unset"].append(numpy_matmul_gflops(cases, False))
+            rounds["ours"].append([product_time(mm, a, device) for mm, a, _, _ in products])
+        for i, ((label, batch, m, k, n, transposed), (_, _, a_np, b_np)) in enumerate(zip(cases, products)):
+            flop = 2 * batch * m * k * n
+            ours = flop / float(np.median([times[i] for times in rounds["ours"]])) / 1e9
             spec = ",".join(map(str, (batch, m, k, n, transposed)))
             if device == "CPU":
-                record("matmul", f"fp32 matmul {label} (OpenBLAS env as set)", ours, as_set[spec], "GFLOP/s",
-                       "numpy")
-                record("matmul", f"fp32 matmul {label} (OPENBLAS_CORETYPE unset)", ours, unset[spec], "GFLOP/s",
-                       "numpy")
+                for env in ("as set", "unset"):
+                    theirs = float(np.median([gflops[spec] for gflops in rounds[env]]))
+                    what = "OpenBLAS env as set" if env == "as set" else "OPENBLAS_CORETYPE unset"
+                    record("matmul", f"fp32 matmul {label} ({what})", ours, theirs, "GFLOP/s", "numpy")
             else:
                 import torch
                 torch.backends.cuda.matmul.allow_tf32 = tf32
@@ -282,7 +301,7 @@ def bench_matmul(device, sizes, shapes):
                 if not transposed:
                     tb = tb.contiguous()
                 t = median_time(lambda: ta @ tb, reps=10, sync=torch.cuda.synchronize)
-                theirs = 2 * batch * m * k * n / t / 1e9
+                theirs = flop / t / 1e9
                 name = "tf32" if tf32 else "fp32"
                 record("matmul", f"{name} matmul {label}", ours / 1e3, theirs / 1e3, "TFLOP/s", "cuBLAS")
     pg.TF32 = False
