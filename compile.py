@@ -1998,11 +1998,12 @@ def _state_paths(roots, state: set, max_depth: int = 4, max_items: int = 4096) -
             container, items = value, list(value.items())
         elif isinstance(value, (list, tuple)):
             container, items = (value if isinstance(value, list) else None), list(enumerate(value))
-        elif hasattr(value, "__dict__"):
-            container = vars(value)
-            items = list(container.items())
         else:
-            return False
+            try:
+                container = vars(value)
+            except Exception:   # no attributes of its own (a number, a string), or a __getattr__ that raises
+                return False
+            items = list(container.items())
         leads[id(value)] = False
         if len(items) > max_items:
             return False
