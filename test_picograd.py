@@ -2029,6 +2029,20 @@ def test_compiled_step_keeps_its_trace_when_the_caller_writes_a_tensor_it_reads(
     assert step(x).item() == 33
 
 
+def test_lazy_tensor_over_a_finished_assign_fails_after_another_write(device):
+    """A tensor whose assign has run (realized as part of another result) still reads as that assign; a lazy tensor
+    built over it, realized after a second write, fails as one built over a plain buffer does. Before, it read the
+    second write's contents."""
+    w = pg.Tensor(np.ones(3, dtype=np.float32), device=device).realize()
+    w.assign(w + 1)
+    assert (w * 1).sum().item() == 6           # runs the assign; w still reads through it
+    lazy = w * 10
+    w.assign(w + 1).realize()
+    with pytest.raises(RuntimeError, match="modified in place"):
+        lazy.numpy()
+    np.testing.assert_array_equal(w.numpy(), np.full(3, 3))
+
+
 def test_compiled_step_writes_leave_older_lazy_tensors_stale(device):
     """Every call of a step writes its state again, a replay as much as the call that traced it: a lazy tensor
     built over the state before a call fails to realize after it, as it does outside a compiled step, and the
