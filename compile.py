@@ -422,9 +422,8 @@ class _KernelBuilder:
             target = node.assigned if node.assigned is not None else node.src[0]
             if node.assigned is None:
                 self.reads.add(node)
-            buf = target.base().arg[0]
-            if node.assigned is not None:
-                _check_current(target.base())
+            base = target.base()
+            buf = _check_current(base) if node.assigned is not None else base.arg[0]
             return self.view_over(target, self.param_for(buf, (buf.size,)))
         if node.op is Ops.BUFFER:
             buf = _check_current(node)
@@ -1653,12 +1652,11 @@ class Trace:
         self.first_result, self.structure = result, _skeleton(result)
         self.out_shapes = [t.shape for t in outs]
         self._bind(capture.launches, input_serials, [t._buffer() for t in outs], first_serial)
-        state = {ref().serial for _, slots, _, _ in self.launches for kind, ref in slots
-                 if kind == "state" and ref() is not None}
-        self._keep_writes(capture, state)
-        self.state_paths = _state_paths([getattr(fn, "__self__", None)] + [value for _, value in closure_reads], state)
+        self._keep_writes(capture)
+        self.state_paths = _state_paths([getattr(fn, "__self__", None)] + [value for _, value in closure_reads],
+                                        self.state_serials)
 
-    def _keep_writes(self, capture, state):
+    def _keep_writes(self, capture):
         """The long-lived buffers that the step writes in place (parameters, optimizer state, a KV cache): each with
         how many writes a call makes, and the tensors that made them, which view its new version."""
         writers = {}
@@ -1668,7 +1666,7 @@ class Trace:
             if view is not None:
                 writers.setdefault(view.base().arg[0].serial, {})[id(t)] = ref
         self.state_writes = [(ref, count, list(writers.get(serial, {}).values()))
-                             for serial, (ref, count) in capture.writes.items() if serial in state]
+                             for serial, (ref, count) in capture.writes.items() if serial in self.state_serials]
 
     def _publish_writes(self, calls: int = 1):
         """After `calls` replays, which wrote the state again. A written buffer's version moves on, as the traced
@@ -1721,7 +1719,7 @@ class Trace:
                         ("fresh", (b.device, b.size, b.dtype)) if b.serial in created else ("copy", b)
                         for k, b in enumerate(out_bufs)]
         self.launches = []
-        state = []
+        state = {}   # serial -> weak reference, for each long-lived buffer the launches touch
         for prog, refs, var_vals, device in launches:
             slots = []
             for serial, ref, *_ in refs:
@@ -1735,14 +1733,15 @@ class Trace:
                     # long-lived state (parameters, optimizer state, constants): held weakly; if it is freed, the
                     # tensor that owned it is gone and the capture is stale
                     slots.append(("state", ref))
-                    state.append(ref)
+                    state[serial] = ref
             self.launches.append((prog, slots, var_vals, device))
         # the state's liveness is watched by weak references whose callbacks mark the capture stale, rather than
         # checked on every call: a Llama step holds a few hundred parameters (the checks were 60 us of a 2 ms
         # token). The flag is a list so that the callbacks do not keep the trace alive.
         self.state_freed = freed = [False]
         self.state_watches = []
-        for ref in dict.fromkeys(state):
+        self.state_serials = set(state)
+        for ref in state.values():
             owner = ref()
             if owner is None:
                 freed[0] = True   # already gone
@@ -1979,13 +1978,13 @@ _NOT_STATE_HOLDERS = (types.ModuleType, type, types.FunctionType, types.BuiltinF
 
 def _state_paths(roots, state: set, max_depth: int = 4, max_items: int = 4096) -> list:
     """Where the step's long-lived state is held among what fn holds (its object, the values in its closure and the
-    globals it names), through object attributes, dicts, lists and tuples, up to max_depth steps: a (container,
-    key, value) for each step on a path to a tensor over a state buffer, the container a dict (an object's
-    attributes are its __dict__) or a list. A call checks that each still holds its value: a model whose weight
-    was rebound (model.weights[name] = new) while an optimizer still holds the old tensor would otherwise go on
-    replaying over the old one. A tuple cannot change, so the steps inside one are not kept; containers of more
-    than max_items entries (a tokenizer's vocabulary) are not entered."""
-    paths = {}
+    globals it names), through object attributes, dicts, lists and tuples, up to max_depth steps: (container, keys,
+    values) for each container with an entry on a path to a tensor over a state buffer, the container a dict (an
+    object's attributes are its __dict__) or a list. A call checks that each still holds its values: a model whose
+    weight was rebound (model.weights[name] = new) while an optimizer still holds the old tensor would otherwise
+    go on replaying over the old one. A tuple cannot change, so the steps inside one are not kept; containers of
+    more than max_items entries (a tokenizer's vocabulary) are not entered."""
+    held = {}    # id of a container -> (container, {key: value}) for the entries on a path to state
     leads = {}   # id of a container already walked -> whether it leads to state
 
     def walk(value, depth) -> bool:
@@ -2011,30 +2010,22 @@ def _state_paths(roots, state: set, max_depth: int = 4, max_items: int = 4096) -
             if walk(child, depth + 1):
                 leads[id(value)] = True
                 if container is not None:
-                    paths[(id(container), key)] = (container, key, child)
+                    held.setdefault(id(container), (container, {}))[1][key] = child
         return leads[id(value)]
 
     for root in roots:
         walk(root, 0)
-    by_container = {}
-    for container, key, value in paths.values():
-        by_container.setdefault(id(container), (container, [], []))
-        by_container[id(container)][1].append(key)
-        by_container[id(container)][2].append(value)
-    # each container's keys as one itemgetter, which returns a tuple of the values now (as a tuple for one key too)
-    return [(container, operator.itemgetter(*keys, keys[0]), tuple(values) + (values[0],))
-            for container, keys, values in by_container.values()]
+    return [(container, tuple(entries), tuple(entries.values())) for container, entries in held.values()]
 
 
 def _paths_moved(paths) -> bool:
     """Whether any container of _state_paths no longer holds its values under their keys, compared by identity in
-    C: a stories110M decode step's 150 paths take about 3 us."""
-    for container, get, values in paths:
+    C: a stories110M decode step's 150 paths take 3-6 us warm."""
+    for container, keys, values in paths:
         try:
-            now = get(container)
+            if not all(map(operator.is_, map(container.__getitem__, keys), values)):
+                return True
         except (KeyError, IndexError):
-            return True
-        if not all(map(operator.is_, now, values)):
             return True
     return False
 

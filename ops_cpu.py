@@ -658,7 +658,9 @@ class CRenderer:
         not understood: with two, matrix-vector rows of 2048 read 14-30% slower (stories110M decode's down
         projection trailed llama2.c's by that); rows of 4096 were within 4% either way in decode-like kernels, but
         a lone [8192 x 4096] product lost 7-22% with one; rows of 288 and 768 were level or a few percent faster
-        with two, so shorter sums keep 32. Sums of exponentials keep 32 to hide their arithmetic."""
+        with two, so shorter sums keep 32. Sums of exponentials keep 32 to hide their arithmetic. In a C harness with
+        the length a constant, only rows of exactly 2048 differed (16 read 1.16-1.36x faster; 1536, 2560, 3072 and
+        4096 0.93-1.02x), so the rule costs longer rows a few percent; without a mechanism it stays a length."""
         if n >= 2048 and u.arg[0] is Ops.ADD and not any(
                 node.op in self.math_fns or node.op is Ops.RECIP for node in u.src[0].toposort()):
             return 16
