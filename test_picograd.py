@@ -753,6 +753,25 @@ def test_cpu_long_sums_of_products_keep_one_vector(monkeypatch):
     assert lanes == {"matvec 768": {32}, "matvec 2051": {16}, "squares 4099": {16}, "softmax 4099": {32}}, lanes
 
 
+def test_cpu_long_max_keeps_nans_and_infinities():
+    """A long float max keeps its NaNs in flags beside the partial maxima: a NaN anywhere in a row (a vector lane,
+    the scalar tail, the last element) makes the row's max and its softmax NaN, as in torch; infinities and rows of
+    -inf are maxima like any other. Rows of 1000 (31 vectors of 32 and a tail of 8) and a max over two axes."""
+    x = RNG.standard_normal((9, 1000)).astype(np.float32)
+    x[1, 0] = x[2, 517] = x[3, 999] = x[4, 995] = np.nan   # first lane, middle, tail, tail
+    x[5, 300] = np.inf
+    x[6] = -np.inf
+    x[7, 41] = -np.inf
+    x[8, 100], x[8, 990] = np.nan, np.inf
+    cpu = pg.Tensor(x, device="CPU")
+    np.testing.assert_array_equal(cpu.max(1).numpy(), torch.from_numpy(x).amax(1).numpy())
+    np.testing.assert_array_equal(cpu[[0, 5, 6, 7]].max().numpy(), np.float32(np.inf))
+    assert np.isnan(cpu.max().numpy()) and np.isnan(cpu[:, 990:].max().numpy())
+    got, want = cpu.softmax(-1).numpy(), torch.from_numpy(x).double().softmax(-1).numpy()
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-9)
+
+
 @pytest.fixture(params=[8, 16], ids=["avx2", "avx512"])
 def gemm_vector(request, monkeypatch):
     """The CPU matmul's micro-kernel for each vector width, whatever this CPU has (gcc splits a 16-float vector into
