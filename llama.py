@@ -1469,9 +1469,26 @@ def sample_argmax(logits: np.ndarray) -> int:
 
 def sample_mult(probs: np.ndarray, coin: float) -> int:
     """The token whose slice of the cumulative distribution holds `coin` in [0, 1)."""
-    cdf = np.cumsum(probs)
-    # the first i with coin < cdf[i]; rounding can leave cdf[-1] below coin, then take the last token
-    return min(int(np.searchsorted(cdf, coin, side="right")), len(probs) - 1)
+    return _first_above(probs, coin)
+
+
+def _first_above(weights: np.ndarray, coin: float) -> int:
+    """The first i with coin < weights[0] + ... + weights[i] (the last index if the sum never passes coin). A
+    cumulative sum over 32000 probabilities took 110-140 us, a tenth of a stories15M decode step: the sums of
+    blocks of 256 find the block, and only that block is summed element by element (about 10 us). The sums round
+    differently from one running sum, which matters only for a coin within float32 rounding of a boundary."""
+    n = len(weights)
+    block = 256
+    if n <= 4 * block:
+        return min(int(np.searchsorted(np.cumsum(weights), coin, side="right")), n - 1)
+    blocks = -(-n // block)
+    padded = np.zeros(blocks * block, dtype=weights.dtype)
+    padded[:n] = weights
+    block_cdf = np.cumsum(padded.reshape(blocks, block).sum(1))
+    b = min(int(np.searchsorted(block_cdf, coin, side="right")), blocks - 1)
+    before = float(block_cdf[b - 1]) if b else 0.0
+    within = np.cumsum(padded[b * block:(b + 1) * block]) + before
+    return min(b * block + int(np.searchsorted(within, coin, side="right")), n - 1)
 
 
 def sample_topp(probs: np.ndarray, topp: float, coin: float) -> int:

@@ -3198,6 +3198,23 @@ def test_sampling_matches_llama2c():
     assert llama.sample_argmax(np.float32([1, 3, 3, 2])) == 1
 
 
+def test_sample_mult_over_a_vocabulary_finds_the_coins_token():
+    """Over vocabularies longer than a few blocks, sample_mult sums blocks of 256 and then one block element by
+    element: the token it picks is the one whose slice of the cumulative distribution (in float64) holds the coin,
+    up to float32 rounding of the sums, for coins in the first block, the last (ragged) block, on boundaries and
+    past the total. A token off by one would be off by its whole probability."""
+    rng = np.random.default_rng(3)
+    for n in (1025, 5000, 32000):
+        probs = llama.softmax(rng.standard_normal(n).astype(np.float32) * 3)
+        cdf = np.concatenate([[0.0], np.cumsum(probs.astype(np.float64))])   # token i holds [cdf[i], cdf[i + 1])
+        coins = list(rng.random(60)) + [0.0, float(cdf[1]) / 2, float(cdf[-300]), 0.9999]
+        coins += [float(cdf[i]) for i in rng.integers(1, n, 5)]   # on a boundary: the next token
+        for coin in coins:
+            token = llama.sample_mult(probs, coin)
+            assert cdf[token] - 1e-6 <= coin < cdf[token + 1] + 1e-6, (n, coin, token)
+        assert llama.sample_mult(probs, 2.0) == n - 1
+
+
 def test_sampler_is_seeded_and_honours_temperature():
     logits = np.float32([0.0, 1.0, 2.0, 0.5, -1.0])
     draws = [llama.Sampler(1.0, 0.9, seed=7)(logits) for _ in range(3)]
