@@ -1479,8 +1479,6 @@ def _first_above(weights: np.ndarray, coin: float) -> int:
     differently from one running sum, which matters only for a coin within float32 rounding of a boundary."""
     n = len(weights)
     block = 256
-    if n <= 4 * block:
-        return min(int(np.searchsorted(np.cumsum(weights), coin, side="right")), n - 1)
     blocks = -(-n // block)
     padded = np.zeros(blocks * block, dtype=weights.dtype)
     padded[:n] = weights

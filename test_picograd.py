@@ -3199,7 +3199,7 @@ def test_sampling_matches_llama2c():
 
 
 def test_sample_mult_over_a_vocabulary_finds_the_coins_token():
-    """Over vocabularies longer than a few blocks, sample_mult sums blocks of 256 and then one block element by
+    """Over vocabularies of several blocks, sample_mult sums blocks of 256 and then one block element by
     element: the token it picks is the one whose slice of the cumulative distribution (in float64) holds the coin,
     up to float32 rounding of the sums, for coins in the first block, the last (ragged) block, on boundaries and
     past the total. A token off by one would be off by its whole probability."""
