@@ -678,7 +678,9 @@ class Llama:
                                    last)
         return logits.reshape(tokens.shape[0], self.config.vocab_size)
 
-    def _decode_step(self, tokens: pg.Tensor, pos: pg.Variable, ctx: int, greedy: bool = False) -> pg.Tensor:
+    def _decode_step(self, tokens: pg.Tensor, pos: pg.Variable, ctx: int, greedy: bool = False,
+                     coins: pg.Tensor | None = None, first: pg.Variable | None = None,
+                     settings: pg.Tensor | None = None) -> pg.Tensor:
         # positions are a runtime Variable and attention spans a fixed ctx keys, masked beyond pos, so one trace
         # serves every position below ctx; ctx doubles as the sequence grows, costing one trace per power of two
         mask = (pg.arange(ctx, device=self.device) <= pos).reshape(1, ctx)
@@ -691,8 +693,12 @@ class Llama:
 
         logits = self._transformer(tokens, self.cos[pos:pos + 1], self.sin[pos:pos + 1], attend)
         logits = logits.reshape(tokens.shape[0], self.config.vocab_size)
-        # greedy decoding picks the token in the same step: 4 bytes come back to the host instead of the logits
-        # (on the GPU the logits' copy and a host argmax took 140 of 2000 us a token)
+        # greedy and sampled decoding pick the token in the same step: 4 bytes come back to the host instead of the
+        # logits (on the GPU the logits' copy and a host argmax took 140 of 2000 us a token), and the next step can
+        # read it on the device
+        if coins is not None:   # the coins of step pos - first of the call: a one-hot row of [steps, batch, attempts]
+            row = (pg.arange(coins.shape[0], device=self.device) == (pos - first)).float().reshape(-1, 1, 1)
+            return sample_tokens(logits, (coins * row).sum(0), settings)
         return logits.argmax(-1) if greedy else logits
 
     def decode(self, tokens, pos: int, greedy: bool = False) -> pg.Tensor:
@@ -711,6 +717,19 @@ class Llama:
         tokens, pos_var, ctx = self._decode_args(tokens, pos, steps)
         with pg.no_grad():
             return self.decode_step.chain(steps, tokens, pos_var, ctx, True, feed=0, var="pos")
+
+    def decode_sampled(self, tokens, pos: int, steps: int, sampler: Sampler) -> tuple[pg.Tensor, pg.Tensor]:
+        """As decode_greedy, with each step's token drawn by sampler (temperature above 0) on the device: the ids
+        drawn, [steps, batch], and the last of them as [batch]. The call's coins go to the device with it, [CHAIN_STEPS,
+        batch, attempts] whatever steps is, so that shorter calls replay the same trace."""
+        tokens, pos_var, ctx = self._decode_args(tokens, pos, steps)
+        coins = np.zeros((CHAIN_STEPS, tokens.shape[0], sampler.attempts), dtype=np.float32)
+        coins[:steps] = sampler.coins(steps, tokens.shape[0])
+        coins = pg.Tensor(coins, device=self.device)
+        first = pg.Variable("first", 0, self.max_seq_len - 1).bind(pos)
+        with pg.no_grad():
+            return self.decode_step.chain(steps, tokens, pos_var, ctx, False, coins, first,
+                                          sampler.settings(self.device), feed=0, var="pos")
 
     def _decode_args(self, tokens, pos: int, steps: int):
         """The decode step's arguments for positions pos to pos + steps - 1: the tokens as a tensor, the position as
@@ -1452,80 +1471,83 @@ class ByteTokenizer(Tokenizer):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# sampling: logits (a numpy vector) -> token id, as llama2.c's sampler does it
+# sampling: logits -> token ids on the device, so that sampled tokens chain through the decode step as greedy ones do
 
 
-def softmax(x: np.ndarray) -> np.ndarray:
-    """Probabilities from logits, float32, shifted by the max so exp cannot overflow."""
-    x = np.asarray(x, dtype=np.float32)
-    e = np.exp(x - x.max())
-    return e / e.sum()
-
-
-def sample_argmax(logits: np.ndarray) -> int:
-    """Greedy decoding: the most likely token (the first one on ties)."""
-    return int(np.argmax(logits))
-
-
-def sample_mult(probs: np.ndarray, coin: float) -> int:
-    """The token whose slice of the cumulative distribution holds `coin` in [0, 1)."""
-    return _first_above(probs, coin)
-
-
-def _first_above(weights: np.ndarray, coin: float) -> int:
-    """The first i with coin < weights[0] + ... + weights[i] (the last index if the sum never passes coin). A
-    cumulative sum over 32000 probabilities took 110-140 us, a tenth of a stories15M decode step: the sums of
-    blocks of 256 find the block, and only that block is summed element by element (about 10 us). The sums round
-    differently from one running sum, which matters only for a coin within float32 rounding of a boundary."""
-    n = len(weights)
-    block = 256
-    blocks = -(-n // block)
-    padded = np.zeros(blocks * block, dtype=weights.dtype)
-    padded[:n] = weights
-    block_cdf = np.cumsum(padded.reshape(blocks, block).sum(1))
-    b = min(int(np.searchsorted(block_cdf, coin, side="right")), blocks - 1)
-    before = float(block_cdf[b - 1]) if b else 0.0
-    within = np.cumsum(padded[b * block:(b + 1) * block]) + before
-    return min(b * block + int(np.searchsorted(within, coin, side="right")), n - 1)
-
-
-def sample_topp(probs: np.ndarray, topp: float, coin: float) -> int:
-    """Nucleus sampling: draw from the smallest set of most likely tokens whose probability exceeds topp."""
-    n = len(probs)
-    if n == 1:
-        return 0
-    # tokens below this cannot be in the nucleus, and dropping them first saves sorting the whole vocabulary
-    cutoff = (1.0 - topp) / (n - 1)
-    candidates = np.nonzero(probs >= cutoff)[0]
-    if len(candidates) == 0:
-        # with a tiny vocabulary the cutoff can exceed every probability (llama2.c then reads out of bounds)
-        candidates = np.arange(n)
-    order = candidates[np.argsort(-probs[candidates], kind="stable")]
-    cumulative = np.cumsum(probs[order])
-    beyond = np.nonzero(cumulative > topp)[0]
-    last = int(beyond[0]) if len(beyond) else len(order) - 1
-    r = coin * cumulative[last]
-    index = min(int(np.searchsorted(cumulative[:last + 1], r, side="right")), last)
-    return int(order[index])
+SAMPLE_BLOCK = 16   # the cumulative distribution is walked in blocks of 16 x 16 probabilities, then 16, then 1
 
 
 class Sampler:
-    """llama2.c's sampler: greedy at temperature 0, otherwise softmax(logits / temperature), then top-p."""
+    """What a generation samples with: temperature 0 is greedy (the first most likely token); otherwise
+    softmax(logits / temperature), cut to its nucleus when 0 < top_p < 1 (the smallest set of most likely tokens
+    whose probability exceeds top_p, as llama2.c's sampler keeps). The seeded generator draws the coins that
+    sample_tokens turns into tokens on the device."""
 
-    def __init__(self, temperature: float = 1.0, topp: float = 0.9, seed: int | None = None):
+    def __init__(self, temperature: float = 1.0, top_p: float = 0.9, seed: int | None = None):
+        if not temperature >= 0:
+            raise ValueError(f"temperature must be 0 (greedy) or more, got {temperature}")
         self.temperature = temperature
-        self.topp = topp
+        self.top_p = top_p
         self.rng = np.random.default_rng(seed)
+        # A nucleus is drawn by rejection: coins are drawn from the whole distribution until one lands in the
+        # nucleus, whose probability exceeds top_p, so each attempt misses with probability below 1 - top_p. This
+        # many attempts miss together less than once in a million tokens (at most 64, for top_p under 0.2, where
+        # the most likely token alone usually holds more than top_p); then the most likely token is taken.
+        nucleus = 0 < top_p < 1
+        self.attempts = min(64, math.ceil(math.log(1e-6) / math.log1p(-top_p))) if nucleus else 1
 
-    def __call__(self, logits: np.ndarray) -> int:
-        """One token id drawn from a vector of logits."""
-        if self.temperature == 0.0:
-            return sample_argmax(logits)
-        probs = softmax(np.asarray(logits, dtype=np.float32) / np.float32(self.temperature))
-        coin = self.rng.random()
-        if self.topp <= 0 or self.topp >= 1:
-            return sample_mult(probs, coin)
-        return sample_topp(probs, self.topp, coin)
+    def settings(self, device: str) -> pg.Tensor:
+        """1 / temperature and top_p, as the decode step reads them (runtime values: no trace per setting)."""
+        top_p = self.top_p if 0 < self.top_p < 1 else 1.0
+        return pg.Tensor(np.float32([1.0 / self.temperature, top_p]), device=device)
+
+    def coins(self, steps: int, batch: int) -> np.ndarray:
+        """Uniform coins in [0, 1), [steps, batch, attempts] float32."""
+        return self.rng.random((steps, batch, self.attempts), dtype=np.float32)
+
+
+def sample_tokens(logits: pg.Tensor, coins: pg.Tensor, settings: pg.Tensor) -> pg.Tensor:
+    """Token ids [batch] (int32) drawn from logits [batch, vocab] with coins [batch, attempts] and settings (1 /
+    temperature, top_p; see Sampler). Each coin picks the token whose slice of the cumulative distribution holds it,
+    found in three steps of 16-way running sums (blocks of 256 probabilities, one block's 16 rows, one row), so that
+    no step sums more than a few hundred numbers per coin. With more than one attempt, the first token in the
+    nucleus is kept: a token is in it when the tokens more likely than it hold at most top_p (so ties with its last
+    token all come in, where llama2.c's sort keeps some of them)."""
+    batch, vocab = logits.shape
+    attempts = coins.shape[1]
+    n = SAMPLE_BLOCK
+    probs = (logits * settings[0]).softmax(-1)
+    blocks = -(-vocab // (n * n))
+    rows = probs.pad((0, blocks * n * n - vocab)).reshape(batch, blocks * n, n)
+    row_sums = rows.sum(-1).reshape(batch, blocks, n)
+    block_cdf = row_sums.sum(-1).cumsum(-1).unsqueeze(1)                             # [batch, 1, blocks]
+    block, before = _locate(block_cdf, coins, pg.zeros_like(coins))
+    row_cdf = row_sums.gather(1, block.unsqueeze(-1).expand(batch, attempts, n)).cumsum(-1) + before.unsqueeze(-1)
+    row, before = _locate(row_cdf, coins, before)
+    row = block * n + row
+    element_cdf = rows.gather(1, row.unsqueeze(-1).expand(batch, attempts, n)).cumsum(-1) + before.unsqueeze(-1)
+    element, _ = _locate(element_cdf, coins, before)
+    tokens = (row * n + element).minimum(vocab - 1).realize()
+    if attempts == 1:
+        return tokens[:, 0]
+    picked = probs.gather(1, tokens).unsqueeze(-1)                                        # [batch, attempts, 1]
+    wider = probs.unsqueeze(1)                                                            # [batch, 1, vocab]
+    more_likely = pg.where(wider > picked, wider, 0.0).sum(-1)                           # [batch, attempts]
+    in_nucleus = (more_likely <= settings[1]).int()
+    first = tokens.gather(1, in_nucleus.argmax(-1).unsqueeze(-1))[:, 0]
+    return pg.where(in_nucleus.max(-1) > 0, first, probs.argmax(-1))
+
+
+def _locate(cdf: pg.Tensor, coins: pg.Tensor, start: pg.Tensor) -> tuple[pg.Tensor, pg.Tensor]:
+    """For each coin [batch, attempts], the index of the first entry of the running sums cdf [batch, attempts (or
+    1), n] above it (the last if none is: rounding can leave a total below a coin near 1), and the sum before that
+    entry (start, the sum before the first, at index 0). The index is realized: a gather by an index in memory is
+    a load (the compiler knows its bounds checked), where one computed in the gather's own kernel became a loop over
+    every candidate."""
+    n = cdf.shape[-1]
+    index = (cdf <= coins.unsqueeze(-1)).int().sum(-1).minimum(n - 1).realize()
+    previous = cdf.expand(*coins.shape, n).gather(2, (index - 1).maximum(0).unsqueeze(-1))[..., 0]
+    return index, pg.where(index > 0, previous, start)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1562,17 +1584,22 @@ def generate(model: Llama, prompt_ids, max_new_tokens: int, temperature: float =
                "compile_s": 0.0}
     model.timings = timings
     start = time.perf_counter()
-    token = sampler(model.prefill(prompt_ids).numpy().reshape(-1))
+    logits = model.prefill(prompt_ids)
+    with pg.no_grad():
+        if sampler.temperature == 0.0:
+            token = int(logits.argmax(-1).item())
+        else:
+            coins = pg.Tensor(sampler.coins(1, 1)[0], device=model.device)
+            token = int(sample_tokens(logits, coins, sampler.settings(model.device)).item())
     timings["prefill_s"] = time.perf_counter() - start
     generated = []
     pos = len(prompt_ids)
-    # at temperature 0 the decode step itself picks the token, so only ids come back to the host, and the next
-    # call can read its input token on the device. Each call chains up to GREEDY_STEPS steps, and the call after
-    # it is queued before the host waits for its ids, which keeps a GPU busy through the host's own work between
-    # calls (one wasted call when a token stops generation)
-    greedy = sampler.temperature == 0.0
-    picked = []     # greedy: ids read back and not yet handed out
-    queued = None   # greedy: the next call (its last id on the device, the read of all, steps), already queued
+    # the decode step itself picks each token, so only ids come back to the host, and the next step reads its input
+    # token on the device. Each call chains up to CHAIN_STEPS steps, and the call after it is queued before the host
+    # waits for its ids, which keeps a GPU busy through the host's own work between calls (one wasted call when a
+    # token stops generation)
+    picked = []     # ids read back and not yet handed out
+    queued = None   # the next call (its last id on the device, the read of all, steps), already queued
     counted = 1     # tokens handed out from a call count towards the decode rate unless the call traced
     while len(generated) < max_new_tokens and token not in stop_ids:
         generated.append(token)
@@ -1588,15 +1615,12 @@ def generate(model: Llama, prompt_ids, max_new_tokens: int, temperature: float =
             continue
         compiling = _compile_counts()
         start = time.perf_counter()
-        if greedy:
-            # this call runs positions pos onwards; the next one continues where it ends, if tokens are left
-            last, read, steps = queued or _queue_greedy_steps(model, [token], pos, max_new_tokens - len(generated))
-            left = max_new_tokens - len(generated) - steps
-            queued = _queue_greedy_steps(model, last, pos + steps, left) if left and pos + steps < window else None
-            picked = [int(i) for i in read().reshape(-1)]
-            token = picked.pop(0)
-        else:
-            token = sampler(model.decode([token], pos).numpy().reshape(-1))
+        # this call runs positions pos onwards; the next one continues where it ends, if tokens are left
+        last, read, steps = queued or _queue_steps(model, [token], pos, max_new_tokens - len(generated), sampler)
+        left = max_new_tokens - len(generated) - steps
+        queued = _queue_steps(model, last, pos + steps, left, sampler) if left and pos + steps < window else None
+        picked = [int(i) for i in read().reshape(-1)]
+        token = picked.pop(0)
         took = time.perf_counter() - start
         counted = int(_compile_counts() == compiling)
         timings["decode_s" if counted else "compile_s"] += took
@@ -1612,18 +1636,21 @@ def _compile_counts():
     return stats["traces"], stats["kernels_compiled"], stats["kernels_from_disk"]
 
 
-# Greedy decode steps per call: on the CPU the Python between calls (0.1-0.18 ms, most of it cache misses after the
-# weights have streamed through; a stories15M step takes 1.3-1.5 ms) is paid once per call. Longer calls hand out
-# tokens in longer bursts and waste more steps when a token stops generation.
-GREEDY_STEPS = 8
+# Decode steps per call: on the CPU the Python between calls (0.1-0.2 ms, most of it cache misses after the weights
+# have streamed through; a stories15M step takes 1.3-1.5 ms) is paid once per call. Longer calls hand out tokens in
+# longer bursts and waste more steps when a token stops generation.
+CHAIN_STEPS = 8
 
 
-def _queue_greedy_steps(model: Llama, tokens, pos: int, wanted: int):
-    """Queue greedy decoding from pos for up to GREEDY_STEPS steps (as many as are wanted and fit in the context
-    window). Returns (the last id picked, [batch, 1] on the device; a function that waits for all the ids on the
-    host; steps)."""
-    steps = max(1, min(GREEDY_STEPS, wanted, model.max_seq_len - pos))
-    ids, last = model.decode_greedy(tokens, pos, steps)
+def _queue_steps(model: Llama, tokens, pos: int, wanted: int, sampler: Sampler):
+    """Queue decoding from pos for up to CHAIN_STEPS steps (as many as are wanted and fit in the context window),
+    greedy or sampled. Returns (the last id picked, [batch, 1] on the device; a function that waits for all the ids
+    on the host; steps)."""
+    steps = max(1, min(CHAIN_STEPS, wanted, model.max_seq_len - pos))
+    if sampler.temperature == 0.0:
+        ids, last = model.decode_greedy(tokens, pos, steps)
+    else:
+        ids, last = model.decode_sampled(tokens, pos, steps, sampler)
     return last.reshape(-1, 1), ids.numpy_later(), steps
 
 

@@ -3153,79 +3153,86 @@ def test_tokenizer_from_folder(tmp_path):
 # sampling and generation
 
 
-def llama2c_sample_topp(probs, topp, coin):
-    """run.c's sample_topp, transcribed loop for loop."""
-    n = len(probs)
-    cutoff = (1.0 - topp) / (n - 1)
-    candidates = [(i, p) for i, p in enumerate(probs) if p >= cutoff]
-    if not candidates:  # where run.c would read out of bounds, keep every token
-        candidates = list(enumerate(probs))
-    candidates.sort(key=lambda item: -item[1])
-    cumulative = 0.0
-    last = len(candidates) - 1
-    for i, (_, p) in enumerate(candidates):
-        cumulative += p
-        if cumulative > topp:
-            last = i
-            break
-    r = coin * cumulative
-    cdf = 0.0
-    for i in range(last + 1):
-        cdf += candidates[i][1]
-        if r < cdf:
-            return candidates[i][0]
-    return candidates[last][0]
+def softmax64(logits, temperature=1.0):
+    z = logits.astype(np.float64) / temperature
+    e = np.exp(z - z.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
 
 
-def llama2c_sample_mult(probs, coin):
-    cdf = 0.0
-    for i, p in enumerate(probs):
-        cdf += p
-        if coin < cdf:
-            return i
-    return len(probs) - 1
+def nucleus64(p, top_p):
+    """llama2.c's nucleus with every tie of its last token: tokens whose more likely tokens hold at most top_p."""
+    more_likely = np.array([p[p > q].sum() for q in p])
+    return more_likely <= top_p
 
 
-def test_sampling_matches_llama2c():
-    rng = np.random.default_rng(0)
-    for _ in range(300):
-        n = int(rng.integers(2, 50))
-        probs = llama.softmax(rng.standard_normal(n).astype(np.float32) * rng.uniform(0.1, 5))
-        coin = float(rng.random())
-        topp = float(rng.uniform(0.05, 0.99))
-        assert llama.sample_topp(probs, topp, coin) == llama2c_sample_topp(probs, topp, coin)
-        assert llama.sample_mult(probs, coin) == llama2c_sample_mult(probs, coin)
-    assert llama.sample_argmax(np.float32([1, 3, 3, 2])) == 1
+def draw(logits, coins, sampler):
+    """sample_tokens on numpy logits [batch, vocab] and coins [batch, attempts], on the default device."""
+    return llama.sample_tokens(pg.Tensor(logits), pg.Tensor(coins), sampler.settings(pg.Device.default)).numpy()
 
 
-def test_sample_mult_over_a_vocabulary_finds_the_coins_token():
-    """Over vocabularies of several blocks, sample_mult sums blocks of 256 and then one block element by
-    element: the token it picks is the one whose slice of the cumulative distribution (in float64) holds the coin,
-    up to float32 rounding of the sums, for coins in the first block, the last (ragged) block, on boundaries and
-    past the total. A token off by one would be off by its whole probability."""
+def test_sample_tokens_finds_each_coins_slice():
+    """At top-p 1 (one attempt) each coin picks the token whose slice of the cumulative distribution holds it: the
+    three 16-way steps (blocks, rows, elements) agree with a float64 running sum up to float32 rounding, for a ragged
+    vocabulary, coins on slice boundaries, in the first and last blocks and near 1, rows of a batch with logits of
+    their own, and a temperature. A token off by one would be off by its whole probability."""
     rng = np.random.default_rng(3)
-    for n in (1025, 5000, 32000):
-        probs = llama.softmax(rng.standard_normal(n).astype(np.float32) * 3)
-        cdf = np.concatenate([[0.0], np.cumsum(probs.astype(np.float64))])   # token i holds [cdf[i], cdf[i + 1])
-        coins = list(rng.random(60)) + [0.0, float(cdf[1]) / 2, float(cdf[-300]), 0.9999]
-        coins += [float(cdf[i]) for i in rng.integers(1, n, 5)]   # on a boundary: the next token
-        for coin in coins:
-            token = llama.sample_mult(probs, coin)
-            assert cdf[token] - 1e-6 <= coin < cdf[token + 1] + 1e-6, (n, coin, token)
-        assert llama.sample_mult(probs, 2.0) == n - 1
+    for vocab, temperature in [(5, 1.0), (300, 0.7), (4099, 1.3)]:
+        logits = (rng.standard_normal((3, vocab)) * 3).astype(np.float32)
+        p = softmax64(logits, temperature)
+        cdf = np.concatenate([np.zeros((3, 1)), np.cumsum(p, -1)], -1)   # token i holds [cdf[i], cdf[i + 1])
+        boundaries = np.take_along_axis(cdf, rng.integers(1, vocab, (3, 6)), 1)   # the next token's slice
+        coins = np.concatenate([rng.random((3, 40)), boundaries, np.zeros((3, 1)), np.full((3, 1), 0.99999),
+                                cdf[:, [1]] / 2, cdf[:, [-2]]], 1).astype(np.float32)
+        sampler = llama.Sampler(temperature, 1.0, seed=0)
+        assert sampler.attempts == 1
+        for k in range(coins.shape[1]):
+            got = draw(logits, coins[:, k:k + 1], sampler)
+            assert got.dtype == np.int32 and got.shape == (3,)
+            for b in range(3):
+                coin = float(coins[b, k])
+                assert cdf[b, got[b]] - 1e-6 <= coin < cdf[b, got[b] + 1] + 1e-6, (vocab, b, coin, got[b])
 
 
-def test_sampler_is_seeded_and_honours_temperature():
-    logits = np.float32([0.0, 1.0, 2.0, 0.5, -1.0])
-    draws = [llama.Sampler(1.0, 0.9, seed=7)(logits) for _ in range(3)]
-    assert draws[0] == draws[1] == draws[2]
-    sampler = llama.Sampler(1.0, 1.0, seed=1)
-    counts = np.bincount([sampler(logits) for _ in range(4000)], minlength=5) / 4000
-    np.testing.assert_allclose(counts, llama.softmax(logits), atol=0.03)
-    assert llama.Sampler(0.0, 0.9, seed=1)(logits) == 2
+def test_sample_tokens_draws_from_the_nucleus():
+    """With 0 < top_p < 1 every token drawn is in the nucleus (ties included), and 20000 draws follow the nucleus's
+    renormalised distribution (each token's count within 5 standard deviations of its expectation). When no attempt
+    lands in the nucleus, the most likely token is taken."""
+    rng = np.random.default_rng(4)
+    draws = 20000
+    for vocab, scale, top_p, temperature in [(600, 1.5, 0.9, 1.0), (500, 3.0, 0.5, 0.7), (300, 0.5, 0.8, 2.0)]:
+        logits = (rng.standard_normal(vocab) * scale).astype(np.float32)
+        logits[7] = logits[9] = logits[11]   # ties
+        sampler = llama.Sampler(temperature, top_p, seed=vocab)
+        got = draw(np.tile(logits, (draws, 1)), sampler.coins(1, draws)[0], sampler)
+        p = softmax64(logits, temperature)
+        inside = nucleus64(p, top_p)
+        assert inside[got].all(), (vocab, top_p, np.unique(got[~inside[got]]))
+        want = np.where(inside, p, 0) / p[inside].sum()
+        seen = np.bincount(got, minlength=vocab) / draws
+        z = np.abs(seen - want) / np.sqrt(want * (1 - want) / draws + 1e-12)
+        assert z.max() < 5, (vocab, top_p, z.max())
+        assert 1 < inside.sum() < vocab
+    # coins that all land on the least likely token (outside any nucleus of 0.5): the most likely is taken
+    logits = np.float32([[0.0, 3.0, 1.0, -4.0]])
+    sampler = llama.Sampler(1.0, 0.5, seed=0)
+    assert draw(logits, np.full((1, sampler.attempts), 0.9999, np.float32), sampler)[0] == 1
+
+
+def test_sampler_is_seeded_and_honours_its_settings():
+    a, b = llama.Sampler(1.0, 0.9, seed=7), llama.Sampler(1.0, 0.9, seed=7)
+    np.testing.assert_array_equal(a.coins(3, 2), b.coins(3, 2))
+    assert a.coins(3, 2).shape == (3, 2, a.attempts) and a.coins(1, 1).dtype == np.float32
+    # attempts: one without a nucleus; enough that all miss less than once in a million tokens, at most 64
+    assert [llama.Sampler(1.0, p).attempts for p in (1.0, 0.0, 0.9, 0.5, 0.01)] == [1, 1, 6, 20, 64]
+    np.testing.assert_allclose(llama.Sampler(0.5, 0.9).settings("CPU").numpy(), [2.0, 0.9])
+    np.testing.assert_allclose(llama.Sampler(2.0, 1.5).settings("CPU").numpy(), [0.5, 1.0])
+    with pytest.raises(ValueError, match="temperature must be 0 .greedy. or more, got -1"):
+        llama.Sampler(-1.0, 0.9)
     # a tiny top-p keeps only the most likely token; a low temperature concentrates on it
-    assert {llama.Sampler(1.0, 0.01, seed=s)(logits) for s in range(20)} == {2}
-    assert {llama.Sampler(0.05, 1.0, seed=s)(logits) for s in range(20)} == {2}
+    logits = np.float32([[0.0, 1.0, 2.0, 0.5, -1.0]] * 50)
+    for temperature, top_p in [(1.0, 0.01), (0.05, 1.0)]:
+        sampler = llama.Sampler(temperature, top_p, seed=1)
+        assert set(draw(logits, sampler.coins(1, 50)[0], sampler)) == {2}
 
 
 def test_sentencepiece_missing_gives_clear_import_error(monkeypatch):
@@ -3314,7 +3321,7 @@ def test_stories260k_greedy_matches_llama2c():
     assert ids == llama2c_greedy(path, 120)
     timings = model.timings
     # the calls that built kernels or traced (one at each of the context lengths 32, 64 and 128) are left out
-    assert timings["prefill_tokens"] == 1 and timings["decode_tokens"] + 1 >= 120 - 3 * llama.GREEDY_STEPS
+    assert timings["prefill_tokens"] == 1 and timings["decode_tokens"] + 1 >= 120 - 3 * llama.CHAIN_STEPS
 
 
 def transformers_model(tmp_path, **overrides):
@@ -3502,13 +3509,35 @@ def test_greedy_steps_in_one_call():
     np.testing.assert_array_equal(np.stack(picks), np.stack(want[1:] + [token]))
     for ours, theirs in zip([c.numpy()[:, :12] for pair in model.cache.values() for c in pair], single_cache):
         np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
-    greedy = model.generate([1, 2, 3], 20, stop_ids=())   # more tokens than one call's GREEDY_STEPS
+    greedy = model.generate([1, 2, 3], 20, stop_ids=())   # more tokens than one call's CHAIN_STEPS
     assert model.generate([1, 2, 3], 20, stop_ids=()) == greedy and model.timings["decode_tokens"] == 19
     assert model.generate([1, 2, 3], 20, stop_ids={greedy[10]}) == greedy[:greedy.index(greedy[10])]
     with pytest.raises(ValueError, match="context window of 64 tokens, got 4 steps from position 62"):
         model.decode_greedy([1], 62, 4)
     with pytest.raises(ValueError, match="context window of 64 tokens, got 1 steps from position 64"):
         model.decode([1], 64, greedy=True)
+
+
+def test_sampled_steps_in_one_call():
+    """Sampled generation runs its decode steps as chains on the device (CHAIN_STEPS a call), each step drawing its
+    token with its own row of the call's coins: the ids are those of single decode steps whose logits sample_tokens
+    draws from with the same coins, in the order generate draws them (the first token's, then each call's, the
+    next call's before this one's ids are read). Later generations replay the same traces."""
+    config, weights = small_model()
+    model = llama.Llama(config, weights)
+    prompt, wanted = [1, 2, 3], 12
+    got = model.generate(prompt, wanted, temperature=0.9, top_p=0.8, seed=11, stop_ids=())
+    sampler = llama.Sampler(0.9, 0.8, seed=11)
+    first = sampler.coins(1, 1)[0]
+    coins = np.concatenate([sampler.coins(steps, 1) for steps in (llama.CHAIN_STEPS, wanted - 1 - llama.CHAIN_STEPS)])
+    want = [int(draw(model.prefill(prompt).numpy(), first, sampler)[0])]
+    for step in range(wanted - 1):
+        logits = model.decode([want[-1]], len(prompt) + step).numpy()
+        want.append(int(draw(logits, coins[step], sampler)[0]))
+    assert got == want
+    traces = pg.stats()["traces"]
+    assert model.generate(prompt, wanted, temperature=0.9, top_p=0.8, seed=11, stop_ids=()) == got
+    assert pg.stats()["traces"] == traces and model.timings["decode_tokens"] == wanted - 1
 
 
 def test_prompt_longer_than_context_is_refused():
