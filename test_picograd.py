@@ -3498,7 +3498,7 @@ def test_greedy_steps_in_one_call():
     for pos in range(3, 12):
         want.append(token)
         token = model.decode(token.reshape(-1, 1), pos, greedy=True).numpy().astype(np.int32)
-    single_cache = [c.numpy()[:, :12].copy() for pair in model.cache.values() for c in pair]
+    single_cache = [c.numpy()[:, :, :12].copy() for pair in model.cache.values() for c in pair]
     model.prefill(prompt)
     picks = []
     for pos, steps in [(3, 2), (5, 4), (9, 3)]:   # the first chain warms up and traces; the others replay
@@ -3507,7 +3507,7 @@ def test_greedy_steps_in_one_call():
         picks += list(ids.numpy())
         np.testing.assert_array_equal(last.numpy(), picks[-1])
     np.testing.assert_array_equal(np.stack(picks), np.stack(want[1:] + [token]))
-    for ours, theirs in zip([c.numpy()[:, :12] for pair in model.cache.values() for c in pair], single_cache):
+    for ours, theirs in zip([c.numpy()[:, :, :12] for pair in model.cache.values() for c in pair], single_cache):
         np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
     greedy = model.generate([1, 2, 3], 20, stop_ids=())   # more tokens than one call's CHAIN_STEPS
     assert model.generate([1, 2, 3], 20, stop_ids=()) == greedy and model.timings["decode_tokens"] == 19
