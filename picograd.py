@@ -900,12 +900,7 @@ class Tensor:
             raise RuntimeError(f"assign from {value.device} into a tensor on {self.device}")
         if self.requires_grad and not self._is_leaf and CTX.grad_enabled:
             raise RuntimeError("assign() to a tensor that is part of a gradient graph")
-        if self.uop.op in MOVEMENT and self.uop.base().op is Ops.BUFFER and self._buffer() is None:
-            # a view of part of a buffer (or a permuted one): the write would land in a copy of the view, leaving the
-            # tensor it views unchanged, where torch writes through
-            raise RuntimeError(f"assign() into a view ({self.uop.op.name.lower()}, shape {self.shape}) of another "
-                               f"tensor would not write through to it: assign the whole tensor, or write a region "
-                               f"of it with t[a:b] = value")
+        self._check_writes_through("assign()")
         self._make_buffer_view()
         self.uop = UOp(Ops.ASSIGN, self.dtype, (self.uop, value.uop.cast(self.dtype)))
         _note_written(self)
@@ -919,6 +914,7 @@ class Tensor:
         """`t[a:b, i] = value` writes the region now, in place (basic indexing: ints and unit-step slices)."""
         if self.requires_grad and CTX.grad_enabled:
             raise RuntimeError("in-place assignment to a tensor that requires grad; use pg.no_grad()")
+        self._check_writes_through("setitem")
         self._make_buffer_view()
         region = self._view_for_setitem(index)
         value = value if isinstance(value, Tensor) else Tensor.full(region.shape, value, dtype=self.dtype,
@@ -933,6 +929,14 @@ class Tensor:
         _realize_uops([write], [self.device])
         self.uop = write.assigned.base().reshape(self.shape)
         _note_written(self)
+
+    def _check_writes_through(self, what: str):
+        """A write into a view of part of a buffer (or a permuted one) would land in a copy of the view, leaving the
+        tensor it views unchanged, where torch writes through: refused, with what to do instead."""
+        if self.uop.op in MOVEMENT and self.uop.base().op is Ops.BUFFER and self._buffer() is None:
+            raise RuntimeError(f"{what} into a view ({self.uop.op.name.lower()}, shape {self.shape}) of another "
+                               f"tensor would not write through to it: write the tensor it views, a region of it with "
+                               f"t[a:b] = value, or assign the whole tensor")
 
     def _make_buffer_view(self):
         """Make self.uop a plain view of a buffer this tensor may write (the target an in-place write needs).

@@ -1903,12 +1903,15 @@ def test_state_replaced_behind_an_attribute_retraces():
 
 
 def test_assign_into_a_view_raises_instead_of_writing_a_copy():
-    """A transposed, sliced or flipped view's assign() used to write into a copy of the view (the base unchanged,
-    silently); torch writes through. Now it says so; t[a:b] = value writes a region in place."""
+    """A transposed, sliced or flipped view's assign() or setitem used to write into a copy of the view (the base
+    unchanged, silently); torch writes through. Now they say so; t[a:b] = value writes a region in place."""
     base = pg.Tensor(np.zeros((3, 4), np.float32))
     for view in (lambda t: t.T, lambda t: t[:, 1:3], lambda t: t.flip(0)):
         with pytest.raises(RuntimeError, match="would not write through"):
             view(base).assign(1.0)
+        with pytest.raises(RuntimeError, match=r"setitem into a view \(\w+, shape \(\d, \d\)\) of another"):
+            view(base)[0] = 1.0   # setitem wrote a copy of the view too
+    np.testing.assert_array_equal(base.numpy(), np.zeros((3, 4), np.float32))
     base[:, 1:3] = pg.Tensor(np.ones((3, 2), np.float32))
     np.testing.assert_array_equal(base.numpy(), np.repeat([[0, 1, 1, 0]], 3, axis=0))
     whole = pg.Tensor(np.zeros((3, 4), np.float32))
