@@ -682,7 +682,7 @@ class CRenderer:
         def update(target, value):
             return f"{target} = {self.acc_update(reduce_op, target, value, float32)};"
 
-        def accumulate(lane, depth):
+        def update_lane(lane, depth):
             value = self.expr(u.src[0], depth)
             if not flag_nans:
                 self.emit(update(f"{acc}_p[{lane}]", value), depth)
@@ -702,7 +702,7 @@ class CRenderer:
         self.emit(f"for (int {name}_l = 0; {name}_l < {lanes}; {name}_l++) {{", depth + 1)
         self.scopes.append({})
         self.emit(f"int {name} = {name}_o + {name}_l;", depth + 2)
-        accumulate(f"{name}_l", depth + 2)
+        update_lane(f"{name}_l", depth + 2)
         self.park(u, depth + 2)
         self.scopes.pop()
         self.emit("}", depth + 1)
@@ -711,7 +711,7 @@ class CRenderer:
         if main < n:
             self.emit(f"for (int {name} = {main}; {name} < {n}; {name}++) {{", depth)
             self.scopes.append({})
-            accumulate(f"{name} - {main}", depth + 1)
+            update_lane(f"{name} - {main}", depth + 1)
             self.park(u, depth + 1)
             self.scopes.pop()
             self.emit("}", depth)
