@@ -807,6 +807,23 @@ def test_cpu_packed_matmul_depth_slices_and_column_blocks(m, k, n, transposed, g
         assert all(("pg_ukernel_half(" in source) == (0 < n % (2 * gemm_vector) <= gemm_vector) for source in sources)
 
 
+@pytest.mark.parametrize("batch,m,k,n", [(2, 129, 300, 257), (2, 288, 1024, 288), (4, 9, 33, 500), (3, 40, 17, 129)])
+def test_cpu_batched_weight_gradient_products(batch, m, k, n, gemm_vector):
+    """Batched products of a transposed A (dY^T X, the halves of a split-K weight gradient) against float64: a batch
+    that the threads share evenly is one work item a batch entry, each packing A once; any other batch is split
+    further, by column blocks or row chunks."""
+    import ops_cpu
+    dy = RNG.standard_normal((batch, k, m)).astype(np.float32)
+    x = RNG.standard_normal((batch, k, n)).astype(np.float32)
+    got = (pg.Tensor(dy, device="CPU").transpose(1, 2) @ pg.Tensor(x, device="CPU")).numpy()
+    want = dy.astype(np.float64).transpose(0, 2, 1) @ x.astype(np.float64)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.sqrt(k))
+    sources = [getattr(p, "source", "") for key, p in compiler._programs.items() if key[0] == "CPU"]
+    items = [int(s.split("item < ")[1].split(";")[0]) for s in sources if "pg_ukernel" in s and f"< {k}" in s]
+    threads = ops_cpu.CRenderer.threads
+    assert items and all(count == batch if batch % threads == 0 else count >= 2 * threads for count in items)
+
+
 @pytest.mark.parametrize("m,heads,hd,n", [(7, 3, 5, 33), (129, 6, 48, 288), (33, 2, 129, 1000)])
 def test_cpu_matmul_one_operand_an_expression(m, heads, hd, n, gemm_vector):
     """Each operand of a packed product is read from memory or evaluated on its own: an attention output read
