@@ -533,13 +533,15 @@ def bench_llama_inference(device, shape, decode_tokens=48, prompt_len=256, llama
         record("llama", f"{label} decode vs torch.compile + CUDA graphs", ours_decode, compiled, "tok/s",
                "torch.compile")
     if llama2c_run and device == "CPU":
-        # alternated: this machine's memory bandwidth swings by a third from minute to minute, so one run of each
-        # side, minutes apart, compares two machines. Over bench's 48 tokens, and over a whole window of 256
-        # positions as llama2.c's own figures are made (its default -n 256), where attention reads more of the cache
+        # alternated: this machine's memory bandwidth swings between about 35 and 60 GB/s, in phases of a fraction
+        # of a second to minutes (a C loop reading 512 MB sees them too), so one run of each side compares two
+        # machines, and a few pairs can still catch one side's runs in the slow phases more often; 9 pairs of 48
+        # tokens (half a second each at stories110M) and 5 over a whole window of 256 positions, as llama2.c's own
+        # figures are made (its default -n 256), where attention reads more of the cache
         window = min(256, model.max_seq_len) - 1
         decode_rate(window)   # traces the steps of the longer contexts
         with llama2c_files(config) as files:
-            for tokens, runs, what in ((decode_tokens, 5, "decode"), (window, 3, f"decode of {window} tokens")):
+            for tokens, runs, what in ((decode_tokens, 9, "decode"), (window, 5, f"decode of {window} tokens")):
                 pairs = [(decode_rate(tokens), llama2c_decode(llama2c_run, files, tokens)) for _ in range(runs)]
                 ours_paired, theirs = np.median(pairs, axis=0)
                 record("llama", f"{label} {what} vs llama2.c ({runs} alternated runs)", ours_paired, theirs,
