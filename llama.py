@@ -552,11 +552,9 @@ class Llama:
             raise RuntimeError("this model holds one pipeline stage: run it through ParallelTrainer's schedule")
         x = self.embed(tokens)
         for i in self.layers:
-            x = self.block(i, x, cos, sin, attend)
-        if last is not None:
-            # generation needs only one position's logits (an int or a pg.Variable); the vocabulary projection is
-            # the biggest matmul
-            x = x[:, last:last + 1]
+            # generation needs only one position's logits (`last`, an int or a pg.Variable): the last layer still
+            # writes every position's keys and values to the cache, but attends and runs its MLP for that one
+            x = self.block(i, x, cos, sin, attend, last if i == self.layers[-1] else None)
         return self.head(x)
 
     def embed(self, tokens: pg.Tensor) -> pg.Tensor:
@@ -564,11 +562,14 @@ class Llama:
             raise TypeError(f"tokens must be an int32 tensor [batch, seq], got {tokens.dtype.name} {tokens.shape}")
         return self.weights["model.embed_tokens.weight"][tokens]
 
-    def block(self, i: int, x: pg.Tensor, cos: pg.Tensor, sin: pg.Tensor, attend) -> pg.Tensor:
-        """Layer i on the residual stream x [batch, seq, dim]. Under tensor parallelism this rank holds
-        n_heads / tp heads and hidden_dim / tp MLP units: copy_to_parallel marks where the replicated stream
-        enters the column-parallel projections (its gradient is summed over the group), and all_reduce sums the
-        row-parallel outputs (one all-reduce for attention, one for the MLP). Both are the identity without tp."""
+    def block(self, i: int, x: pg.Tensor, cos: pg.Tensor, sin: pg.Tensor, attend, query=None) -> pg.Tensor:
+        """Layer i on the residual stream x [batch, seq, dim]; with `query` (a position's index in seq) only that
+        position's output, [batch, 1, dim], its keys and values still coming from every position.
+
+        Under tensor parallelism this rank holds n_heads / tp heads and hidden_dim / tp MLP units:
+        copy_to_parallel marks where the replicated stream enters the column-parallel projections (its gradient is
+        summed over the group), and all_reduce sums the row-parallel outputs (one all-reduce for attention, one for
+        the MLP). Both are the identity without tp."""
         c = self.config
         w = self.weights
         tp = self.tp
@@ -581,8 +582,12 @@ class Llama:
         q = q.reshape(batch, seq, self.n_heads, c.head_dim)
         k = k.reshape(batch, seq, self.n_kv_heads, c.head_dim)
         v = v.reshape(batch, seq, self.n_kv_heads, c.head_dim)
-        out = attend(i, rotate(q, cos, sin), rotate(k, cos, sin), v)
-        x = x + tp.all_reduce(out.reshape(batch, seq, self.n_heads * c.head_dim) @ w[p + "self_attn.o_proj.weight"].T)
+        q = rotate(q, cos, sin)
+        if query is not None:
+            q, x = q[:, query:query + 1], x[:, query:query + 1]
+        out = attend(i, q, rotate(k, cos, sin), v, query)
+        out = out.reshape(batch, q.shape[1], self.n_heads * c.head_dim)
+        x = x + tp.all_reduce(out @ w[p + "self_attn.o_proj.weight"].T)
         h = tp.copy_to_parallel(pg.rms_norm(x, w[p + "post_attention_layernorm.weight"], c.norm_eps))
         gate, up = self.projections(h, p, "mlp.gate_up_proj.weight")
         return x + tp.all_reduce((gate.silu() * up) @ w[p + "mlp.down_proj.weight"].T)
@@ -640,10 +645,10 @@ class Llama:
         mask = pg.arange(end, device=self.device).reshape(1, end) <= (
             pg.arange(seq, device=self.device).reshape(seq, 1) + start_pos)
 
-        def attend(layer, q, k, v):
+        def attend(layer, q, k, v, query=None):
             with pg.no_grad():
                 keys, values = self._cached(layer, start_pos, k, v, end)
-            return attention(q, keys, values, mask)
+            return attention(q, keys, values, _query_rows(mask, query))
 
         return self._transformer(tokens, self.cos[start_pos:end], self.sin[start_pos:end], attend,
                                  seq - 1 if last_only else None)
@@ -676,8 +681,8 @@ class Llama:
         mask = pg.arange(ctx, device=self.device).reshape(1, ctx) <= (
             pg.arange(bucket, device=self.device).reshape(bucket, 1) + start)
 
-        def attend(layer, q, k, v):
-            return attention(q, *self._cached(layer, start, k, v, ctx), mask)
+        def attend(layer, q, k, v, query=None):
+            return attention(q, *self._cached(layer, start, k, v, ctx), _query_rows(mask, query))
 
         logits = self._transformer(tokens, self.cos[start:start + bucket], self.sin[start:start + bucket], attend,
                                    last)
@@ -690,8 +695,8 @@ class Llama:
         # serves every position below ctx; ctx doubles as the sequence grows, costing one trace per power of two
         mask = (pg.arange(ctx, device=self.device) <= pos).reshape(1, ctx)
 
-        def attend(layer, q, k, v):
-            return attention(q, *self._cached(layer, pos, k, v, ctx), mask)
+        def attend(layer, q, k, v, query=None):
+            return attention(q, *self._cached(layer, pos, k, v, ctx), _query_rows(mask, query))
 
         logits = self._transformer(tokens, self.cos[pos:pos + 1], self.sin[pos:pos + 1], attend)
         logits = logits.reshape(tokens.shape[0], self.config.vocab_size)
@@ -753,8 +758,8 @@ class Llama:
             raise ValueError(f"a sequence of {seq} tokens is longer than the context window of {self.max_seq_len}")
         mask = pg.arange(seq, device=self.device).reshape(1, seq) <= pg.arange(seq, device=self.device).reshape(seq, 1)
 
-        def attend(layer, q, k, v):
-            return attention(q, k, v, mask)
+        def attend(layer, q, k, v, query=None):
+            return attention(q, k, v, _query_rows(mask, query))
 
         return self.cos[:seq], self.sin[:seq], attend
 
@@ -782,6 +787,11 @@ def rotate(x: pg.Tensor, cos: pg.Tensor, sin: pg.Tensor) -> pg.Tensor:
     # which matters because the scheduler may recompute a fused matmul, or its gradient, once per read
     swapped = x.reshape(batch, seq, heads, 2, head_dim // 2).flip(3).reshape(batch, seq, heads, head_dim)
     return x * cos.reshape(1, seq, 1, head_dim) + swapped * sin.reshape(1, seq, 1, head_dim)
+
+
+def _query_rows(mask: pg.Tensor, query) -> pg.Tensor:
+    """An attention mask [queries, keys] for every query (query None) or for the one at index query."""
+    return mask if query is None else mask[query:query + 1]
 
 
 def attention(q: pg.Tensor, k: pg.Tensor, v: pg.Tensor, mask: pg.Tensor) -> pg.Tensor:
