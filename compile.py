@@ -1206,6 +1206,22 @@ class Contraction:
     def k(self):
         return self.k_ranges[0] if len(self.k_ranges) == 1 else None
 
+    @property
+    def gate(self):
+        """The condition outside which the epilogue does not use the sums, or None: the value stored is
+        where(gate, f(sums), other) with the gate over the output's loops and variables alone (a causal mask keeps
+        the scores of keys at or before each query). A renderer may skip the products of output tiles where the
+        gate holds nowhere."""
+        value = self.kernel.store.src[2]
+        if value.op is not Ops.WHERE:
+            return None
+        gate, used, other = value.src
+        if self.acc not in used.toposort() or self.acc in other.toposort():
+            return None
+        if any(n.op in (Ops.LOAD, Ops.ACC) or n in self.k_ranges for n in gate.toposort()):
+            return None
+        return gate
+
 
 def _linear_in_ranges(expr: UOp):
     """(coefficients by RANGE, constant) if expr is a linear form over loop variables only, else None."""

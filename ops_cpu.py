@@ -802,6 +802,63 @@ def _round_up(a: int, b: int) -> int:
     return _cdiv(a, b) * b
 
 
+def _interval(u: UOp, box: dict):
+    """(lowest, highest) of an integer expression over a box of loop values, as C expressions; box maps a RANGE to
+    its (low, high). None where the expression is not a sum of multiples of loops, variables and constants."""
+    if u.op is Ops.CONST and u.dtype is int32:
+        return str(u.arg), str(u.arg)
+    if u.op is Ops.RANGE:
+        return box.get(u)
+    if u.op is Ops.DEFINE_VAR:
+        return u.arg[0], u.arg[0]
+    if u.op is Ops.ADD:
+        a, b = _interval(u.src[0], box), _interval(u.src[1], box)
+        return None if a is None or b is None else (f"({a[0]} + {b[0]})", f"({a[1]} + {b[1]})")
+    if u.op is Ops.MUL and u.src[1].op is Ops.CONST and u.src[1].dtype is int32:
+        a, k = _interval(u.src[0], box), u.src[1].arg
+        if a is None:
+            return None
+        low, high = (a[0], a[1]) if k >= 0 else (a[1], a[0])
+        return f"({low} * {k})", f"({high} * {k})"
+    return None
+
+
+def _may_be(u: UOp, want: bool, box: dict):
+    """A C condition that holds if the bool expression u is `want` anywhere in the box (it may hold where u is not:
+    it is used to skip work, never to do it wrongly), or None where u is not comparisons of integer expressions
+    (see _interval) joined by or, not and where."""
+    def both(x, y, join):
+        return None if x is None or y is None else f"({x} {join} {y})"
+    if u.op is Ops.CONST:
+        return "1" if bool(u.arg) == want else "0"
+    if u.op in (Ops.CMPLT, Ops.CMPEQ) and u.src[0].dtype is int32:
+        a, b = _interval(u.src[0], box), _interval(u.src[1], box)
+        if a is None or b is None:
+            return None
+        if u.op is Ops.CMPLT:
+            return f"({a[0]} < {b[1]})" if want else f"({a[1]} >= {b[0]})"
+        if want:   # the two ranges meet
+            return f"({a[0]} <= {b[1]} && {b[0]} <= {a[1]})"
+        return f"!({a[0]} == {a[1]} && {b[0]} == {b[1]} && {a[0]} == {b[0]})"
+    if u.dtype is not bool_:
+        return None
+    if u.op is Ops.CMPEQ:   # x == y of bools (not x is x == False)
+        x, y = u.src
+        same = both(both(_may_be(x, True, box), _may_be(y, True, box), "&&"),
+                    both(_may_be(x, False, box), _may_be(y, False, box), "&&"), "||")
+        differ = both(both(_may_be(x, True, box), _may_be(y, False, box), "&&"),
+                      both(_may_be(x, False, box), _may_be(y, True, box), "&&"), "||")
+        return same if want else differ
+    if u.op is Ops.MAX:   # or
+        x, y = (_may_be(s, want, box) for s in u.src)
+        return both(x, y, "||" if want else "&&")
+    if u.op is Ops.WHERE:
+        c, x, y = u.src
+        return both(both(_may_be(c, True, box), _may_be(x, want, box), "&&"),
+                    both(_may_be(c, False, box), _may_be(y, want, box), "&&"), "||")
+    return None
+
+
 class GemmRenderer(CRenderer):
     """A Contraction as a packed, register-blocked matrix product (the BLIS loop nest). Work items are
     (batch, NB output columns, a chunk of rows) spread over OpenMP threads. Each item packs its B columns once, for
@@ -960,6 +1017,9 @@ class GemmRenderer(CRenderer):
             emit("}", 4)
         emit(f"for (int jr = 0; jr < nc; jr += {NR})", 4)
         emit(f"for (int ir = 0; ir < mc; ir += {MR})", 5)
+        live = self.tile_may_be_used(c)
+        if live is not None:   # a tile that the epilogue's mask drops whole (keys after a causal block) is skipped
+            emit(f"if ({live})", 6)
         if direct_a:
             args = f"kc, A + (long)(ic + ir) * {am} + pc, {am}, 1, mc - ir, Bp + (long)pc * ncr + jr * kc, " \
                    f"Cs + ir * {NB} + jr, pc > 0"
@@ -968,10 +1028,11 @@ class GemmRenderer(CRenderer):
         # only the last column block's last panel can be partial (blocks are whole panels): when it is at most half
         # full, a kernel of half the width skips the padding's FMAs (an attention head of 48 is 1.5 panels of 32)
         half_panel = 0 < N % NR <= NR // 2
+        call = 6 if live is None else 7
         if half_panel:
-            emit(f"if (nc - jr > {NR // 2}) pg_ukernel({args}); else pg_ukernel_half({args});", 6)
+            emit(f"{{ if (nc - jr > {NR // 2}) pg_ukernel({args}); else pg_ukernel_half({args}); }}", call)
         else:
-            emit(f"pg_ukernel({args});", 6)
+            emit(f"pg_ukernel({args});", call)
         emit("}", 3)
         # epilogue: the finished sums through the fused elementwise tail, stored at the output's own index
         emit("for (int i = 0; i < mc; i++) {", 3)
@@ -993,6 +1054,17 @@ class GemmRenderer(CRenderer):
         emit("}", 0)
         self.ldc = NB
         return self.preamble + "#include <omp.h>\n" + self.micro_kernel(half_panel) + "\n".join(self.lines) + "\n"
+
+    def tile_may_be_used(self, c: compiler.Contraction):
+        """A C condition, false for an MR x NR output tile (rows from ic + ir, columns from jc + jr) whose sums the
+        epilogue never uses (Contraction.gate), or None when there is no gate or it is not comparisons of linear
+        expressions in one row and one column loop."""
+        gate = c.gate
+        if gate is None or c.m is None or c.n is None:
+            return None
+        box = {c.m: ("(ic + ir)", f"(ic + ir + {self.MR - 1})"), c.n: ("(jc + jr)", f"(jc + jr + {self.NR - 1})")}
+        box.update({r: (r.arg[0], r.arg[0]) for r in c.batch})
+        return _may_be(gate, True, box)
 
     def pack_general(self, operand, side, k, var, count, rounded, R, panels, start, depth):
         """Pack an operand given as an expression into R-wide panels (panel q at panels + q * R * kc): for each

@@ -824,6 +824,33 @@ def test_cpu_batched_weight_gradient_products(batch, m, k, n, gemm_vector):
     assert items and all(count == batch if batch % threads == 0 else count >= 2 * threads for count in items)
 
 
+@pytest.mark.parametrize("m,n,k,offset", [(129, 129, 48, 0), (40, 300, 33, 0), (256, 256, 64, 0), (64, 200, 17, 100),
+                                          (9, 70, 5, 3)])
+def test_cpu_causal_product_skips_masked_tiles(m, n, k, offset, gemm_vector):
+    """A product under a causal mask (attention's scores: where(key <= query + offset, q k^T, -inf)) skips the
+    output tiles that the mask drops whole. Against float64 at odd sizes, with either micro-kernel, the offset fixed
+    and a bound Variable (prefill's start): every kept score right, every dropped one -inf. With the product in the
+    mask's other branch there is no skipping, and the result is right too."""
+    q = RNG.standard_normal((3, m, k)).astype(np.float32)
+    keys = RNG.standard_normal((3, n, k)).astype(np.float32)
+    want_scores = (q.astype(np.float64) @ keys.astype(np.float64).transpose(0, 2, 1)) * 0.5
+    keep = np.arange(n)[None, :] <= np.arange(m)[:, None] + offset
+    want = np.where(keep, want_scores, -np.inf)
+    pq, pk = pg.Tensor(q, device="CPU"), pg.Tensor(keys, device="CPU")
+    for start in (offset, pg.Variable("start", 0, 200).bind(offset)):
+        mask = pg.arange(n, device="CPU").reshape(1, n) <= pg.arange(m, device="CPU").reshape(m, 1) + start
+        scores = (pq @ pk.transpose(1, 2)) * 0.5
+        for got in (pg.where(mask, scores, float("-inf")), pg.where(mask.logical_not(), float("-inf"), scores)):
+            got = got.numpy()
+            assert np.all(got[:, ~keep] == -np.inf)
+            np.testing.assert_allclose(got[:, keep], want[:, keep], rtol=1e-4, atol=1e-4 * np.sqrt(k))
+    if m >= 16 and k >= 16:   # the packed product (the smallest case takes the plain loops)
+        sources = [getattr(p, "source", "") for key, p in compiler._programs.items() if key[0] == "CPU"]
+        guarded = [s for s in sources if "pg_ukernel" in s and "(jc + jr) < (" in s]   # the tile's first column
+        assert len(guarded) == 2   # the fixed offset and the Variable; not the products in the other branch
+        assert len([s for s in sources if "pg_ukernel" in s]) == 4
+
+
 @pytest.mark.parametrize("m,heads,hd,n", [(7, 3, 5, 33), (129, 6, 48, 288), (33, 2, 129, 1000)])
 def test_cpu_matmul_one_operand_an_expression(m, heads, hd, n, gemm_vector):
     """Each operand of a packed product is read from memory or evaluated on its own: an attention output read
