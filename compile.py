@@ -1216,9 +1216,10 @@ class Contraction:
         if value.op is not Ops.WHERE:
             return None
         gate, used, other = value.src
-        if self.acc not in used.toposort() or self.acc in other.toposort():
+        used_nodes = used.toposort()
+        if self.acc not in used_nodes or self.acc in other.toposort():
             return None
-        if any(n.op is Ops.CAST for n in used.toposort()):
+        if any(n.op is Ops.CAST for n in used_nodes):
             return None   # a skipped tile's sums are left over from another: float garbage cast to int is undefined
         if any(n.op in (Ops.LOAD, Ops.ACC) or n in self.k_ranges for n in gate.toposort()):
             return None

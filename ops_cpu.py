@@ -804,23 +804,23 @@ def _round_up(a: int, b: int) -> int:
 
 def _interval(u: UOp, box: dict):
     """(lowest, highest) of an integer expression over a box of loop values, as C expressions; box maps a RANGE to
-    its (low, high). None where the expression is not a sum of multiples of loops, variables and constants."""
-    if u.op is Ops.CONST and u.dtype is int32:
-        return str(u.arg), str(u.arg)
-    if u.op is Ops.RANGE:
-        return box.get(u)
-    if u.op is Ops.DEFINE_VAR:
-        return u.arg[0], u.arg[0]
-    if u.op is Ops.ADD:
-        a, b = _interval(u.src[0], box), _interval(u.src[1], box)
-        return None if a is None or b is None else (f"({a[0]} + {b[0]})", f"({a[1]} + {b[1]})")
-    if u.op is Ops.MUL and u.src[1].op is Ops.CONST and u.src[1].dtype is int32:
-        a, k = _interval(u.src[0], box), u.src[1].arg
-        if a is None:
+    its (low, high). None where the expression is not a linear form (compiler._linear) of those loops, variables and
+    a constant."""
+    terms, const = compiler._linear(u)
+    low, high = [str(const)] if const else [], [str(const)] if const else []
+    for term, k in terms.items():
+        if term.op is Ops.DEFINE_VAR:
+            ends = (term.arg[0], term.arg[0])
+        elif term.op is Ops.RANGE and term in box:
+            ends = box[term]
+        else:
             return None
-        low, high = (a[0], a[1]) if k >= 0 else (a[1], a[0])
-        return f"({low} * {k})", f"({high} * {k})"
-    return None
+        lo, hi = ends if k >= 0 else ends[::-1]
+        low.append(lo if k == 1 else f"{lo} * {k}")
+        high.append(hi if k == 1 else f"{hi} * {k}")
+    if not low:
+        return "0", "0"
+    return tuple(parts[0] if len(parts) == 1 else f"({' + '.join(parts)})" for parts in (low, high))
 
 
 def _may_be(u: UOp, want: bool, box: dict):
@@ -842,13 +842,11 @@ def _may_be(u: UOp, want: bool, box: dict):
         return f"!({a[0]} == {a[1]} && {b[0]} == {b[1]} && {a[0]} == {b[0]})"
     if u.dtype is not bool_:
         return None
-    if u.op is Ops.CMPEQ:   # x == y of bools (not x is x == False)
-        x, y = u.src
-        same = both(both(_may_be(x, True, box), _may_be(y, True, box), "&&"),
-                    both(_may_be(x, False, box), _may_be(y, False, box), "&&"), "||")
-        differ = both(both(_may_be(x, True, box), _may_be(y, False, box), "&&"),
-                      both(_may_be(x, False, box), _may_be(y, True, box), "&&"), "||")
-        return same if want else differ
+    if u.op is Ops.CMPEQ:   # x == y of bools (not x is x == False): both true or both false, or one of each
+        (x_true, x_false), (y_true, y_false) = ((_may_be(s, True, box), _may_be(s, False, box)) for s in u.src)
+        if want:
+            return both(both(x_true, y_true, "&&"), both(x_false, y_false, "&&"), "||")
+        return both(both(x_true, y_false, "&&"), both(x_false, y_true, "&&"), "||")
     if u.op is Ops.MAX:   # or
         x, y = (_may_be(s, want, box) for s in u.src)
         return both(x, y, "||" if want else "&&")
